@@ -1,0 +1,155 @@
+"""The command line: convert, inspect and sample. Every failure is one line on stderr and a non-zero exit;
+--debug adds the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+from convert import __version__
+from convert.destination import check_destination, prepare_destination
+from convert.errors import ConvertError
+from convert.mapping import layout_names
+from convert.plan import DEFAULT_MAX_SHARD_SIZE, build_plan, check_source
+from convert.sample import write_sample
+from convert.sizes import parse_size
+from convert.source import open_source
+from convert.stream import execute
+
+log = logging.getLogger("mixtral-convert")
+
+EXIT_PROBLEMS = 1
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    layouts = layout_names()
+    parser = argparse.ArgumentParser(prog="mixtral-convert", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="convert a checkpoint folder to another layout")
+    convert.add_argument("src", type=Path, help="source checkpoint folder")
+    convert.add_argument("dst", type=Path, help="output folder (created; must be empty unless --force)")
+    convert.add_argument("--to", required=True, choices=layouts, help="target layout")
+    convert.add_argument("--from", dest="source_layout", choices=layouts, help="source layout (default: detected)")
+    convert.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
+                         help="largest shard for sharded outputs: 5GB (10^9), 5GiB (2^30) or bytes (default 5GB)")
+    convert.add_argument("--dry-run", action="store_true", help="read metadata only, write nothing, print the plan")
+    convert.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object")
+    convert.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    convert.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not a terminal)")
+
+    inspect = commands.add_parser("inspect", help="describe a checkpoint folder and the problems found in it")
+    inspect.add_argument("path", type=Path)
+    inspect.add_argument("--from", dest="source_layout", choices=layouts, help="layout (default: detected)")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sample = commands.add_parser("sample", help="write a tiny random Mixtral in the torrent layout")
+    sample.add_argument("dst", type=Path)
+    sample.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    if args.json and not args.dry_run:
+        raise ConvertError("--json goes with --dry-run")
+    if not args.dry_run:
+        check_destination(args.dst, args.src)
+    with open_source(args.src, args.source_layout) as source:
+        plan = build_plan(source, args.to, max_shard_size=args.max_shard_size)
+        if args.dry_run:
+            description = plan.describe()
+            if args.json:
+                print(json.dumps(description, indent=2))
+            else:
+                print(f"{plan.source.layout.name} -> {plan.target.name}, {plan.dtype}, "
+                      f"{description['tensors']} tensors, nothing written")
+                for entry in description["files"]:
+                    print(f"  {entry['size']:>16,}  {args.dst / entry['name']}")
+            return 0
+        prepare_destination(args.dst, plan, force=args.force)
+        execute(plan, args.dst, progress=not args.no_progress and sys.stderr.isatty())
+    log.info("wrote %d files to %s", len(plan.files), args.dst)
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    with open_source(args.path, args.source_layout) as source:
+        problems = [p.line() for p in check_source(source)]
+        dtypes = Counter(r.dtype for r in source.records.values())
+        report = {
+            "folder": str(source.folder),
+            "layout": source.layout.name,
+            "description": source.layout.description,
+            "files": [str(p) for p in source.weight_files],
+            "params": vars(source.params),
+            "tensors": len(source.records),
+            "dtypes": dict(dtypes),
+            "total_bytes": sum(r.nbytes for r in source.records.values()),
+            "tokenizer": str(source.tokenizer) if source.tokenizer else None,
+            "problems": problems,
+        }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{report['folder']}: {report['layout']} ({report['description']})")
+        print("  params: " + ", ".join(f"{k}={v}" for k, v in report["params"].items()))
+        print(f"  tensors: {report['tensors']}, dtypes: {report['dtypes']}, total bytes: {report['total_bytes']:,}")
+        print(f"  tokenizer: {report['tokenizer'] or 'none'}")
+        print(f"  problems: {len(problems) or 'none'}")
+        for problem in problems:
+            print(f"    {problem}")
+    return EXIT_PROBLEMS if problems else 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    check_destination(args.dst, Path.cwd() / ".." / "no-source")
+    if args.dst.exists() and any(args.dst.iterdir()):
+        raise ConvertError("the output folder is not empty", file=args.dst)
+    write_sample(args.dst, args.seed)
+    print(f"wrote a tiny torrent-layout sample to {args.dst}")
+    return 0
+
+
+class _LowercaseLevel(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"mixtral-convert: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LowercaseLevel())
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if args.debug else logging.WARNING)
+    commands = {"convert": run_convert, "inspect": run_inspect, "sample": run_sample}
+    try:
+        return commands[args.command](args)
+    except ConvertError as exc:
+        if args.debug:
+            raise
+        print(f"mixtral-convert: error: {exc.line()}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mixtral-convert: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("mixtral-convert: interrupted; the output is incomplete (its index was not written)", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,209 @@
+"""Model hyperparameters: read from params.json (Mistral style), an HF-style params.json (megablocks) or
+config.json (transformers 4.x top-level rope_theta, or 5.x rope_parameters), and written as config.json.
+
+A missing rope_theta means 1e6, mistral-inference's default for Mixtral; other converters' 1e4 silently breaks
+the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from convert.errors import ConvertError
+
+DEFAULT_ROPE_THETA = 1_000_000.0
+DEFAULT_EXPERTS_PER_TOKEN = 2
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    n_experts: int
+    experts_per_tok: int
+    vocab_size: int
+    norm_eps: float
+    rope_theta: float
+    sliding_window: int | None
+    max_position_embeddings: int | None
+
+    @property
+    def head_dim_is_implied(self) -> bool:
+        return self.head_dim * self.n_heads == self.dim
+
+    def shape_env(self) -> dict[str, int]:
+        """The integer parameters, by the names canonical.toml's shapes use."""
+        return {k: v for k, v in asdict(self).items() if type(v) is int}
+
+
+def read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ConvertError("file is missing", file=path) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConvertError(f"not valid JSON: {exc}", file=path) from None
+    if not isinstance(data, dict):
+        raise ConvertError("must hold a JSON object", file=path)
+    return data
+
+
+class _Fields:
+    """Typed access to one JSON object, each failure naming the file and the key."""
+
+    def __init__(self, data: dict, path: Path) -> None:
+        self.data = data
+        self.path = path
+
+    def integer(self, key: str, default: int | None = None, *, required: bool = True) -> int | None:
+        value = self.data.get(key, default)
+        if value is None:
+            if required:
+                raise ConvertError(f"missing required key {key!r}", file=self.path)
+            return None
+        if type(value) is not int or value <= 0:
+            raise ConvertError(f"key {key!r} must be a positive integer, got {value!r}", file=self.path)
+        return value
+
+    def number(self, key: str, default: float | None = None) -> float:
+        value = self.data.get(key, default)
+        if value is None:
+            raise ConvertError(f"missing required key {key!r}", file=self.path)
+        if type(value) not in (int, float) or value <= 0:
+            raise ConvertError(f"key {key!r} must be a positive number, got {value!r}", file=self.path)
+        return float(value)
+
+    def window(self, key: str) -> int | None:
+        """A sliding window: absent or null means none; megablocks stores it as a string."""
+        value = self.data.get(key)
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("", "null", "none"):
+                return None
+            if not text.isdigit():
+                raise ConvertError(f"key {key!r} must be an integer or null, got {value!r}", file=self.path)
+            value = int(text)
+        if value is None:
+            return None
+        if type(value) is not int or value <= 0:
+            raise ConvertError(f"key {key!r} must be a positive integer or null, got {value!r}", file=self.path)
+        return value
+
+
+def _checked(params: ModelParams, path: Path) -> ModelParams:
+    if params.n_heads % params.n_kv_heads:
+        raise ConvertError(
+            f"n_heads {params.n_heads} is not a multiple of n_kv_heads {params.n_kv_heads}", file=path
+        )
+    if params.head_dim % 2:
+        raise ConvertError(f"head_dim {params.head_dim} must be even for rotary embeddings", file=path)
+    if params.experts_per_tok > params.n_experts:
+        raise ConvertError(
+            f"experts per token {params.experts_per_tok} exceeds the {params.n_experts} experts", file=path
+        )
+    return params
+
+
+def read_mistral_params(path: Path, vocab_from_tensors: int | None) -> ModelParams:
+    """params.json as Mistral ships it (dim, n_layers, ..., moe: {num_experts, num_experts_per_tok})."""
+    fields = _Fields(read_json_object(path), path)
+    moe = fields.data.get("moe")
+    if not isinstance(moe, dict):
+        raise ConvertError("missing required key 'moe' (an object with num_experts): not a mixture-of-experts model",
+                           file=path)
+    moe_fields = _Fields(moe, path)
+    dim = fields.integer("dim")
+    n_heads = fields.integer("n_heads")
+    vocab = fields.data.get("vocab_size")
+    return _checked(
+        ModelParams(
+            dim=dim,
+            n_layers=fields.integer("n_layers"),
+            n_heads=n_heads,
+            n_kv_heads=fields.integer("n_kv_heads", n_heads),
+            head_dim=fields.integer("head_dim", dim // n_heads),
+            hidden_dim=fields.integer("hidden_dim"),
+            n_experts=moe_fields.integer("num_experts"),
+            experts_per_tok=moe_fields.integer("num_experts_per_tok", DEFAULT_EXPERTS_PER_TOKEN),
+            # Old params.json files wrote vocab_size -1 (set by the tokenizer); then the embedding says.
+            vocab_size=fields.integer("vocab_size") if vocab not in (None, -1) else _vocab(vocab_from_tensors, path),
+            norm_eps=fields.number("norm_eps"),
+            rope_theta=fields.number("rope_theta", DEFAULT_ROPE_THETA),
+            sliding_window=fields.window("sliding_window"),
+            max_position_embeddings=fields.integer("max_seq_len", required=False),
+        ),
+        path,
+    )
+
+
+def _vocab(vocab_from_tensors: int | None, path: Path) -> int:
+    if vocab_from_tensors is None:
+        raise ConvertError("missing required key 'vocab_size' and no embedding to read it from", file=path)
+    return vocab_from_tensors
+
+
+def read_hf_params(path: Path, vocab_from_tensors: int | None = None) -> ModelParams:
+    """HF-style keys: the megablocks params.json and config.json, 4.x (rope_theta) or 5.x (rope_parameters)."""
+    fields = _Fields(read_json_object(path), path)
+    dim = fields.integer("hidden_size")
+    n_heads = fields.integer("num_attention_heads")
+    theta_source = fields
+    rope_parameters = fields.data.get("rope_parameters")
+    if rope_parameters is not None:
+        if not isinstance(rope_parameters, dict):
+            raise ConvertError("key 'rope_parameters' must be an object", file=path)
+        if rope_parameters.get("rope_type", "default") != "default":
+            raise ConvertError(f"rope_type {rope_parameters['rope_type']!r} is not Mixtral's default rotary", file=path)
+        theta_source = _Fields(rope_parameters, path)
+    return _checked(
+        ModelParams(
+            dim=dim,
+            n_layers=fields.integer("num_hidden_layers"),
+            n_heads=n_heads,
+            n_kv_heads=fields.integer("num_key_value_heads", n_heads),
+            head_dim=fields.integer("head_dim", dim // n_heads),
+            hidden_dim=fields.integer("intermediate_size"),
+            n_experts=fields.integer("num_local_experts"),
+            experts_per_tok=fields.integer("num_experts_per_tok", DEFAULT_EXPERTS_PER_TOKEN),
+            vocab_size=fields.integer("vocab_size") if "vocab_size" in fields.data else _vocab(vocab_from_tensors, path),
+            norm_eps=fields.number("rms_norm_eps"),
+            rope_theta=theta_source.number("rope_theta", DEFAULT_ROPE_THETA),
+            sliding_window=fields.window("sliding_window"),
+            max_position_embeddings=fields.integer("max_position_embeddings", required=False),
+        ),
+        path,
+    )
+
+
+def hf_config_json(params: ModelParams, torch_dtype: str, defaults: dict) -> str:
+    """config.json exactly as transformers serializes it (indent 2, sorted keys, trailing newline)."""
+    config = dict(defaults)
+    config.update(
+        hidden_size=params.dim,
+        intermediate_size=params.hidden_dim,
+        num_attention_heads=params.n_heads,
+        num_experts_per_tok=params.experts_per_tok,
+        num_hidden_layers=params.n_layers,
+        num_key_value_heads=params.n_kv_heads,
+        num_local_experts=params.n_experts,
+        rms_norm_eps=params.norm_eps,
+        rope_theta=params.rope_theta,
+        sliding_window=params.sliding_window,
+        torch_dtype=torch_dtype,
+        vocab_size=params.vocab_size,
+    )
+    if params.max_position_embeddings is not None:
+        config["max_position_embeddings"] = params.max_position_embeddings
+    if not params.head_dim_is_implied:
+        config["head_dim"] = params.head_dim
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def json_text(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,176 @@
+"""Opening a source folder: detect its layout, index its tensors from metadata, read its hyperparameters.
+
+Only headers and pickles are read here; tensor bytes stay on disk until the stream copies them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from convert.errors import ConvertError
+from convert.formats.safetensors import TensorRecord, open_safetensors
+from convert.formats.streams import ByteStream, split_parts
+from convert.formats.torchzip import read_torch_index
+from convert.mapping import LayoutTable, layout, layout_names
+from convert.params import ModelParams, read_hf_params, read_json_object, read_mistral_params
+
+log = logging.getLogger("mixtral-convert")
+
+TOKENIZER = "tokenizer.model"
+HF_INDEX = "model.safetensors.index.json"
+
+
+@dataclass
+class Source:
+    folder: Path
+    layout: LayoutTable
+    params: ModelParams
+    params_file: Path
+    records: dict[str, TensorRecord]
+    weight_files: list[Path]
+    tokenizer: Path | None
+    streams: list[ByteStream] = field(default_factory=list)
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def detect_layout(folder: Path) -> str:
+    if not folder.is_dir():
+        raise ConvertError("not a folder" if folder.exists() else "no such folder", file=folder)
+    found = [name for name in layout_names() if any((folder / m).exists() for m in layout(name).markers)]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ConvertError(f"matches several layouts ({', '.join(found)}); choose one with --from", file=folder)
+    present = sorted(p.name for p in folder.iterdir())[:8]
+    needs = "; ".join(f"{name} needs {' or '.join(layout(name).markers)}" for name in layout_names())
+    raise ConvertError(f"no known checkpoint layout (found: {', '.join(present) or 'nothing'}); {needs}", file=folder)
+
+
+def open_source(folder: Path, layout_name: str | None = None) -> Source:
+    name = layout_name or detect_layout(folder)
+    table = layout(name)
+    streams: list[ByteStream] = []
+    try:
+        records, weight_files = _READERS[table.container](folder, streams)
+        by_name: dict[str, TensorRecord] = {}
+        for record in records:
+            if record.name in by_name:
+                raise ConvertError(
+                    f"tensor appears twice ({by_name[record.name].stream.label} and {record.stream.label})",
+                    tensor=record.name,
+                )
+            by_name[record.name] = record
+        embedding = by_name.get(table.kind_layout("embed").pattern)
+        vocab = embedding.shape[0] if embedding is not None and embedding.shape else None
+        params_file, params = _read_params(folder, table.params_style, vocab)
+    except BaseException:
+        for stream in streams:
+            stream.close()
+        raise
+    tokenizer = folder / TOKENIZER
+    return Source(folder, table, params, params_file, by_name, weight_files,
+                  tokenizer if tokenizer.is_file() else None, streams)
+
+
+def _read_params(folder: Path, style: str, vocab: int | None) -> tuple[Path, ModelParams]:
+    if style == "mistral":
+        path = folder / "params.json"
+        return path, read_mistral_params(path, vocab)
+    if style == "hf_params":
+        path = folder / "params.json"
+        return path, read_hf_params(path, vocab)
+    if style == "hf_config":
+        path = folder / "config.json"
+        return path, read_hf_params(path, vocab)
+    raise ValueError(f"unknown params style {style!r}")
+
+
+def _read_torch_zip(folder: Path, streams: list[ByteStream]) -> tuple[list[TensorRecord], list[Path]]:
+    whole = folder / "consolidated.00.pth"
+    parts = split_parts(folder, "consolidated.00.pth")
+    if whole.is_file() and parts:
+        log.warning("%s: both consolidated.00.pth and its -split parts are present; reading the whole file", folder)
+    paths = [whole] if whole.is_file() else parts
+    if not paths:
+        raise ConvertError("consolidated.00.pth (or its -split0 ... parts) is missing", file=folder)
+    stream = ByteStream(paths)
+    streams.append(stream)
+    return read_torch_index(stream), paths
+
+
+_PT_FILE = re.compile(r"consolidated\.(\d+)\.pt$")
+
+
+def _read_torch_zip_multi(folder: Path, streams: list[ByteStream]) -> tuple[list[TensorRecord], list[Path]]:
+    numbered = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _PT_FILE.fullmatch(p.name)))
+    if not numbered:
+        raise ConvertError("no consolidated.NN.pt files", file=folder)
+    records: list[TensorRecord] = []
+    for _, path in numbered:
+        stream = ByteStream([path])
+        streams.append(stream)
+        records += read_torch_index(stream)
+    return records, [p for _, p in numbered]
+
+
+def _read_safetensors_single(folder: Path, streams: list[ByteStream]) -> tuple[list[TensorRecord], list[Path]]:
+    path = folder / "consolidated.safetensors"
+    if not path.is_file():
+        raise ConvertError("consolidated.safetensors is missing", file=folder)
+    stream, records, _ = open_safetensors(path)
+    streams.append(stream)
+    return records, [path]
+
+
+def _read_safetensors_sharded(folder: Path, streams: list[ByteStream]) -> tuple[list[TensorRecord], list[Path]]:
+    index_path = folder / HF_INDEX
+    if not index_path.is_file():
+        single = folder / "model.safetensors"
+        stream, records, _ = open_safetensors(single)
+        streams.append(stream)
+        return records, [single]
+    weight_map = read_json_object(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ConvertError("weight_map must map tensor names to shard file names", file=index_path)
+    records: list[TensorRecord] = []
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        path = folder / shard
+        if Path(shard).name != shard or not path.is_file():
+            raise ConvertError(f"index names shard {shard!r}, which is missing", file=index_path)
+        stream, shard_records, _ = open_safetensors(path)
+        streams.append(stream)
+        for record in shard_records:
+            if weight_map.get(record.name) != shard:
+                raise ConvertError(f"tensor is in {shard} but the index places it in {weight_map.get(record.name)}",
+                                   file=index_path, tensor=record.name)
+        records += shard_records
+    listed = set(weight_map) - {r.name for r in records}
+    if listed:
+        name = sorted(listed)[0]
+        raise ConvertError(f"index lists it in {weight_map[name]} but that shard lacks it", file=index_path, tensor=name)
+    unlisted = sorted(p.name for p in folder.glob("model-*.safetensors") if p.name not in shards)
+    if unlisted:
+        raise ConvertError(f"shard {unlisted[0]} is not listed in the index", file=index_path)
+    return records, [folder / s for s in shards]
+
+
+_READERS: dict[str, Callable[[Path, list[ByteStream]], tuple[list[TensorRecord], list[Path]]]] = {
+    "torch_zip": _read_torch_zip,
+    "torch_zip_multi": _read_torch_zip_multi,
+    "safetensors_single": _read_safetensors_single,
+    "safetensors_sharded": _read_safetensors_sharded,
+}
