@@ -46,8 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst", type=Path, help="output folder (created; must be empty unless --force)")
     convert.add_argument("--to", required=True, choices=layouts, help="target layout")
     convert.add_argument("--from", dest="source_layout", choices=layouts, help="source layout (default: detected)")
-    convert.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
-                         help="largest shard for sharded outputs: 5GB (10^9), 5GiB (2^30) or bytes (default 5GB)")
+    convert.add_argument(
+        "--max-shard-size",
+        type=_size,
+        default=DEFAULT_MAX_SHARD_SIZE,
+        metavar="SIZE",
+        help="largest shard for sharded outputs: 5GB (10^9), 5GiB (2^30) or bytes (default 5GB)",
+    )
     convert.add_argument("--dry-run", action="store_true", help="read metadata only, write nothing, print the plan")
     convert.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object")
     convert.add_argument("--force", action="store_true", help="write into a non-empty output folder")
@@ -76,8 +81,10 @@ def run_convert(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(description, indent=2))
             else:
-                print(f"{plan.source.layout.name} -> {plan.target.name}, {plan.dtype}, "
-                      f"{description['tensors']} tensors, nothing written")
+                print(
+                    f"{plan.source.layout.name} -> {plan.target.name}, {plan.dtype}, "
+                    f"{description['tensors']} tensors, nothing written"
+                )
                 for entry in description["files"]:
                     print(f"  {entry['size']:>16,}  {args.dst / entry['name']}")
             return 0

@@ -40,8 +40,11 @@ def prepare_destination(destination: Path, plan: Plan, *, force: bool) -> None:
     target = plan.target
     for pattern in target.must_not_contain:
         for path in sorted(destination.glob(pattern)):
-            raise ConvertError(f"an {target.name} output must not contain {path.name} (matches {pattern!r}); "
-                               "remove it or choose an empty folder", file=destination)
+            raise ConvertError(
+                f"an {target.name} output must not contain {path.name} (matches {pattern!r}); "
+                "remove it or choose an empty folder",
+                file=destination,
+            )
     marker = destination / plan.files[-1].name
     marker.unlink(missing_ok=True)
     planned = {f.name for f in plan.files}

@@ -18,9 +18,28 @@ ITEM_SIZE = MappingProxyType(
 # safetensors' writer orders tensors by its Dtype enum, descending, then by name; this is that order,
 # read off safetensors.torch.save_file (tests/test_safetensors_format.py keeps it honest).
 WRITE_RANK = MappingProxyType(
-    {name: rank for rank, name in enumerate(
-        ["U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"]
-    )}
+    {
+        name: rank
+        for rank, name in enumerate(
+            [
+                "U64",
+                "I64",
+                "F64",
+                "F32",
+                "U32",
+                "I32",
+                "BF16",
+                "F16",
+                "U16",
+                "I16",
+                "F8_E4M3",
+                "F8_E5M2",
+                "I8",
+                "U8",
+                "BOOL",
+            ]
+        )
+    }
 )
 
 TORCH_DTYPE = MappingProxyType(

@@ -85,7 +85,7 @@ class StoredTensor:
             return (piece[0] * len(self.experts), *piece[1:])
         return piece
 
-    def keys(self) -> tuple[tuple[str, int | None, int | None], ...]:
+    def canonical_keys(self) -> tuple[tuple[str, int | None, int | None], ...]:
         kind = self.layout.kind.name
         if not self.experts:
             return ((kind, self.layer, None),)
@@ -164,7 +164,9 @@ def canonical() -> Canonical:
         shape = tuple(tuple(factors) for factors in spec["shape"])
         kinds[name] = Kind(name, spec["scope"], shape, spec.get("rotary_heads"))
     attributes = {
-        name: Attribute(spec["canonical"], MappingProxyType(dict(spec.get("values", {}))), tuple(spec.get("placements", ())))
+        name: Attribute(
+            spec["canonical"], MappingProxyType(dict(spec.get("values", {}))), tuple(spec.get("placements", ()))
+        )
         for name, spec in data["attributes"].items()
     }
     if set(attributes) != set(ATTRIBUTES):

@@ -98,9 +98,7 @@ class _Fields:
 
 def _checked(params: ModelParams, path: Path) -> ModelParams:
     if params.n_heads % params.n_kv_heads:
-        raise ConvertError(
-            f"n_heads {params.n_heads} is not a multiple of n_kv_heads {params.n_kv_heads}", file=path
-        )
+        raise ConvertError(f"n_heads {params.n_heads} is not a multiple of n_kv_heads {params.n_kv_heads}", file=path)
     if params.head_dim % 2:
         raise ConvertError(f"head_dim {params.head_dim} must be even for rotary embeddings", file=path)
     if params.experts_per_tok > params.n_experts:
@@ -115,8 +113,9 @@ def read_mistral_params(path: Path, vocab_from_tensors: int | None) -> ModelPara
     fields = _Fields(read_json_object(path), path)
     moe = fields.data.get("moe")
     if not isinstance(moe, dict):
-        raise ConvertError("missing required key 'moe' (an object with num_experts): not a mixture-of-experts model",
-                           file=path)
+        raise ConvertError(
+            "missing required key 'moe' (an object with num_experts): not a mixture-of-experts model", file=path
+        )
     moe_fields = _Fields(moe, path)
     dim = fields.integer("dim")
     n_heads = fields.integer("n_heads")
@@ -171,7 +170,9 @@ def read_hf_params(path: Path, vocab_from_tensors: int | None = None) -> ModelPa
             hidden_dim=fields.integer("intermediate_size"),
             n_experts=fields.integer("num_local_experts"),
             experts_per_tok=fields.integer("num_experts_per_tok", DEFAULT_EXPERTS_PER_TOKEN),
-            vocab_size=fields.integer("vocab_size") if "vocab_size" in fields.data else _vocab(vocab_from_tensors, path),
+            vocab_size=fields.integer("vocab_size")
+            if "vocab_size" in fields.data
+            else _vocab(vocab_from_tensors, path),
             norm_eps=fields.number("rms_norm_eps"),
             rope_theta=theta_source.number("rope_theta", DEFAULT_ROPE_THETA),
             sliding_window=fields.window("sliding_window"),

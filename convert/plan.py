@@ -81,8 +81,11 @@ class Plan:
                 entry["content"] = f.head.decode("utf-8")
             files.append(entry)
         return {
-            "source": {"folder": str(self.source.folder), "layout": self.source.layout.name,
-                       "files": [str(p) for p in self.source.weight_files]},
+            "source": {
+                "folder": str(self.source.folder),
+                "layout": self.source.layout.name,
+                "files": [str(p) for p in self.source.weight_files],
+            },
             "target": self.target.name,
             "dtype": self.dtype,
             "tensors": sum(len(f.pieces) for f in self.files),
@@ -101,13 +104,23 @@ def check_source(source: Source) -> list[ConvertError]:
     for name, record in source.records.items():
         stored = expected.get(name)
         if stored is None:
-            problems.append(ConvertError(f"unexpected tensor: not part of the {source.layout.name} layout for "
-                                         f"{params.n_layers} layers and {params.n_experts} experts",
-                                         file=record.stream.label, tensor=name))
+            problems.append(
+                ConvertError(
+                    f"unexpected tensor: not part of the {source.layout.name} layout for "
+                    f"{params.n_layers} layers and {params.n_experts} experts",
+                    file=record.stream.label,
+                    tensor=name,
+                )
+            )
         elif record.shape != stored.shape(env):
-            problems.append(ConvertError(f"shape {list(record.shape)} does not match {list(stored.shape(env))} "
-                                         f"required by {source.params_file.name}", file=record.stream.label,
-                                         tensor=name))
+            problems.append(
+                ConvertError(
+                    f"shape {list(record.shape)} does not match {list(stored.shape(env))} "
+                    f"required by {source.params_file.name}",
+                    file=record.stream.label,
+                    tensor=name,
+                )
+            )
     for name in expected:
         if name not in source.records:
             problems.append(ConvertError("tensor is missing", file=label, tensor=name))
@@ -122,8 +135,13 @@ def main_dtype(source: Source) -> str:
     dtype = weight.most_common(1)[0][0] if weight else "BF16"
     for record in source.records.values():
         if record.dtype != dtype:
-            log.warning("%s: tensor %s has dtype %s unlike the rest (%s); kept as it is",
-                        record.stream.label, record.name, record.dtype, dtype)
+            log.warning(
+                "%s: tensor %s has dtype %s unlike the rest (%s); kept as it is",
+                record.stream.label,
+                record.name,
+                record.dtype,
+                dtype,
+            )
     if dtype not in CONFIG_NAME:
         raise ConvertError(f"weights are {dtype}, not a floating-point type", file=source.folder)
     return dtype
@@ -137,7 +155,7 @@ def _source_pieces(source: Source) -> dict[tuple, tuple[TensorRecord, int, KindL
     for stored in source.layout.tensors(params.n_layers, params.n_experts):
         record = source.records[stored.name]
         piece_bytes = nbytes_of(record.dtype, stored.layout.piece_shape(env))
-        for index, key in enumerate(stored.keys()):
+        for index, key in enumerate(stored.canonical_keys()):
             pieces[key] = (record, record.offset + index * piece_bytes, stored.layout)
     return pieces
 
@@ -152,7 +170,7 @@ def target_tensors(source: Source, target: LayoutTable) -> list[TargetTensor]:
         pieces = []
         offset = 0
         dtypes = set()
-        for key in stored.keys():
+        for key in stored.canonical_keys():
             record, src_offset, src_layout = sources[key]
             dtypes.add(record.dtype)
             shape = src_layout.piece_shape(env)
@@ -198,8 +216,9 @@ def shard_groups(tensors: list[TargetTensor], max_shard_size: int) -> list[list[
     return shards
 
 
-def _pack_hf(source: Source, target: LayoutTable, tensors: list[TargetTensor], dtype: str,
-             max_shard_size: int) -> list[OutputFile]:
+def _pack_hf(
+    source: Source, target: LayoutTable, tensors: list[TargetTensor], dtype: str, max_shard_size: int
+) -> list[OutputFile]:
     groups = shard_groups(tensors, max_shard_size)
     files = []
     weight_map = {}
@@ -218,9 +237,7 @@ def _pack_hf(source: Source, target: LayoutTable, tensors: list[TargetTensor], d
     return files
 
 
-_PACKERS: MappingProxyType[str, Callable[..., list[OutputFile]]] = MappingProxyType(
-    {"safetensors_sharded": _pack_hf}
-)
+_PACKERS: MappingProxyType[str, Callable[..., list[OutputFile]]] = MappingProxyType({"safetensors_sharded": _pack_hf})
 
 
 def build_plan(source: Source, target_name: str, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Plan:
@@ -228,8 +245,11 @@ def build_plan(source: Source, target_name: str, *, max_shard_size: int = DEFAUL
     if problems:
         first = problems[0]
         if len(problems) > 1:
-            first = ConvertError(f"{first.rule} (and {len(problems) - 1} more problems: see mixtral-convert inspect)",
-                                 file=first.file, tensor=first.tensor)
+            first = ConvertError(
+                f"{first.rule} (and {len(problems) - 1} more problems: see mixtral-convert inspect)",
+                file=first.file,
+                tensor=first.tensor,
+            )
         raise first
     target = layout(target_name)
     packer = _PACKERS.get(target.container)
@@ -240,4 +260,3 @@ def build_plan(source: Source, target_name: str, *, max_shard_size: int = DEFAUL
     tensors = target_tensors(source, target)
     files = packer(source, target, tensors, dtype, max_shard_size)
     return Plan(source, target, source.params, dtype, tuple(files))
-

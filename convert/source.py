@@ -81,8 +81,9 @@ def open_source(folder: Path, layout_name: str | None = None) -> Source:
             stream.close()
         raise
     tokenizer = folder / TOKENIZER
-    return Source(folder, table, params, params_file, by_name, weight_files,
-                  tokenizer if tokenizer.is_file() else None, streams)
+    return Source(
+        folder, table, params, params_file, by_name, weight_files, tokenizer if tokenizer.is_file() else None, streams
+    )
 
 
 def _read_params(folder: Path, style: str, vocab: int | None) -> tuple[Path, ModelParams]:
@@ -155,13 +156,18 @@ def _read_safetensors_sharded(folder: Path, streams: list[ByteStream]) -> tuple[
         streams.append(stream)
         for record in shard_records:
             if weight_map.get(record.name) != shard:
-                raise ConvertError(f"tensor is in {shard} but the index places it in {weight_map.get(record.name)}",
-                                   file=index_path, tensor=record.name)
+                raise ConvertError(
+                    f"tensor is in {shard} but the index places it in {weight_map.get(record.name)}",
+                    file=index_path,
+                    tensor=record.name,
+                )
         records += shard_records
     listed = set(weight_map) - {r.name for r in records}
     if listed:
         name = sorted(listed)[0]
-        raise ConvertError(f"index lists it in {weight_map[name]} but that shard lacks it", file=index_path, tensor=name)
+        raise ConvertError(
+            f"index lists it in {weight_map[name]} but that shard lacks it", file=index_path, tensor=name
+        )
     unlisted = sorted(p.name for p in folder.glob("model-*.safetensors") if p.name not in shards)
     if unlisted:
         raise ConvertError(f"shard {unlisted[0]} is not listed in the index", file=index_path)

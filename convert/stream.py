@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -105,8 +105,16 @@ def fsync_folder(folder: Path) -> None:
 
 @contextmanager
 def progress_bar(total: int, enabled: bool) -> Iterator[tqdm]:
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-               disable=not enabled, desc="converting", dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=not enabled,
+        desc="converting",
+        dynamic_ncols=True,
+    )
     try:
         yield bar
     finally:

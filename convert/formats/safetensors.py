@@ -67,7 +67,9 @@ def read_header(stream: ByteStream) -> tuple[list[TensorRecord], dict[str, str]]
         raise ConvertError("safetensors: header is not a JSON object", file=label)
 
     metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise ConvertError("safetensors: __metadata__ must map strings to strings", file=label)
 
     entries = []
@@ -95,7 +97,9 @@ def read_header(stream: ByteStream) -> tuple[list[TensorRecord], dict[str, str]]
 
 def _parse_entry(name: str, info: object, label: str) -> tuple[str, str, tuple[int, ...], int, int]:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-        raise ConvertError("safetensors: entry must have exactly dtype, shape and data_offsets", file=label, tensor=name)
+        raise ConvertError(
+            "safetensors: entry must have exactly dtype, shape and data_offsets", file=label, tensor=name
+        )
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if dtype not in ITEM_SIZE:
         raise ConvertError(f"safetensors: unknown dtype {dtype!r}", file=label, tensor=name)
@@ -151,4 +155,6 @@ def layout_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dic
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % HEADER_ALIGNMENT)
     prefix = struct.pack("<Q", len(text)) + text
-    return HeaderLayout(prefix, {name: len(prefix) + offset for name, offset in relative.items()}, len(prefix) + position)
+    return HeaderLayout(
+        prefix, {name: len(prefix) + offset for name, offset in relative.items()}, len(prefix) + position
+    )

@@ -108,7 +108,9 @@ def read_torch_index(stream: ByteStream) -> list[TensorRecord]:
         except Exception as exc:  # any malformed pickle: the message names what failed
             raise ConvertError(f"torch checkpoint: data.pkl refused: {exc}", file=label) from None
 
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, _TensorRef) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, _TensorRef) for k, v in state.items()
+    ):
         raise ConvertError("torch checkpoint: data.pkl must hold a flat dict of tensor names to tensors", file=label)
 
     records = []
@@ -127,7 +129,9 @@ def read_torch_index(stream: ByteStream) -> list[TensorRecord]:
                 tensor=name,
             )
         if not _is_contiguous(ref.shape, ref.stride):
-            raise ConvertError(f"torch checkpoint: tensor is not contiguous (stride {ref.stride})", file=label, tensor=name)
+            raise ConvertError(
+                f"torch checkpoint: tensor is not contiguous (stride {ref.stride})", file=label, tensor=name
+            )
         nbytes = nbytes_of(ref.storage.dtype, ref.shape)
         if (ref.offset * item) + nbytes > ref.storage.numel * item:
             raise ConvertError("torch checkpoint: tensor runs past the end of its storage", file=label, tensor=name)
@@ -148,7 +152,9 @@ def _record_range(stream: ByteStream, infos: dict[str, zipfile.ZipInfo], entry: 
     name_len, extra_len = fields[9], fields[10]
     local_name = stream.read(name_len, info.header_offset + _LOCAL_HEADER.size)
     if fields[0] != _LOCAL_SIGNATURE or local_name.decode("utf-8", "replace") != entry:
-        raise ConvertError(f"torch checkpoint: local header of {entry} disagrees with the central directory", file=label)
+        raise ConvertError(
+            f"torch checkpoint: local header of {entry} disagrees with the central directory", file=label
+        )
     start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
     if start + info.file_size > stream.size:
         raise ConvertError(f"torch checkpoint: record {entry} runs past the end of the file (truncated?)", file=label)

@@ -1,0 +1,37 @@
+# Two commands for a fresh clone: `make demo` and `make test`. Each sets up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SAMPLE := build/sample-torrent
+SAMPLE_HF := build/sample-hf
+
+.PHONY: setup demo test lint clean
+
+$(VENV)/.runtime: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.test
+
+demo: $(VENV)/.runtime
+	rm -rf $(SAMPLE) $(SAMPLE_HF)
+	$(VENV)/bin/mixtral-convert sample $(SAMPLE)
+	$(VENV)/bin/mixtral-convert inspect $(SAMPLE)
+	$(VENV)/bin/mixtral-convert convert $(SAMPLE) $(SAMPLE_HF) --to hf --dry-run
+	$(VENV)/bin/mixtral-convert convert $(SAMPLE) $(SAMPLE_HF) --to hf
+	$(VENV)/bin/mixtral-convert inspect $(SAMPLE_HF)
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build

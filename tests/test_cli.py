@@ -1,0 +1,179 @@
+"""The command line as a user meets it: dry runs that predict the real output exactly, refusals with one line."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+from helpers import assert_one_line_error, run_cli
+
+from convert.sizes import parse_size
+
+
+@pytest.fixture
+def sample(tmp_path: Path) -> Path:
+    folder = tmp_path / "sample"
+    run_cli("sample", folder)
+    (folder / "tokenizer.model").write_bytes(b"tokenizer bytes \x00\x01")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("5GB", 5 * 10**9),
+        ("5GiB", 5 * 2**30),
+        ("123", 123),
+        ("500 MB", 5 * 10**8),
+        ("1.5kib", 1536),
+        ("2tb", 2 * 10**12),
+    ],
+)
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GB", "5 XB", "-1", "0", "5 G B"])
+def test_bad_sizes(text: str) -> None:
+    with pytest.raises(ValueError, match=r"size|at least"):
+        parse_size(text)
+
+
+def test_dry_run_json_predicts_every_file_exactly(sample: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    dry = run_cli("convert", sample, dst, "--to", "hf", "--dry-run", "--json", "--max-shard-size", "250KB")
+    assert not dst.exists()
+    plan = json.loads(dry.stdout)
+    run_cli("convert", sample, dst, "--to", "hf", "--max-shard-size", "250KB")
+    written = sorted(p.name for p in dst.iterdir())
+    assert sorted(f["name"] for f in plan["files"]) == written
+    for entry in plan["files"]:
+        path = dst / entry["name"]
+        assert path.stat().st_size == entry["size"], entry["name"]
+        if entry["name"].endswith(".json"):
+            assert path.read_text() == entry["content"], entry["name"]
+        else:
+            assert "content" not in entry
+    assert (dst / "tokenizer.model").read_bytes() == (sample / "tokenizer.model").read_bytes()
+    assert len([n for n in written if n.startswith("model-")]) == 3
+
+
+def test_text_dry_run_writes_nothing(sample: Path, tmp_path: Path) -> None:
+    result = run_cli("convert", sample, tmp_path / "out", "--to", "hf", "--dry-run")
+    assert "torrent -> hf, BF16, 41 tensors, nothing written" in result.stdout
+    assert "model.safetensors.index.json" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_empty_destination_needs_force(sample: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    assert_one_line_error(run_cli("convert", sample, dst, "--to", "hf", check=False), str(dst), "--force")
+    assert [p.name for p in dst.iterdir()] == ["notes.txt"]
+    run_cli("convert", sample, dst, "--to", "hf", "--max-shard-size", "100KB", "--force")
+    run_cli("convert", sample, dst, "--to", "hf", "--force")  # fewer shards: the stale ones must go
+    names = sorted(p.name for p in dst.iterdir())
+    assert [n for n in names if n.startswith("model-")] == ["model-00001-of-00001.safetensors"]
+    assert (dst / "notes.txt").read_text() == "mine"
+
+
+def test_force_refuses_a_folder_vllm_would_misread(sample: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "consolidated.safetensors").write_bytes(b"x")
+    assert_one_line_error(
+        run_cli("convert", sample, dst, "--to", "hf", "--force", check=False),
+        "must not contain consolidated.safetensors",
+    )
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_destination_may_not_touch_the_source(sample: Path, where: str) -> None:
+    dst = {"same": sample, "inside": sample / "hf", "around": sample.parent}[where]
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in sample.iterdir())
+    result = run_cli("convert", sample, dst, "--to", "hf", "--force", check=False)
+    assert_one_line_error(result, str(dst), "source")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in sample.iterdir()) == before
+
+
+def test_missing_folder_and_unknown_layout(tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("inspect", tmp_path / "nope", check=False), "no such folder")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "weights.bin").write_bytes(b"x")
+    line = assert_one_line_error(run_cli("inspect", tmp_path / "junk", check=False), "no known checkpoint layout")
+    assert "weights.bin" in line and "torrent needs consolidated.00.pth" in line
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = run_cli("--debug", "inspect", tmp_path / "nope", check=False)
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_missing_and_extra_tensors_are_named(sample: Path, tmp_path: Path) -> None:
+    import torch
+
+    weights = torch.load(sample / "consolidated.00.pth", weights_only=True)
+    del weights["layers.1.attention.wk.weight"]
+    weights["layers.1.attention.wx.weight"] = weights["norm.weight"].clone()
+    torch.save(weights, sample / "consolidated.00.pth")
+    line = assert_one_line_error(run_cli("convert", sample, tmp_path / "out", "--to", "hf", check=False))
+    assert "layers.1.attention.wx.weight" in line and "unexpected tensor" in line and "1 more problems" in line
+    report = run_cli("inspect", sample, check=False)
+    assert report.returncode == 1
+    assert "tensor layers.1.attention.wk.weight: tensor is missing" in report.stdout
+
+
+def test_params_disagreeing_with_tensors(sample: Path, tmp_path: Path) -> None:
+    params = json.loads((sample / "params.json").read_text())
+    params["n_kv_heads"] = 4
+    (sample / "params.json").write_text(json.dumps(params))
+    assert_one_line_error(
+        run_cli("convert", sample, tmp_path / "out", "--to", "hf", check=False),
+        "tensor layers.0.attention.wk.weight",
+        "shape [32, 64] does not match [64, 64]",
+    )
+
+
+def test_split_parts_in_numeric_order_and_gaps(sample: Path, tmp_path: Path) -> None:
+    data = (sample / "consolidated.00.pth").read_bytes()
+    parts = tmp_path / "parts"
+    shutil.copytree(sample, parts)
+    (parts / "consolidated.00.pth").unlink()
+    bounds = [len(data) * i // 12 for i in range(13)]
+    for i in range(12):
+        (parts / f"consolidated.00.pth-split{i}").write_bytes(data[bounds[i] : bounds[i + 1]])
+    run_cli("convert", parts, tmp_path / "a", "--to", "hf")
+    run_cli("convert", sample, tmp_path / "b", "--to", "hf")
+    for shard in (tmp_path / "b").iterdir():
+        assert (tmp_path / "a" / shard.name).read_bytes() == shard.read_bytes()
+    (parts / "consolidated.00.pth-split7").unlink()
+    assert_one_line_error(run_cli("inspect", parts, check=False), "-split7 is missing")
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (shutil.copyfile, (__file__, str(self.marker)))
+
+
+def test_pickle_outside_the_allow_list_is_refused_and_never_runs(sample: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "payload-ran"
+    checkpoint = sample / "consolidated.00.pth"
+    with zipfile.ZipFile(checkpoint) as archive:
+        entries = {info.filename: archive.read(info) for info in archive.infolist()}
+    pkl = next(name for name in entries if name.endswith("/data.pkl"))
+    entries[pkl] = pickle.dumps({"tok_embeddings.weight": _Payload(marker)}, protocol=2)
+    with zipfile.ZipFile(checkpoint, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    result = run_cli("convert", sample, tmp_path / "out", "--to", "hf", check=False)
+    assert_one_line_error(result, str(checkpoint), "global shutil.copyfile is not on the allow-list")
+    assert not marker.exists()
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()

@@ -1,0 +1,112 @@
+"""Bounded memory on REAL Mixtral dimensions, without the disk cost: the source is a consolidated.safetensors
+whose data region is a sparse hole (made with truncate), so reading costs nothing and only the output is real.
+
+Peak resident memory is max RSS from the OS's accounting of the finished converter process (wait4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+from convert.formats.streams import ByteStream
+
+REAL_PARAMS = {
+    "dim": 4096,
+    "n_layers": 32,
+    "head_dim": 128,
+    "hidden_dim": 14336,
+    "n_heads": 32,
+    "n_kv_heads": 8,
+    "norm_eps": 1e-05,
+    "vocab_size": 32000,
+    "moe": {"num_experts_per_tok": 2, "num_experts": 8},
+}
+GIB = 2**30
+
+
+def real_shapes(n_layers: int) -> dict[str, list[int]]:
+    """The torrent/mistral names and shapes of Mixtral-8x7B, from formats.md."""
+    shapes = {"tok_embeddings.weight": [32000, 4096]}
+    for layer in range(n_layers):
+        p = f"layers.{layer}."
+        shapes |= {
+            p + "attention.wq.weight": [4096, 4096],
+            p + "attention.wk.weight": [1024, 4096],
+            p + "attention.wv.weight": [1024, 4096],
+            p + "attention.wo.weight": [4096, 4096],
+            p + "attention_norm.weight": [4096],
+            p + "ffn_norm.weight": [4096],
+            p + "feed_forward.gate.weight": [8, 4096],
+        }
+        for e in range(8):
+            q = p + f"feed_forward.experts.{e}."
+            shapes |= {q + "w1.weight": [14336, 4096], q + "w2.weight": [4096, 14336], q + "w3.weight": [14336, 4096]}
+    return shapes | {"norm.weight": [4096], "output.weight": [32000, 4096]}
+
+
+def write_sparse_mistral(folder: Path, n_layers: int) -> int:
+    """A mistral-layout folder of real dimensions whose tensor data is a hole; returns the file size."""
+    folder.mkdir(parents=True)
+    header, offset = {}, 0
+    for name, shape in real_shapes(n_layers).items():
+        size = 2
+        for dim in shape:
+            size *= dim
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = folder / "consolidated.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    os.truncate(path, 8 + len(raw) + offset)
+    (folder / "params.json").write_text(json.dumps(REAL_PARAMS | {"n_layers": n_layers}))
+    return 8 + len(raw) + offset
+
+
+def convert_measuring_rss(src: Path, dst: Path) -> int:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "convert", "convert", src, dst, "--to", "hf", "--no-progress"],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    assert os.waitstatus_to_exitcode(status) == 0, stderr
+    return usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def test_full_size_file_reads_at_the_end_without_mapping(tmp_path: Path) -> None:
+    """A 93 GB single file: the kernel would refuse a private mapping; positional reads work anywhere in it."""
+    size = write_sparse_mistral(tmp_path / "full", 32)
+    assert size > 93 * 10**9
+    stream = ByteStream([tmp_path / "full" / "consolidated.safetensors"])
+    try:
+        assert stream.read(4096, size - 4096) == bytes(4096)
+    finally:
+        stream.close()
+
+
+@pytest.mark.skipif(
+    os.statvfs("/tmp").f_bavail * os.statvfs("/tmp").f_frsize < 12 * 10**9,
+    reason="needs 12 GB free for the real-dimension outputs",
+)
+def test_peak_rss_is_bounded_and_flat_in_depth(tmp_path: Path) -> None:
+    peaks = {}
+    for layers in (1, 2):
+        src = tmp_path / f"src{layers}"
+        write_sparse_mistral(src, layers)
+        peaks[layers] = convert_measuring_rss(src, tmp_path / f"hf{layers}")
+        shards = list((tmp_path / f"hf{layers}").glob("model-*.safetensors"))
+        assert sum(p.stat().st_size for p in shards) > layers * 2.8 * 10**9
+        for path in shards:
+            path.unlink()  # keep the disk use to one output at a time
+    assert peaks[1] < GIB and peaks[2] < GIB, peaks
+    assert peaks[2] <= peaks[1] * 1.10, peaks
