@@ -15,6 +15,7 @@ from convert.errors import ConvertError
 
 DEFAULT_ROPE_THETA = 1_000_000.0
 DEFAULT_EXPERTS_PER_TOKEN = 2
+DEFAULT_MAX_POSITIONS = 32768  # what config.json says when params.json is silent, as published
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,9 @@ class _Fields:
         self.path = path
 
     def integer(self, key: str, default: int | None = None, *, required: bool = True) -> int | None:
-        value = self.data.get(key, default)
+        value = self.data.get(key)
+        if value is None:  # absent, or null as transformers 5 writes an unset head_dim
+            value = default
         if value is None:
             if required:
                 raise ConvertError(f"missing required key {key!r}", file=self.path)
@@ -72,7 +75,9 @@ class _Fields:
         return value
 
     def number(self, key: str, default: float | None = None) -> float:
-        value = self.data.get(key, default)
+        value = self.data.get(key)
+        if value is None:
+            value = default
         if value is None:
             raise ConvertError(f"missing required key {key!r}", file=self.path)
         if type(value) not in (int, float) or value <= 0:
@@ -199,12 +204,56 @@ def hf_config_json(params: ModelParams, torch_dtype: str, defaults: dict) -> str
         torch_dtype=torch_dtype,
         vocab_size=params.vocab_size,
     )
-    if params.max_position_embeddings is not None:
-        config["max_position_embeddings"] = params.max_position_embeddings
+    config["max_position_embeddings"] = params.max_position_embeddings or DEFAULT_MAX_POSITIONS
     if not params.head_dim_is_implied:
         config["head_dim"] = params.head_dim
-    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+    return json_text(config)
 
 
 def json_text(data: dict) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def mistral_params_json(params: ModelParams) -> str:
+    """params.json in the torrent's key order and spacing; optional keys only when they carry information, so the
+    real Mixtral-8x7B gives the published line byte for byte (no rope_theta when it is the default 1e6)."""
+    data: dict[str, object] = {
+        "dim": params.dim,
+        "n_layers": params.n_layers,
+        "head_dim": params.head_dim,
+        "hidden_dim": params.hidden_dim,
+        "n_heads": params.n_heads,
+        "n_kv_heads": params.n_kv_heads,
+        "norm_eps": params.norm_eps,
+        "vocab_size": params.vocab_size,
+    }
+    if params.rope_theta != DEFAULT_ROPE_THETA:
+        data["rope_theta"] = params.rope_theta
+    if params.sliding_window is not None:
+        data["sliding_window"] = params.sliding_window
+    if params.max_position_embeddings not in (None, DEFAULT_MAX_POSITIONS):
+        data["max_seq_len"] = params.max_position_embeddings
+    data["moe"] = {"num_experts_per_tok": params.experts_per_tok, "num_experts": params.n_experts}
+    return json.dumps(data)
+
+
+def hf_params_json(params: ModelParams) -> str:
+    """The megablocks upload's HF-style params.json; sliding_window is a string there ("null" for none)."""
+    data: dict[str, object] = {
+        "hidden_size": params.dim,
+        "intermediate_size": params.hidden_dim,
+        "num_attention_heads": params.n_heads,
+        "num_hidden_layers": params.n_layers,
+        "num_key_value_heads": params.n_kv_heads,
+        "num_local_experts": params.n_experts,
+        "num_experts_per_tok": params.experts_per_tok,
+        "vocab_size": params.vocab_size,
+        "rms_norm_eps": params.norm_eps,
+        "rope_theta": params.rope_theta,
+        "sliding_window": "null" if params.sliding_window is None else str(params.sliding_window),
+    }
+    if not params.head_dim_is_implied:
+        data["head_dim"] = params.head_dim
+    if params.max_position_embeddings is not None:
+        data["max_position_embeddings"] = params.max_position_embeddings
+    return json.dumps(data, indent=2) + "\n"

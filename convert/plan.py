@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -15,14 +15,16 @@ from types import MappingProxyType
 from convert.dtypes import CONFIG_NAME, nbytes_of
 from convert.errors import ConvertError
 from convert.formats.safetensors import TensorRecord, layout_header
-from convert.mapping import KindLayout, LayoutTable, layout, layout_names
-from convert.params import ModelParams, hf_config_json, json_text
+from convert.formats.torchzip_writer import layout_torch_zip
+from convert.mapping import KindLayout, LayoutTable, layout
+from convert.params import ModelParams, hf_config_json, hf_params_json, json_text, mistral_params_json
 from convert.source import HF_INDEX, TOKENIZER, Source
 from convert.transforms import Step, steps_between
 
 log = logging.getLogger("mixtral-convert")
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # decimal, as transformers shards the published checkpoint
+MEGABLOCKS_FILES = 8  # consolidated.00.pt ... consolidated.07.pt, as uploaded
 SAFETENSORS_METADATA = MappingProxyType({"format": "pt"})
 
 
@@ -42,6 +44,7 @@ class Piece:
 @dataclass(frozen=True)
 class TargetTensor:
     name: str
+    layer: int | None
     dtype: str
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]  # dst_offset relative to the tensor's start
@@ -51,14 +54,23 @@ class TargetTensor:
         return nbytes_of(self.dtype, self.shape)
 
 
+Blobs = tuple[tuple[int, bytes], ...]  # bytes at absolute offsets
+
+
 @dataclass(frozen=True)
 class OutputFile:
     name: str
     size: int
-    head: bytes = b""  # written first: a whole small file, or a safetensors header
+    blobs: Blobs = ()  # bytes known before streaming: a whole small file, headers
     pieces: tuple[Piece, ...] = ()  # absolute dst offsets
     copy_of: Path | None = None  # a file copied byte for byte
     is_text: bool = False
+    # Bytes that depend on the streamed data (a zip's CRCs), given the CRC-32 of each tensor's bytes.
+    finish: Callable[[Mapping[str, int]], Blobs] | None = None
+
+    @property
+    def text(self) -> str:
+        return b"".join(data for _, data in self.blobs).decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -71,14 +83,16 @@ class Plan:
 
     @property
     def payload_bytes(self) -> int:
-        return sum(f.size - len(f.head) for f in self.files)
+        return sum(p.nbytes for f in self.files for p in f.pieces) + sum(
+            f.size for f in self.files if f.copy_of is not None
+        )
 
     def describe(self) -> dict:
         files = []
         for f in self.files:
             entry: dict[str, object] = {"name": f.name, "size": f.size}
             if f.is_text:
-                entry["content"] = f.head.decode("utf-8")
+                entry["content"] = f.text
             files.append(entry)
         return {
             "source": {
@@ -180,7 +194,7 @@ def target_tensors(source: Source, target: LayoutTable) -> list[TargetTensor]:
             offset += nbytes
         if len(dtypes) > 1:
             raise ConvertError(f"cannot stack experts of different dtypes {sorted(dtypes)}", tensor=stored.name)
-        result.append(TargetTensor(stored.name, dtypes.pop(), stored.shape(env), tuple(pieces)))
+        result.append(TargetTensor(stored.name, stored.layer, dtypes.pop(), stored.shape(env), tuple(pieces)))
     return result
 
 
@@ -192,7 +206,7 @@ def _placed(tensor: TargetTensor, start: int) -> tuple[Piece, ...]:
 
 def _text_file(name: str, text: str) -> OutputFile:
     data = text.encode("utf-8")
-    return OutputFile(name, len(data), head=data, is_text=True)
+    return OutputFile(name, len(data), blobs=((0, data),), is_text=True)
 
 
 def _tokenizer_file(source: Source) -> list[OutputFile]:
@@ -216,31 +230,80 @@ def shard_groups(tensors: list[TargetTensor], max_shard_size: int) -> list[list[
     return shards
 
 
-def _pack_hf(
-    source: Source, target: LayoutTable, tensors: list[TargetTensor], dtype: str, max_shard_size: int
-) -> list[OutputFile]:
+def _safetensors_file(name: str, tensors: list[TargetTensor]) -> OutputFile:
+    header = layout_header([(t.name, t.dtype, t.shape) for t in tensors], dict(SAFETENSORS_METADATA))
+    pieces = tuple(p for t in tensors for p in _placed(t, header.offsets[t.name]))
+    return OutputFile(name, header.size, blobs=((0, header.header),), pieces=pieces)
+
+
+def _torch_zip_file(name: str, tensors: list[TargetTensor]) -> OutputFile:
+    zipped = layout_torch_zip(name.split(".pt")[0], [(t.name, t.dtype, t.shape) for t in tensors])
+    pieces = tuple(p for t in tensors for p in _placed(t, zipped.tensor_offsets[t.name]))
+    return OutputFile(name, zipped.size, blobs=zipped.blobs, pieces=pieces, finish=zipped.finish)
+
+
+def _weights_hf(tensors: list[TargetTensor], max_shard_size: int) -> tuple[list[OutputFile], OutputFile]:
     groups = shard_groups(tensors, max_shard_size)
     files = []
     weight_map = {}
     for number, group in enumerate(groups, start=1):
         name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        header = layout_header([(t.name, t.dtype, t.shape) for t in group], dict(SAFETENSORS_METADATA))
-        pieces = tuple(p for t in group for p in _placed(t, header.offsets[t.name]))
-        files.append(OutputFile(name, header.size, head=header.header, pieces=pieces))
+        files.append(_safetensors_file(name, group))
         weight_map.update(dict.fromkeys((t.name for t in group), name))
-    files += _tokenizer_file(source)
-    files.append(_text_file("generation_config.json", json_text(dict(target.extra["generation_config"]))))
-    config = hf_config_json(source.params, CONFIG_NAME[dtype], dict(target.extra["config_defaults"]))
-    files.append(_text_file("config.json", config))
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
-    files.append(_text_file(HF_INDEX, json_text(index)))  # last: its presence marks the output complete
-    return files
+    return files, _text_file(HF_INDEX, json_text(index))
 
 
-_PACKERS: MappingProxyType[str, Callable[..., list[OutputFile]]] = MappingProxyType({"safetensors_sharded": _pack_hf})
+def _weights_mistral(tensors: list[TargetTensor], _max_shard_size: int) -> tuple[list[OutputFile], None]:
+    return [_safetensors_file("consolidated.safetensors", tensors)], None
+
+
+def _weights_torrent(tensors: list[TargetTensor], _max_shard_size: int) -> tuple[list[OutputFile], None]:
+    return [_torch_zip_file("consolidated.00.pth", tensors)], None
+
+
+def _weights_megablocks(tensors: list[TargetTensor], _max_shard_size: int) -> tuple[list[OutputFile], None]:
+    """Up to MEGABLOCKS_FILES files of consecutive layers; the embedding goes with the first, the final norm and
+    output with the last (the upload's own split is not known; any split reads back the same)."""
+    n_layers = 1 + max((t.layer for t in tensors if t.layer is not None), default=0)
+    count = min(MEGABLOCKS_FILES, n_layers)
+    groups: list[list[TargetTensor]] = [[] for _ in range(count)]
+    seen_layer = False
+    for tensor in tensors:
+        if tensor.layer is not None:
+            seen_layer = True
+            groups[tensor.layer * count // n_layers].append(tensor)
+        else:
+            groups[-1 if seen_layer else 0].append(tensor)
+    return [_torch_zip_file(f"consolidated.{i:02d}.pt", group) for i, group in enumerate(groups)], None
+
+
+_WEIGHT_WRITERS: MappingProxyType[str, Callable[[list[TargetTensor], int], tuple[list[OutputFile], OutputFile | None]]]
+_WEIGHT_WRITERS = MappingProxyType(
+    {
+        "safetensors_sharded": _weights_hf,
+        "safetensors_single": _weights_mistral,
+        "torch_zip": _weights_torrent,
+        "torch_zip_multi": _weights_megablocks,
+    }
+)
+
+
+def _params_files(target: LayoutTable, params: ModelParams, dtype: str) -> list[OutputFile]:
+    if target.params_style == "mistral":
+        return [_text_file("params.json", mistral_params_json(params))]
+    if target.params_style == "hf_params":
+        return [_text_file("params.json", hf_params_json(params))]
+    if target.params_style == "hf_config":
+        config = hf_config_json(params, CONFIG_NAME[dtype], dict(target.extra["config_defaults"]))
+        generation = json_text(dict(target.extra["generation_config"]))
+        return [_text_file("generation_config.json", generation), _text_file("config.json", config)]
+    raise ValueError(f"unknown params style {target.params_style!r}")
 
 
 def build_plan(source: Source, target_name: str, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Plan:
+    """Weights first, then the tokenizer and the parameters; the last file (the HF index, or params.json)
+    is what makes the folder a loadable checkpoint, so it is written last."""
     problems = check_source(source)
     if problems:
         first = problems[0]
@@ -252,11 +315,9 @@ def build_plan(source: Source, target_name: str, *, max_shard_size: int = DEFAUL
             )
         raise first
     target = layout(target_name)
-    packer = _PACKERS.get(target.container)
-    if packer is None:
-        writable = sorted(n for n in layout_names() if layout(n).container in _PACKERS)
-        raise ConvertError(f"writing the {target_name} layout is not supported yet (supported: {', '.join(writable)})")
     dtype = main_dtype(source)
-    tensors = target_tensors(source, target)
-    files = packer(source, target, tensors, dtype, max_shard_size)
+    weights, index = _WEIGHT_WRITERS[target.container](target_tensors(source, target), max_shard_size)
+    files = [*weights, *_tokenizer_file(source), *_params_files(target, source.params, dtype)]
+    if index is not None:
+        files.append(index)
     return Plan(source, target, source.params, dtype, tuple(files))

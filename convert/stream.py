@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,12 +43,19 @@ class _Writer:
         final = self.destination / output.name
         temporary = self.destination / partial_name(output.name)
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        crcs: dict[str, int] | None = {} if output.finish is not None else None
         try:
-            self._pwrite(fd, output.head, 0, temporary)
-            for piece in sorted(output.pieces, key=lambda p: p.dst_offset):
-                self._piece(fd, piece, temporary)
+            items: list[tuple[int, bytes | Piece]] = [*output.blobs, *((p.dst_offset, p) for p in output.pieces)]
+            for offset, item in sorted(items, key=lambda entry: entry[0]):
+                if isinstance(item, Piece):
+                    self._piece(fd, item, temporary, crcs)
+                else:
+                    self._pwrite(fd, item, offset, temporary)
             if output.copy_of is not None:
                 self._copy_file(fd, output.copy_of, temporary)
+            if output.finish is not None and crcs is not None:
+                for offset, data in output.finish(crcs):
+                    self._pwrite(fd, data, offset, temporary)
             written = os.fstat(fd).st_size
             if written != output.size:
                 raise ConvertError(f"wrote {written} bytes but the plan says {output.size}", file=temporary)
@@ -56,26 +64,43 @@ class _Writer:
             os.close(fd)
         os.replace(temporary, final)
 
-    def _piece(self, fd: int, piece: Piece, path: Path) -> None:
+    def _piece(self, fd: int, piece: Piece, path: Path, crcs: dict[str, int] | None) -> None:
+        """Pieces arrive in file order, so a tensor's CRC-32 accumulates over its pieces in order."""
         if not piece.steps:
-            self._copy_range(fd, piece.record.stream, piece.src_offset, piece.dst_offset, piece.nbytes, path)
-            return
-        data = bytearray(piece.nbytes)
-        piece.record.stream.readinto(data, piece.src_offset)
-        tensor = torch.frombuffer(data, dtype=TORCH_DTYPE[piece.record.dtype]).view(piece.shape)
-        result = run_steps(tensor, piece.steps, piece.tensor).contiguous()
-        self._pwrite(fd, memoryview(result.view(torch.uint8).numpy()), piece.dst_offset, path)
-        self.progress.update(piece.nbytes)
+            crc = self._copy_range(
+                fd,
+                piece.record.stream,
+                piece.src_offset,
+                piece.dst_offset,
+                piece.nbytes,
+                path,
+                crcs.get(piece.tensor, 0) if crcs is not None else None,
+            )
+        else:
+            data = bytearray(piece.nbytes)
+            piece.record.stream.readinto(data, piece.src_offset)
+            tensor = torch.frombuffer(data, dtype=TORCH_DTYPE[piece.record.dtype]).view(piece.shape)
+            result = memoryview(run_steps(tensor, piece.steps, piece.tensor).contiguous().view(torch.uint8).numpy())
+            self._pwrite(fd, result, piece.dst_offset, path)
+            crc = zlib.crc32(result, crcs.get(piece.tensor, 0)) if crcs is not None else None
+            self.progress.update(piece.nbytes)
+        if crcs is not None and crc is not None:
+            crcs[piece.tensor] = crc
 
-    def _copy_range(self, fd: int, stream: ByteStream, src: int, dst: int, nbytes: int, path: Path) -> None:
+    def _copy_range(
+        self, fd: int, stream: ByteStream, src: int, dst: int, nbytes: int, path: Path, crc: int | None = None
+    ) -> int | None:
         view = memoryview(self.buffer)
         done = 0
         while done < nbytes:
             size = min(CHUNK, nbytes - done)
             stream.readinto(view[:size], src + done)
             self._pwrite(fd, view[:size], dst + done, path)
+            if crc is not None:
+                crc = zlib.crc32(view[:size], crc)
             done += size
             self.progress.update(size)
+        return crc
 
     def _copy_file(self, fd: int, source: Path, path: Path) -> None:
         stream = ByteStream([source])
