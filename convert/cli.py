@@ -11,14 +11,14 @@ from collections import Counter
 from pathlib import Path
 
 from convert import __version__
-from convert.destination import check_destination, prepare_destination
+from convert.destination import check_destination
 from convert.errors import ConvertError
 from convert.mapping import layout_names
+from convert.pipeline import convert_checkpoint
 from convert.plan import DEFAULT_MAX_SHARD_SIZE, build_plan, check_source
 from convert.sample import write_sample
 from convert.sizes import parse_size
 from convert.source import open_source
-from convert.stream import execute
 
 log = logging.getLogger("mixtral-convert")
 
@@ -72,24 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
 def run_convert(args: argparse.Namespace) -> int:
     if args.json and not args.dry_run:
         raise ConvertError("--json goes with --dry-run")
-    if not args.dry_run:
-        check_destination(args.dst, args.src)
-    with open_source(args.src, args.source_layout) as source:
-        plan = build_plan(source, args.to, max_shard_size=args.max_shard_size)
-        if args.dry_run:
-            description = plan.describe()
-            if args.json:
-                print(json.dumps(description, indent=2))
-            else:
-                print(
-                    f"{plan.source.layout.name} -> {plan.target.name}, {plan.dtype}, "
-                    f"{description['tensors']} tensors, nothing written"
-                )
-                for entry in description["files"]:
-                    print(f"  {entry['size']:>16,}  {args.dst / entry['name']}")
-            return 0
-        prepare_destination(args.dst, plan, force=args.force)
-        execute(plan, args.dst, progress=not args.no_progress and sys.stderr.isatty())
+    if args.dry_run:
+        with open_source(args.src, args.source_layout) as source:
+            description = build_plan(source, args.to, max_shard_size=args.max_shard_size).describe()
+        if args.json:
+            print(json.dumps(description, indent=2))
+        else:
+            print(
+                f"{description['source']['layout']} -> {description['target']}, {description['dtype']}, "
+                f"{description['tensors']} tensors, nothing written"
+            )
+            for entry in description["files"]:
+                print(f"  {entry['size']:>16,}  {args.dst / entry['name']}")
+        return 0
+    plan = convert_checkpoint(
+        args.src,
+        args.dst,
+        args.to,
+        source_layout=args.source_layout,
+        max_shard_size=args.max_shard_size,
+        force=args.force,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
     log.info("wrote %d files to %s", len(plan.files), args.dst)
     return 0
 

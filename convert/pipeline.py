@@ -1,0 +1,29 @@
+"""One conversion from start to end, for the command line and for library use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from convert.destination import check_destination, prepare_destination
+from convert.plan import DEFAULT_MAX_SHARD_SIZE, Plan, build_plan
+from convert.source import open_source
+from convert.stream import execute
+
+
+def convert_checkpoint(
+    source: Path,
+    destination: Path,
+    target: str,
+    *,
+    source_layout: str | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    force: bool = False,
+    progress: bool = False,
+) -> Plan:
+    """Convert the checkpoint folder source into destination in the target layout; returns the plan it ran."""
+    check_destination(destination, source)
+    with open_source(source, source_layout) as opened:
+        plan = build_plan(opened, target, max_shard_size=max_shard_size)
+        prepare_destination(destination, plan, force=force)
+        execute(plan, destination, progress=progress)
+    return plan
