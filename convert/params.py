@@ -254,6 +254,6 @@ def hf_params_json(params: ModelParams) -> str:
     }
     if not params.head_dim_is_implied:
         data["head_dim"] = params.head_dim
-    if params.max_position_embeddings is not None:
+    if params.max_position_embeddings not in (None, DEFAULT_MAX_POSITIONS):
         data["max_position_embeddings"] = params.max_position_embeddings
     return json.dumps(data, indent=2) + "\n"

@@ -80,7 +80,9 @@ class _Writer:
             data = bytearray(piece.nbytes)
             piece.record.stream.readinto(data, piece.src_offset)
             tensor = torch.frombuffer(data, dtype=TORCH_DTYPE[piece.record.dtype]).view(piece.shape)
-            result = memoryview(run_steps(tensor, piece.steps, piece.tensor).contiguous().view(torch.uint8).numpy())
+            result = run_steps(tensor, piece.steps, piece.tensor).contiguous()
+            # Flattened first: a contiguous tensor with a dimension of size 1 may keep an odd stride there.
+            result = memoryview(result.reshape(-1).view(torch.uint8).numpy())
             self._pwrite(fd, result, piece.dst_offset, path)
             crc = zlib.crc32(result, crcs.get(piece.tensor, 0)) if crcs is not None else None
             self.progress.update(piece.nbytes)
