@@ -177,3 +177,12 @@ def test_pickle_outside_the_allow_list_is_refused_and_never_runs(sample: Path, t
     assert_one_line_error(result, str(checkpoint), "global shutil.copyfile is not on the allow-list")
     assert not marker.exists()
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_inspect_recognises_every_layout(sample: Path, tmp_path: Path) -> None:
+    for target in ("hf", "mistral", "megablocks", "torrent"):
+        run_cli("convert", sample, tmp_path / target, "--to", target)
+        report = json.loads(run_cli("inspect", tmp_path / target, "--json").stdout)
+        assert report["layout"] == target
+        assert report["problems"] == []
+        assert report["params"]["vocab_size"] == 1003 and report["dtypes"] == {"BF16": report["tensors"]}

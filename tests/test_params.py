@@ -9,7 +9,7 @@ import pytest
 
 from convert.errors import ConvertError
 from convert.mapping import layout
-from convert.params import hf_config_json, read_hf_params, read_mistral_params
+from convert.params import hf_config_json, hf_params_json, mistral_params_json, read_hf_params, read_mistral_params
 
 MISTRAL = {
     "dim": 4096,
@@ -95,3 +95,31 @@ def test_head_dim_written_only_when_not_implied(tmp_path: Path) -> None:
     wide = read_mistral_params(_write(tmp_path, MISTRAL | {"head_dim": 256}), None)
     assert json.loads(hf_config_json(wide, "float32", defaults))["head_dim"] == 256
     assert json.loads(hf_config_json(wide, "float32", defaults))["torch_dtype"] == "float32"
+
+
+PUBLISHED_PARAMS = (
+    '{"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8, '
+    '"norm_eps": 1e-05, "vocab_size": 32000, "moe": {"num_experts_per_tok": 2, "num_experts": 8}}'
+)
+PUBLISHED_CONFIG_SHA256 = "9d56d04b36d0fd12ff54ae4c5bac769cc176e254e64ff71144614b6318b40793"
+
+
+def test_published_config_and_params_map_to_each_other_byte_for_byte(tmp_path: Path) -> None:
+    """formats.md: the torrent's params.json line and the published config.json (720 bytes) describe one model."""
+    import hashlib
+
+    defaults = dict(layout("hf").extra["config_defaults"])
+    params = read_mistral_params(_write(tmp_path, json.loads(PUBLISHED_PARAMS)), None)
+    config = hf_config_json(params, "bfloat16", defaults)
+    assert len(config.encode()) == 720
+    assert hashlib.sha256(config.encode()).hexdigest() == PUBLISHED_CONFIG_SHA256
+    config_path = tmp_path / "config.json"
+    config_path.write_text(config)
+    assert mistral_params_json(read_hf_params(config_path)) == PUBLISHED_PARAMS
+
+
+def test_non_default_theta_is_kept_in_params_json(tmp_path: Path) -> None:
+    silent = {k: v for k, v in HF_4.items() if k != "max_position_embeddings"}  # the default is not written back
+    params = read_hf_params(_write(tmp_path, silent | {"rope_theta": 10000.0}))
+    assert json.loads(mistral_params_json(params))["rope_theta"] == 10000.0
+    assert read_hf_params(_write(tmp_path, json.loads(hf_params_json(params)))) == params
