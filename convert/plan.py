@@ -7,38 +7,26 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 
+from convert import integrity
 from convert.dtypes import CONFIG_NAME, nbytes_of
 from convert.errors import ConvertError
 from convert.formats.safetensors import TensorRecord, layout_header
 from convert.formats.torchzip_writer import layout_torch_zip
 from convert.mapping import KindLayout, LayoutTable, layout
+from convert.outputs import OutputFile, Piece
 from convert.params import ModelParams, hf_config_json, hf_params_json, json_text, mistral_params_json
 from convert.source import HF_INDEX, TOKENIZER, Source
-from convert.transforms import Step, steps_between
+from convert.transforms import steps_between
 
 log = logging.getLogger("mixtral-convert")
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # decimal, as transformers shards the published checkpoint
 MEGABLOCKS_FILES = 8  # consolidated.00.pt ... consolidated.07.pt, as uploaded
 SAFETENSORS_METADATA = MappingProxyType({"format": "pt"})
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One canonical tensor's bytes: read from the source, transformed, written at dst_offset."""
-
-    tensor: str  # the output tensor it belongs to, for messages
-    record: TensorRecord
-    src_offset: int  # absolute, in record.stream
-    shape: tuple[int, ...]  # as the source stores this piece
-    dst_offset: int  # absolute, in the output file (relative to the tensor until packed)
-    nbytes: int
-    steps: tuple[Step, ...]
 
 
 @dataclass(frozen=True)
@@ -54,25 +42,6 @@ class TargetTensor:
         return nbytes_of(self.dtype, self.shape)
 
 
-Blobs = tuple[tuple[int, bytes], ...]  # bytes at absolute offsets
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    name: str
-    size: int
-    blobs: Blobs = ()  # bytes known before streaming: a whole small file, headers
-    pieces: tuple[Piece, ...] = ()  # absolute dst offsets
-    copy_of: Path | None = None  # a file copied byte for byte
-    is_text: bool = False
-    # Bytes that depend on the streamed data (a zip's CRCs), given the CRC-32 of each tensor's bytes.
-    finish: Callable[[Mapping[str, int]], Blobs] | None = None
-
-    @property
-    def text(self) -> str:
-        return b"".join(data for _, data in self.blobs).decode("utf-8")
-
-
 @dataclass(frozen=True)
 class Plan:
     source: Source
@@ -82,10 +51,8 @@ class Plan:
     files: tuple[OutputFile, ...]  # in write order; the last one marks the output complete
 
     @property
-    def payload_bytes(self) -> int:
-        return sum(p.nbytes for f in self.files for p in f.pieces) + sum(
-            f.size for f in self.files if f.copy_of is not None
-        )
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
 
     def describe(self) -> dict:
         files = []
@@ -239,7 +206,7 @@ def _safetensors_file(name: str, tensors: list[TargetTensor]) -> OutputFile:
 def _torch_zip_file(name: str, tensors: list[TargetTensor]) -> OutputFile:
     zipped = layout_torch_zip(name.split(".pt")[0], [(t.name, t.dtype, t.shape) for t in tensors])
     pieces = tuple(p for t in tensors for p in _placed(t, zipped.tensor_offsets[t.name]))
-    return OutputFile(name, zipped.size, blobs=zipped.blobs, pieces=pieces, finish=zipped.finish)
+    return OutputFile(name, zipped.size, blobs=zipped.blobs, pieces=pieces, deferred=zipped.deferred)
 
 
 def _weights_hf(tensors: list[TargetTensor], max_shard_size: int) -> tuple[list[OutputFile], OutputFile]:
@@ -316,8 +283,37 @@ def build_plan(source: Source, target_name: str, *, max_shard_size: int = DEFAUL
         raise first
     target = layout(target_name)
     dtype = main_dtype(source)
-    weights, index = _WEIGHT_WRITERS[target.container](target_tensors(source, target), max_shard_size)
+    tensors = target_tensors(source, target)
+    weights, index = _WEIGHT_WRITERS[target.container](tensors, max_shard_size)
     files = [*weights, *_tokenizer_file(source), *_params_files(target, source.params, dtype)]
     if index is not None:
         files.append(index)
-    return Plan(source, target, source.params, dtype, tuple(files))
+    *body, marker = files
+    manifest = integrity.manifest_file(
+        {
+            "source": {
+                "layout": source.layout.name,
+                "files": [{"name": p.name, "size": p.stat().st_size} for p in source.weight_files],
+            },
+            "target": target.name,
+        },
+        _placements(tensors, weights),
+    )
+    sums = integrity.sums_file([*body, manifest, marker])
+    return Plan(source, target, source.params, dtype, (*body, manifest, sums, marker))
+
+
+def _placements(tensors: list[TargetTensor], weights: list[OutputFile]) -> list[integrity.TensorEntry]:
+    """Where each tensor landed: its file and absolute byte range, in file order."""
+    by_name = {t.name: t for t in tensors}
+    entries = []
+    for output in weights:
+        starts: dict[str, int] = {}
+        for piece in output.pieces:
+            starts[piece.tensor] = min(piece.dst_offset, starts.get(piece.tensor, piece.dst_offset))
+        for name, begin in sorted(starts.items(), key=lambda item: item[1]):
+            tensor = by_name[name]
+            entries.append(
+                integrity.TensorEntry(name, output.name, tensor.dtype, tensor.shape, begin, begin + tensor.nbytes)
+            )
+    return entries

@@ -1,125 +1,220 @@
-"""Executing a plan: each output file is written under a temporary name, piece by piece at its planned
-offset, fsynced and renamed; the plan's last file (the index) goes last, so an interrupted run never leaves
-a folder that looks complete.
+"""Executing a plan: each output file is written under a temporary name, strictly front to back, fsynced and
+renamed; the plan's last file (the index, or params.json) goes last, so an interrupted run never leaves a folder
+that looks complete.
 
-Memory is bounded by scheduling, not by clean-up: a pure rename is copied through one reused chunk buffer
-without building a tensor; a transformed piece (a q/k permutation, a transposed expert block) is the only
-thing ever held whole, one at a time.
+Three threads overlap the work: a reader turns the file's parts (known bytes, source pieces read and
+transformed, deferred bytes) into chunks in file order; the writer writes them; a hasher computes each file's and
+each tensor's SHA-256 from the same chunks, so nothing is read twice. Queues are short, so memory is bounded by
+scheduling: a few chunks in flight, and at most one transformed piece (a q/k matrix, a transposed expert block).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import queue
 import sys
+import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from convert.digests import Digests
 from convert.dtypes import TORCH_DTYPE
 from convert.errors import ConvertError
 from convert.formats.streams import ByteStream
-from convert.plan import OutputFile, Piece, Plan
+from convert.outputs import OutputFile, Piece
+from convert.plan import Plan
 from convert.transforms import run_steps
 
-CHUNK = 16 * 2**20
+CHUNK = 8 * 2**20
+QUEUE_DEPTH = 4
 PARTIAL_SUFFIX = ".partial"
+
+Chunk = tuple[int, memoryview, str | None]  # offset in the file, bytes, the tensor they belong to
 
 
 def partial_name(name: str) -> str:
     return f"{name}{PARTIAL_SUFFIX}"
 
 
-class _Writer:
-    def __init__(self, destination: Path, progress: tqdm) -> None:
-        self.destination = destination
-        self.progress = progress
-        self.buffer = bytearray(CHUNK)
+class _Worker:
+    """One thread running submitted calls in order, with a short queue for back-pressure; errors surface on join."""
 
-    def write(self, output: OutputFile) -> None:
-        final = self.destination / output.name
-        temporary = self.destination / partial_name(output.name)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        crcs: dict[str, int] | None = {} if output.finish is not None else None
-        try:
-            items: list[tuple[int, bytes | Piece]] = [*output.blobs, *((p.dst_offset, p) for p in output.pieces)]
-            for offset, item in sorted(items, key=lambda entry: entry[0]):
-                if isinstance(item, Piece):
-                    self._piece(fd, item, temporary, crcs)
-                else:
-                    self._pwrite(fd, item, offset, temporary)
-            if output.copy_of is not None:
-                self._copy_file(fd, output.copy_of, temporary)
-            if output.finish is not None and crcs is not None:
-                for offset, data in output.finish(crcs):
-                    self._pwrite(fd, data, offset, temporary)
-            written = os.fstat(fd).st_size
-            if written != output.size:
-                raise ConvertError(f"wrote {written} bytes but the plan says {output.size}", file=temporary)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, final)
+    def __init__(self, name: str) -> None:
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(QUEUE_DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
 
-    def _piece(self, fd: int, piece: Piece, path: Path, crcs: dict[str, int] | None) -> None:
-        """Pieces arrive in file order, so a tensor's CRC-32 accumulates over its pieces in order."""
-        if not piece.steps:
-            crc = self._copy_range(
-                fd,
-                piece.record.stream,
-                piece.src_offset,
-                piece.dst_offset,
-                piece.nbytes,
-                path,
-                crcs.get(piece.tensor, 0) if crcs is not None else None,
-            )
+    def _run(self) -> None:
+        while (call := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    call()
+            except BaseException as exc:  # handed to the submitting thread on join
+                self._error = exc
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def submit(self, call: Callable[[], None]) -> None:
+        self._queue.put(call)
+
+    def join(self) -> None:
+        self._queue.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+def _piece_chunks(piece: Piece, digests: Digests) -> Iterator[Chunk]:
+    """A piece's bytes as chunks; a pure rename is copied in CHUNK slices without building a tensor."""
+    crc = digests.tensor_crc32.get(piece.tensor, 0)
+    if piece.steps:
+        data = bytearray(piece.nbytes)
+        piece.record.stream.readinto(data, piece.src_offset)
+        tensor = torch.frombuffer(data, dtype=TORCH_DTYPE[piece.record.dtype]).view(piece.shape)
+        result = run_steps(tensor, piece.steps, piece.tensor).contiguous()
+        del data, tensor  # only the transformed copy stays in flight
+        # Flattened first: a contiguous tensor with a dimension of size 1 may keep an odd stride there.
+        view = memoryview(result.reshape(-1).view(torch.uint8).numpy())
+        digests.tensor_crc32[piece.tensor] = zlib.crc32(view, crc)
+        for start in range(0, piece.nbytes, CHUNK):
+            yield piece.dst_offset + start, view[start : start + CHUNK], piece.tensor
+        return
+    for start in range(0, piece.nbytes, CHUNK):
+        chunk = bytearray(min(CHUNK, piece.nbytes - start))
+        piece.record.stream.readinto(chunk, piece.src_offset + start)
+        crc = zlib.crc32(chunk, crc)
+        digests.tensor_crc32[piece.tensor] = crc
+        yield piece.dst_offset + start, memoryview(chunk), piece.tensor
+
+
+def _file_chunks(output: OutputFile, digests: Digests) -> Iterator[Chunk]:
+    """Everything of one output file in offset order. Deferred bytes are made when reached, once the tensors
+    before them have been read (the reader computes CRCs as it goes)."""
+    items: list[tuple[int, object]] = [*output.blobs, *output.deferred, *((p.dst_offset, p) for p in output.pieces)]
+    for offset, item in sorted(items, key=lambda entry: entry[0]):
+        if isinstance(item, Piece):
+            yield from _piece_chunks(item, digests)
+        elif isinstance(item, bytes):
+            yield offset, memoryview(item), None
         else:
-            data = bytearray(piece.nbytes)
-            piece.record.stream.readinto(data, piece.src_offset)
-            tensor = torch.frombuffer(data, dtype=TORCH_DTYPE[piece.record.dtype]).view(piece.shape)
-            result = run_steps(tensor, piece.steps, piece.tensor).contiguous()
-            # Flattened first: a contiguous tensor with a dimension of size 1 may keep an odd stride there.
-            result = memoryview(result.reshape(-1).view(torch.uint8).numpy())
-            self._pwrite(fd, result, piece.dst_offset, path)
-            crc = zlib.crc32(result, crcs.get(piece.tensor, 0)) if crcs is not None else None
-            self.progress.update(piece.nbytes)
-        if crcs is not None and crc is not None:
-            crcs[piece.tensor] = crc
-
-    def _copy_range(
-        self, fd: int, stream: ByteStream, src: int, dst: int, nbytes: int, path: Path, crc: int | None = None
-    ) -> int | None:
-        view = memoryview(self.buffer)
-        done = 0
-        while done < nbytes:
-            size = min(CHUNK, nbytes - done)
-            stream.readinto(view[:size], src + done)
-            self._pwrite(fd, view[:size], dst + done, path)
-            if crc is not None:
-                crc = zlib.crc32(view[:size], crc)
-            done += size
-            self.progress.update(size)
-        return crc
-
-    def _copy_file(self, fd: int, source: Path, path: Path) -> None:
-        stream = ByteStream([source])
+            yield offset, memoryview(item(digests)), None  # type: ignore[operator]
+    if output.copy_of is not None:
+        stream = ByteStream([output.copy_of])
         try:
-            self._copy_range(fd, stream, 0, 0, stream.size, path)
+            for start in range(0, stream.size, CHUNK):
+                chunk = bytearray(min(CHUNK, stream.size - start))
+                stream.readinto(chunk, start)
+                yield start, memoryview(chunk), None
         finally:
             stream.close()
 
-    @staticmethod
-    def _pwrite(fd: int, data: bytes | memoryview, offset: int, path: Path) -> None:
-        view = memoryview(data).cast("B")
-        done = 0
-        while done < len(view):
-            try:
-                done += os.pwrite(fd, view[done:], offset + done)
-            except OSError as exc:
-                raise ConvertError(f"cannot write: {exc.strerror}", file=path) from None
+
+class _Reader:
+    """Runs _file_chunks in its own thread, a few chunks ahead of the writer."""
+
+    _DONE = object()
+
+    def __init__(self, output: OutputFile, digests: Digests) -> None:
+        self._queue: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(output, digests), name="reader", daemon=True)
+        self._thread.start()
+
+    def _run(self, output: OutputFile, digests: Digests) -> None:
+        try:
+            for chunk in _file_chunks(output, digests):
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(chunk, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(self._DONE)
+        except BaseException as exc:
+            self._queue.put(exc)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while (item := self._queue.get()) is not self._DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _Writer:
+    def __init__(self, destination: Path, progress: tqdm, digests: Digests) -> None:
+        self.destination = destination
+        self.progress = progress
+        self.digests = digests
+        self.hasher = _Worker("hasher")
+
+    def close(self) -> None:
+        self.hasher.close()
+
+    def write(self, output: OutputFile) -> None:
+        temporary = self.destination / partial_name(output.name)
+        file_hash = hashlib.sha256()
+        tensor_hashes: dict[str, hashlib._Hash] = {}
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        reader = _Reader(output, self.digests)
+        try:
+            position = 0
+            for offset, data, tensor in reader:
+                if offset != position:
+                    raise ConvertError(f"internal: plan has a gap or overlap at byte {position}", file=temporary)
+                _pwrite_all(fd, data, offset, temporary)
+                self.hasher.submit(_hash_call(file_hash, tensor_hashes, data, tensor))
+                position += len(data)
+                self.progress.update(len(data))
+            if position != output.size:
+                raise ConvertError(f"wrote {position} bytes but the plan says {output.size}", file=temporary)
+            self.hasher.join()
+            os.fsync(fd)
+        finally:
+            reader.stop()
+            os.close(fd)
+        self.digests.file_sha256[output.name] = file_hash.hexdigest()
+        for tensor, digest in tensor_hashes.items():
+            self.digests.tensor_sha256[tensor] = digest.hexdigest()
+        os.replace(temporary, self.destination / output.name)
+
+
+def _hash_call(
+    file_hash: hashlib._Hash, tensor_hashes: dict[str, hashlib._Hash], data: memoryview, tensor: str | None
+) -> Callable[[], None]:
+    def call() -> None:
+        file_hash.update(data)
+        if tensor is not None:
+            tensor_hashes.setdefault(tensor, hashlib.sha256()).update(data)
+
+    return call
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
+    view = data.cast("B")
+    done = 0
+    while done < len(view):
+        try:
+            done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            raise ConvertError(f"cannot write: {exc.strerror}", file=path) from None
 
 
 def fsync_folder(folder: Path) -> None:
@@ -148,14 +243,19 @@ def progress_bar(total: int, enabled: bool) -> Iterator[tqdm]:
         bar.close()
 
 
-def execute(plan: Plan, destination: Path, *, progress: bool) -> None:
+def execute(plan: Plan, destination: Path, *, progress: bool) -> Digests:
     """Write every planned file into destination; the last one only once all others are durable."""
     destination.mkdir(parents=True, exist_ok=True)
+    digests = Digests()
     *body, marker = plan.files
-    with progress_bar(plan.payload_bytes, progress) as bar:
-        writer = _Writer(destination, bar)
-        for output in body:
-            writer.write(output)
-        fsync_folder(destination)
-        writer.write(marker)
-        fsync_folder(destination)
+    with progress_bar(plan.total_bytes, progress) as bar:
+        writer = _Writer(destination, bar, digests)
+        try:
+            for output in body:
+                writer.write(output)
+            fsync_folder(destination)
+            writer.write(marker)
+            fsync_folder(destination)
+        finally:
+            writer.close()
+    return digests

@@ -10,18 +10,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args: object, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "convert", *map(str, args)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def run_cli(*args: object, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`python -m convert ARGS` from the repo root, offline; with check, a failure shows the command and stderr."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    command = [sys.executable, "-m", "convert", *map(str, args)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"mixtral-convert {args} exited {result.returncode}:\n{result.stderr}")
+        raise AssertionError(
+            f"{' '.join(command[1:])} exited {result.returncode}\nstderr:\n{result.stderr[-4000:]}\n"
+            f"stdout:\n{result.stdout[-2000:]}"
+        )
     return result
 
 

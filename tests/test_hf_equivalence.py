@@ -344,10 +344,12 @@ def test_small_shards_load_and_index(tmp_path: Path, cli: CliRunner) -> None:
     weights = make_weights(cfg, seed=12)
     src, dst = tmp_path / "src", tmp_path / "dst"
     write_torrent(src, cfg, weights)
-    max_bytes = 200_000  # embedding and lm_head are 128,384 bytes each; the whole model ~0.6 MB
+    expected = expected_hf_tensors(cfg, weights)
+    # Exactly the bytes of embed + layer 0's q, k, v (144,768 of a ~0.6 MB model): the first shard is filled to the
+    # limit, which exercises the strict "past the limit" comparison of the published rule; given as plain bytes.
+    max_bytes = sum(t.numel() * t.element_size() for t in list(expected.values())[:4])
     cli("convert", src, dst, "--to", "hf", "--from", "torrent", "--max-shard-size", str(max_bytes), "--no-progress")
 
-    expected = expected_hf_tensors(cfg, weights)
     shards = shard_files(dst)
     assert len(shards) > 2
     index = json.loads((dst / "model.safetensors.index.json").read_text())

@@ -3,8 +3,8 @@
 torch.save needs the whole state dict in memory; this plans the same container instead: stored (uncompressed)
 records whose data starts on a 64-byte boundary (padding in an "FB" extra field, as torch's writer does), each
 followed by a data descriptor, then a zip64 central directory. Every offset is fixed by the plan; only the CRC-32
-of each tensor record is known after its bytes are streamed, so descriptors and the central directory are
-produced by finish() once those are known.
+of each tensor record is known after its bytes are streamed, so its data descriptor, and the central directory,
+are producers the writer calls when it reaches them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
+from convert.digests import Digests, Producer
 from convert.dtypes import STORAGE_CLASS, nbytes_of
 
 ALIGNMENT = 64
@@ -37,45 +39,37 @@ class _Record:
     data_offset: int
     size: int
     crc: int | None  # known at plan time for the small records
-    tensor: str | None  # for a tensor's storage: the tensor, whose CRC finish() is given
+    tensor: str | None  # for a tensor's storage: the tensor whose streamed CRC-32 it takes
 
 
 @dataclass(frozen=True)
 class TorchZipLayout:
     size: int
-    blobs: tuple[tuple[int, bytes], ...]  # local headers and small records, known before streaming
+    blobs: tuple[tuple[int, bytes], ...]  # local headers, small records and their descriptors
+    deferred: tuple[tuple[int, Producer], ...]  # tensor records' descriptors and the central directory
     tensor_offsets: Mapping[str, int]  # absolute offset of each tensor's data
-    records: tuple[_Record, ...]
-    tail_offset: int
 
-    def finish(self, crcs: Mapping[str, int]) -> tuple[tuple[int, bytes], ...]:
-        """Data descriptors and the central directory, given the CRC-32 of each tensor's bytes."""
-        blobs = []
-        central = bytearray()
-        for record in self.records:
-            crc = record.crc if record.tensor is None else crcs[record.tensor]
-            descriptor = _descriptor(crc, record.size)
-            blobs.append((record.data_offset + record.size, descriptor))
-            central += _central_entry(record, crc)
-        central_offset = self.tail_offset
-        zip64_end = central_offset + len(central)
-        count = len(self.records)
-        central += _ZIP64_END.pack(
-            b"PK\x06\x06", 44, 0x031E, 45, 0, 0, count, count, zip64_end - central_offset, central_offset
-        )
-        central += _ZIP64_LOCATOR.pack(b"PK\x06\x07", 0, zip64_end, 1)
-        central += _END.pack(
-            b"PK\x05\x06",
-            0,
-            0,
-            min(count, 0xFFFF),
-            min(count, 0xFFFF),
-            min(zip64_end - central_offset, _U32),
-            min(central_offset, _U32),
-            0,
-        )
-        blobs.append((central_offset, bytes(central)))
-        return tuple(blobs)
+
+def _record_crc(record: _Record, digests: Digests) -> int:
+    return record.crc if record.tensor is None else digests.tensor_crc32[record.tensor]
+
+
+def _central_directory(records: tuple[_Record, ...], offset: int, digests: Digests) -> bytes:
+    central = bytearray()
+    for record in records:
+        central += _central_entry(record, _record_crc(record, digests))
+    zip64_end = offset + len(central)
+    count = len(records)
+    central += _ZIP64_END.pack(b"PK\x06\x06", 44, 0x031E, 45, 0, 0, count, count, zip64_end - offset, offset)
+    central += _ZIP64_LOCATOR.pack(b"PK\x06\x07", 0, zip64_end, 1)
+    central += _END.pack(
+        b"PK\x05\x06", 0, 0, min(count, 0xFFFF), min(count, 0xFFFF), min(zip64_end - offset, _U32), min(offset, _U32), 0
+    )
+    return bytes(central)
+
+
+def _tensor_descriptor(record: _Record, digests: Digests) -> bytes:
+    return _descriptor(_record_crc(record, digests), record.size)
 
 
 def _descriptor(crc: int, size: int) -> bytes:
@@ -168,6 +162,7 @@ def layout_torch_zip(archive: str, tensors: list[tuple[str, str, tuple[int, ...]
         (".data/serialization_id", str(int.from_bytes(hashlib.sha256(pickled).digest()[:16])).encode()),
     ]
     blobs: list[tuple[int, bytes]] = []
+    deferred: list[tuple[int, Producer]] = []
     records: list[_Record] = []
     tensor_offsets: dict[str, int] = {}
     offset = 0
@@ -176,10 +171,15 @@ def layout_torch_zip(archive: str, tensors: list[tuple[str, str, tuple[int, ...]
         nonlocal offset
         header, data_offset = _local_header(f"{archive}/{entry}", offset)
         blobs.append((offset, header))
+        record = _Record(
+            f"{archive}/{entry}", offset, data_offset, size, None if data is None else zlib.crc32(data), tensor
+        )
+        records.append(record)
         if data is not None:
             blobs.append((data_offset, data))
-        crc = zlib.crc32(data) if data is not None else None
-        records.append(_Record(f"{archive}/{entry}", offset, data_offset, size, crc, tensor))
+            blobs.append((data_offset + size, _descriptor(zlib.crc32(data), size)))
+        else:
+            deferred.append((data_offset + size, partial(_tensor_descriptor, record)))
         offset = data_offset + size + _descriptor_size(size)
         return data_offset
 
@@ -191,7 +191,8 @@ def layout_torch_zip(archive: str, tensors: list[tuple[str, str, tuple[int, ...]
         add(entry, len(data), data)
     central = sum(_CENTRAL.size + len(r.entry.encode()) + _zip64_extra_size(r) for r in records)
     size = offset + central + _ZIP64_END.size + _ZIP64_LOCATOR.size + _END.size
-    return TorchZipLayout(size, tuple(blobs), tensor_offsets, tuple(records), offset)
+    deferred.append((offset, partial(_central_directory, tuple(records), offset)))
+    return TorchZipLayout(size, tuple(blobs), tuple(deferred), tensor_offsets)
 
 
 def _zip64_extra_size(record: _Record) -> int:

@@ -1,0 +1,20 @@
+"""What the writer learns while streaming: each output tensor's CRC-32 and SHA-256, each output file's SHA-256.
+
+Bytes that depend on these (a zip's data descriptors and central directory, the manifest, SHA256SUMS) are
+produced from them at their place in the file, after everything they describe has been written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Digests:
+    tensor_crc32: dict[str, int] = field(default_factory=dict)
+    tensor_sha256: dict[str, str] = field(default_factory=dict)
+    file_sha256: dict[str, str] = field(default_factory=dict)
+
+
+Producer = Callable[[Digests], bytes]

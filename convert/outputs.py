@@ -1,0 +1,42 @@
+"""What a plan is made of: output files, and the pieces of source bytes streamed into them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from convert.digests import Producer
+from convert.formats.safetensors import TensorRecord
+from convert.transforms import Step
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One canonical tensor's bytes: read from the source, transformed, written at dst_offset."""
+
+    tensor: str  # the output tensor it belongs to, for messages
+    record: TensorRecord
+    src_offset: int  # absolute, in record.stream
+    shape: tuple[int, ...]  # as the source stores this piece
+    dst_offset: int  # absolute, in the output file (relative to the tensor until packed)
+    nbytes: int
+    steps: tuple[Step, ...]
+
+
+Blobs = tuple[tuple[int, bytes], ...]  # bytes at absolute offsets
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    name: str
+    size: int
+    blobs: Blobs = ()  # bytes known before streaming: a whole small file, headers
+    pieces: tuple[Piece, ...] = ()  # absolute dst offsets
+    copy_of: Path | None = None  # a file copied byte for byte
+    is_text: bool = False
+    # Bytes that depend on what was streamed before them (a zip's CRCs, the checksum files), made on arrival.
+    deferred: tuple[tuple[int, Producer], ...] = ()
+
+    @property
+    def text(self) -> str:
+        return b"".join(data for _, data in self.blobs).decode("utf-8")
