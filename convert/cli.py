@@ -19,6 +19,7 @@ from convert.plan import DEFAULT_MAX_SHARD_SIZE, build_plan, check_source
 from convert.sample import write_sample
 from convert.sizes import parse_size
 from convert.source import open_source
+from convert.verify import Report, check_pins, resolve_pins, verify_folder
 
 log = logging.getLogger("mixtral-convert")
 
@@ -58,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     convert.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not a terminal)")
 
+    convert.add_argument(
+        "--expect",
+        metavar="PINS",
+        help="check the source files against a sha256sum/md5sum file (or a shipped pins name) first",
+    )
+
+    verify = commands.add_parser("verify", help="check a folder: checksums, format rules, names and shapes")
+    verify.add_argument("path", type=Path)
+    verify.add_argument("--against", type=Path, metavar="SRC", help="also check every tensor against this source")
+    verify.add_argument("--expect", metavar="PINS", help="a sha256sum/md5sum file (or a shipped pins name)")
+    verify.add_argument("--json", action="store_true", help="print one JSON report")
+
     inspect = commands.add_parser("inspect", help="describe a checkpoint folder and the problems found in it")
     inspect.add_argument("path", type=Path)
     inspect.add_argument("--from", dest="source_layout", choices=layouts, help="layout (default: detected)")
@@ -85,6 +98,9 @@ def run_convert(args: argparse.Namespace) -> int:
             for entry in description["files"]:
                 print(f"  {entry['size']:>16,}  {args.dst / entry['name']}")
         return 0
+    if args.expect:
+        pins = check_pins_or_fail(args.src, args.expect)
+        log.info("source matches %s", pins)
     plan = convert_checkpoint(
         args.src,
         args.dst,
@@ -127,6 +143,34 @@ def run_inspect(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if problems else 0
 
 
+def check_pins_or_fail(folder: Path, name: str) -> Path:
+    pins = resolve_pins(name)
+    report = Report(str(folder))
+    check_pins(folder, pins, report)
+    failed = [r for r in report.results if not r.ok]
+    if failed:
+        raise ConvertError(f"{failed[0].problem} (pins {pins})", file=failed[0].file)
+    return pins
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    pins = resolve_pins(args.expect) if args.expect else None
+    report = verify_folder(args.path, against=args.against, pins=pins)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        for result in report.results:
+            if not result.ok:
+                print(result.line())
+        for note in report.notes:
+            print(f"note: {note}")
+        passed = sum(r.ok for r in report.results)
+        verdict = "verified" if report.ok else "FAILED"
+        layout = report.layout or "unknown layout"
+        print(f"{verdict}: {args.path} ({layout}), {passed} of {len(report.results)} checks passed")
+    return 0 if report.ok else EXIT_PROBLEMS
+
+
 def run_sample(args: argparse.Namespace) -> int:
     check_destination(args.dst, Path.cwd() / ".." / "no-source")
     if args.dst.exists() and any(args.dst.iterdir()):
@@ -147,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(_LowercaseLevel())
     log.addHandler(handler)
     log.setLevel(logging.INFO if args.debug else logging.WARNING)
-    commands = {"convert": run_convert, "inspect": run_inspect, "sample": run_sample}
+    commands = {"convert": run_convert, "inspect": run_inspect, "verify": run_verify, "sample": run_sample}
     try:
         return commands[args.command](args)
     except ConvertError as exc:

@@ -141,16 +141,16 @@ class LayoutTable:
         return result
 
 
-def mappings_dir() -> Path:
-    """mappings/ beside the package in a checkout; convert/mappings inside an installed wheel."""
-    beside = Path(__file__).resolve().parent.parent / "mappings"
-    if (beside / "canonical.toml").is_file():
+def data_dir(name: str) -> Path:
+    """A data folder (mappings/, pins/) beside the package in a checkout; convert/<name> inside an installed wheel."""
+    beside = Path(__file__).resolve().parent.parent / name
+    if beside.is_dir():
         return beside
-    return Path(str(resources.files("convert.mappings")))
+    return Path(str(resources.files(f"convert.{name}")))
 
 
 def _read_toml(name: str) -> dict:
-    with open(mappings_dir() / f"{name}.toml", "rb") as handle:
+    with open(data_dir("mappings") / f"{name}.toml", "rb") as handle:
         return tomllib.load(handle)
 
 
@@ -175,7 +175,7 @@ def canonical() -> Canonical:
 
 
 def layout_names() -> tuple[str, ...]:
-    return tuple(sorted(p.stem for p in mappings_dir().glob("*.toml") if p.stem != "canonical"))
+    return tuple(sorted(p.stem for p in data_dir("mappings").glob("*.toml") if p.stem != "canonical"))
 
 
 @cache

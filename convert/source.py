@@ -143,7 +143,8 @@ def _read_safetensors_sharded(folder: Path, streams: list[ByteStream]) -> tuple[
         stream, records, _ = open_safetensors(single)
         streams.append(stream)
         return records, [single]
-    weight_map = read_json_object(index_path).get("weight_map")
+    index = read_json_object(index_path)
+    weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ConvertError("weight_map must map tensor names to shard file names", file=index_path)
     records: list[TensorRecord] = []
@@ -171,6 +172,12 @@ def _read_safetensors_sharded(folder: Path, streams: list[ByteStream]) -> tuple[
     unlisted = sorted(p.name for p in folder.glob("model-*.safetensors") if p.name not in shards)
     if unlisted:
         raise ConvertError(f"shard {unlisted[0]} is not listed in the index", file=index_path)
+    total = index.get("metadata", {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
+    if total is not None and total != sum(r.nbytes for r in records):
+        raise ConvertError(
+            f"metadata.total_size {total} is not the {sum(r.nbytes for r in records)} bytes the shards hold",
+            file=index_path,
+        )
     return records, [folder / s for s in shards]
 
 

@@ -76,7 +76,7 @@ class _Worker:
         self._thread.join()
 
 
-def _piece_chunks(piece: Piece, digests: Digests) -> Iterator[Chunk]:
+def piece_chunks(piece: Piece, digests: Digests) -> Iterator[Chunk]:
     """A piece's bytes as chunks; a pure rename is copied in CHUNK slices without building a tensor."""
     crc = digests.tensor_crc32.get(piece.tensor, 0)
     if piece.steps:
@@ -105,7 +105,7 @@ def _file_chunks(output: OutputFile, digests: Digests) -> Iterator[Chunk]:
     items: list[tuple[int, object]] = [*output.blobs, *output.deferred, *((p.dst_offset, p) for p in output.pieces)]
     for offset, item in sorted(items, key=lambda entry: entry[0]):
         if isinstance(item, Piece):
-            yield from _piece_chunks(item, digests)
+            yield from piece_chunks(item, digests)
         elif isinstance(item, bytes):
             yield offset, memoryview(item), None
         else:

@@ -1,0 +1,145 @@
+"""verify and the integrity files, checked with the real tools (sha256sum, md5sum) where they exist."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import assert_one_line_error, run_cli
+
+LAYOUTS = ("hf", "torrent", "mistral", "megablocks")
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("verify")
+    run_cli("sample", root / "src")
+    (root / "src" / "tokenizer.model").write_bytes(b"tokenizer \x00 bytes")
+    for layout in LAYOUTS:
+        run_cli("convert", root / "src", root / layout, "--to", layout, "--max-shard-size", "300KB")
+    return root
+
+
+def _copy(outputs: Path, layout: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(outputs / layout, tmp_path / layout))
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sha256sums_pass_the_real_tool(outputs: Path, layout: str) -> None:
+    result = subprocess.run(
+        ["sha256sum", "-c", "--strict", "SHA256SUMS"], cwd=outputs / layout, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed = {line.split("  ", 1)[1] for line in (outputs / layout / "SHA256SUMS").read_text().splitlines()}
+    assert listed == {p.name for p in (outputs / layout).iterdir()} - {"SHA256SUMS"}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_faithful_output_verifies_against_its_source(outputs: Path, layout: str) -> None:
+    result = run_cli("verify", outputs / layout, "--against", outputs / "src")
+    assert result.stdout.strip().splitlines()[-1].startswith(f"verified: {outputs / layout} ({layout})")
+
+
+def test_manifest_hashes_are_the_tensors_bytes(outputs: Path) -> None:
+    manifest = json.loads((outputs / "hf" / "manifest.json").read_text())
+    assert manifest["source"]["layout"] == "torrent" and manifest["target"] == "hf"
+    for entry in manifest["tensors"]:
+        data = (outputs / "hf" / entry["file"]).read_bytes()[entry["offsets"][0] : entry["offsets"][1]]
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["name"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_flipped_byte_is_named(outputs: Path, layout: str, tmp_path: Path) -> None:
+    folder = _copy(outputs, layout, tmp_path)
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".pt", ".pth"))[-1]
+    _flip_byte(weights, weights.stat().st_size // 2)
+    result = run_cli("verify", folder, "--against", outputs / "src", check=False)
+    assert result.returncode == 1
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
+    assert f"FAILED sha256: {weights}: sha256 is " in result.stdout
+    assert any(line.startswith(f"FAILED against: {weights}: tensor ") for line in failed), result.stdout
+
+
+def test_missing_shard_and_bad_total_size(outputs: Path, tmp_path: Path) -> None:
+    folder = _copy(outputs, "hf", tmp_path)
+    (folder / "model-00002-of-00003.safetensors").unlink()
+    result = run_cli("verify", folder, check=False)
+    assert "FAILED sha256: " in result.stdout and "listed in SHA256SUMS but missing" in result.stdout
+    assert "index names shard 'model-00002-of-00003.safetensors', which is missing" in result.stdout
+
+    folder = _copy(outputs, "hf", tmp_path / "again")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["metadata"]["total_size"] += 2
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = run_cli("verify", folder, check=False)
+    assert "metadata.total_size" in result.stdout and result.returncode == 1
+
+
+def test_unlisted_shard_fails(outputs: Path, tmp_path: Path) -> None:
+    folder = _copy(outputs, "hf", tmp_path)
+    shutil.copy(folder / "model-00001-of-00003.safetensors", folder / "model-00004-of-00003.safetensors")
+    result = run_cli("verify", folder, "--json", check=False)
+    report = json.loads(result.stdout)
+    assert not report["ok"]
+    problems = {(r["check"], Path(r["file"]).name, r["problem"]) for r in report["results"] if not r["ok"]}
+    assert ("sha256", "model-00004-of-00003.safetensors", "not covered by SHA256SUMS") in problems
+
+
+def test_folder_without_checksums_gets_structure_and_crc_checks(outputs: Path, tmp_path: Path) -> None:
+    folder = _copy(outputs, "torrent", tmp_path)
+    (folder / "SHA256SUMS").unlink()
+    clean = run_cli("verify", folder)
+    assert "note: no SHA256SUMS: no checksums were available" in clean.stdout
+    checkpoint = folder / "consolidated.00.pth"
+    _flip_byte(checkpoint, checkpoint.stat().st_size // 2)
+    result = run_cli("verify", folder, check=False)
+    assert f"FAILED crc32: {checkpoint}: record consolidated.00/data/" in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("md5sum") is None, reason="md5sum is not installed")
+def test_pins_made_by_md5sum_and_sha256sum(outputs: Path, tmp_path: Path) -> None:
+    src = outputs / "src"
+    md5 = subprocess.run(
+        ["md5sum", "consolidated.00.pth", "tokenizer.model"], cwd=src, capture_output=True, text=True, check=True
+    ).stdout
+    (tmp_path / "good.md5").write_text(md5)
+    run_cli("verify", src, "--expect", tmp_path / "good.md5")
+    (tmp_path / "bad.md5").write_text(md5.replace(md5[:4], "ffff", 1))
+    result = run_cli("verify", src, "--expect", tmp_path / "bad.md5", check=False)
+    assert f"FAILED pin bad.md5: {src / 'consolidated.00.pth'}: md5 is {md5[:32]}, the pin says ffff" in result.stdout
+
+    sha = subprocess.run(["sha256sum", "params.json"], cwd=src, capture_output=True, text=True, check=True).stdout
+    (tmp_path / "good.sha256").write_text(sha)
+    run_cli("verify", src, "--expect", tmp_path / "good.sha256")
+
+
+def test_convert_checks_pins_before_writing(outputs: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        "convert",
+        outputs / "src",
+        tmp_path / "out",
+        "--to",
+        "hf",
+        "--expect",
+        "mixtral-8x7b-v0.1-torrent.md5",
+        check=False,
+    )
+    assert_one_line_error(result, str(outputs / "src" / "consolidated.00.pth"), "the pin says 1faa9bc9")
+    assert not (tmp_path / "out").exists()
+    assert_one_line_error(
+        run_cli("verify", outputs / "src", "--expect", "no-such-pins", check=False),
+        "no such pins file",
+        "mixtral-8x7b-v0.1-hf.sha256",
+    )
