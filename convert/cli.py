@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dry-run", action="store_true", help="read metadata only, write nothing, print the plan")
     convert.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object")
     convert.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    convert.add_argument("--resume", action="store_true", help="continue an interrupted conversion into DST")
     convert.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not a terminal)")
 
     convert.add_argument(
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_convert(args: argparse.Namespace) -> int:
     if args.json and not args.dry_run:
         raise ConvertError("--json goes with --dry-run")
+    if args.resume and args.force:
+        raise ConvertError("--resume continues a run and --force starts over: choose one")
     if args.dry_run:
         with open_source(args.src, args.source_layout) as source:
             description = build_plan(source, args.to, max_shard_size=args.max_shard_size).describe()
@@ -108,6 +112,7 @@ def run_convert(args: argparse.Namespace) -> int:
         source_layout=args.source_layout,
         max_shard_size=args.max_shard_size,
         force=args.force,
+        resume=args.resume,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     log.info("wrote %d files to %s", len(plan.files), args.dst)
@@ -191,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(_LowercaseLevel())
     log.addHandler(handler)
     log.setLevel(logging.INFO if args.debug else logging.WARNING)
+    signal.signal(signal.SIGTERM, _terminate)
     commands = {"convert": run_convert, "inspect": run_inspect, "verify": run_verify, "sample": run_sample}
     try:
         return commands[args.command](args)
@@ -206,5 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixtral-convert: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("mixtral-convert: interrupted; the output is incomplete (its index was not written)", file=sys.stderr)
+        how = ""
+        if args.command == "convert" and not args.dry_run:
+            how = f"; continue with: mixtral-convert convert {args.src} {args.dst} --to {args.to} --resume"
+        print(
+            f"mixtral-convert: interrupted; the output is incomplete (no index or params written){how}", file=sys.stderr
+        )
         return EXIT_INTERRUPTED
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM stops like Ctrl-C: partial files stay named .partial and the run can be resumed."""
+    raise KeyboardInterrupt

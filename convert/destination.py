@@ -12,6 +12,7 @@ from pathlib import Path
 
 from convert.errors import ConvertError
 from convert.plan import Plan
+from convert.resume import JOURNAL
 from convert.stream import PARTIAL_SUFFIX
 
 
@@ -36,6 +37,12 @@ def prepare_destination(destination: Path, plan: Plan, *, force: bool) -> None:
     if not destination.is_dir() or not any(destination.iterdir()):
         return
     if not force:
+        if (destination / JOURNAL).is_file():
+            raise ConvertError(
+                "the output folder holds an interrupted conversion; pass --resume to continue it "
+                "or --force to start over",
+                file=destination,
+            )
         raise ConvertError("the output folder is not empty; pass --force to write into it", file=destination)
     target = plan.target
     for pattern in target.must_not_contain:
@@ -49,6 +56,6 @@ def prepare_destination(destination: Path, plan: Plan, *, force: bool) -> None:
     marker.unlink(missing_ok=True)
     planned = {f.name for f in plan.files}
     stale = {p for pattern in target.replaces for p in destination.glob(pattern) if p.name not in planned}
-    stale |= set(destination.glob(f"*{PARTIAL_SUFFIX}"))
+    stale |= set(destination.glob(f"*{PARTIAL_SUFFIX}")) | set(destination.glob(JOURNAL))
     for path in sorted(stale):
         path.unlink()

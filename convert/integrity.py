@@ -11,15 +11,18 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 from convert import __version__
 from convert.digests import Digests
+from convert.formats.streams import ByteStream
 from convert.outputs import OutputFile
 
 SUMS = "SHA256SUMS"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "mixtral-convert manifest 1"
 _PLACEHOLDER = "0" * 64
+_READ_CHUNK = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -87,3 +90,18 @@ def parse_sums(text: str) -> list[tuple[str, str]]:
             raise ValueError(f"line {number} is not '<md5 or sha256 hex>  <file name>'")
         pairs.append((digest, name))
     return pairs
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    stream = ByteStream([path])
+    try:
+        buffer = bytearray(_READ_CHUNK)
+        view = memoryview(buffer)
+        for start in range(0, stream.size, _READ_CHUNK):
+            size = min(_READ_CHUNK, stream.size - start)
+            stream.readinto(view[:size], start)
+            digest.update(view[:size])
+    finally:
+        stream.close()
+    return digest.hexdigest()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from convert.destination import check_destination, prepare_destination
 from convert.plan import DEFAULT_MAX_SHARD_SIZE, Plan, build_plan
+from convert.resume import Journal
 from convert.source import open_source
 from convert.stream import execute
 
@@ -18,12 +19,19 @@ def convert_checkpoint(
     source_layout: str | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
+    resume: bool = False,
     progress: bool = False,
 ) -> Plan:
-    """Convert the checkpoint folder source into destination in the target layout; returns the plan it ran."""
+    """Convert the checkpoint folder source into destination in the target layout; returns the plan it ran.
+    With resume, an interrupted conversion into destination continues where it stopped."""
     check_destination(destination, source)
     with open_source(source, source_layout) as opened:
         plan = build_plan(opened, target, max_shard_size=max_shard_size)
-        prepare_destination(destination, plan, force=force)
-        execute(plan, destination, progress=progress)
+        if resume:
+            journal = Journal.resume(destination, plan)
+        else:
+            prepare_destination(destination, plan, force=force)
+            journal = Journal.start(destination, plan)
+        execute(plan, destination, journal, progress=progress)
+        journal.close()
     return plan

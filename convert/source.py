@@ -46,6 +46,16 @@ class Source:
         self.close()
 
 
+def source_identity(source: Source) -> list[dict]:
+    """Each source file's name, size and modification time: how a changed source is noticed."""
+    paths = [*source.weight_files, source.params_file, *([source.tokenizer] if source.tokenizer else [])]
+    identity = []
+    for path in paths:
+        stat = path.stat()
+        identity.append({"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return identity
+
+
 def detect_layout(folder: Path) -> str:
     if not folder.is_dir():
         raise ConvertError("not a folder" if folder.exists() else "no such folder", file=folder)

@@ -15,6 +15,7 @@ import os
 import queue
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,11 +30,16 @@ from convert.errors import ConvertError
 from convert.formats.streams import ByteStream
 from convert.outputs import OutputFile, Piece
 from convert.plan import Plan
+from convert.resume import Journal
+from convert.source import source_identity
 from convert.transforms import run_steps
 
 CHUNK = 8 * 2**20
 QUEUE_DEPTH = 4
 PARTIAL_SUFFIX = ".partial"
+# Fault injection for the resume tests: stall for good after the first chunk of the named file, so that a test
+# can kill the process at a chosen point. Read where it acts; nothing else looks at it.
+STALL_AT_ENV = "MIXTRAL_CONVERT_STALL_AT"
 
 Chunk = tuple[int, memoryview, str | None]  # offset in the file, bytes, the tensor they belong to
 
@@ -180,6 +186,8 @@ class _Writer:
                 if offset != position:
                     raise ConvertError(f"internal: plan has a gap or overlap at byte {position}", file=temporary)
                 _pwrite_all(fd, data, offset, temporary)
+                if offset == 0 and os.environ.get(STALL_AT_ENV) == output.name:
+                    _stall()
                 self.hasher.submit(_hash_call(file_hash, tensor_hashes, data, tensor))
                 position += len(data)
                 self.progress.update(len(data))
@@ -205,6 +213,11 @@ def _hash_call(
             tensor_hashes.setdefault(tensor, hashlib.sha256()).update(data)
 
     return call
+
+
+def _stall() -> None:
+    while True:
+        time.sleep(60)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
@@ -243,18 +256,31 @@ def progress_bar(total: int, enabled: bool) -> Iterator[tqdm]:
         bar.close()
 
 
-def execute(plan: Plan, destination: Path, *, progress: bool) -> Digests:
-    """Write every planned file into destination; the last one only once all others are durable."""
-    destination.mkdir(parents=True, exist_ok=True)
+def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool) -> Digests:
+    """Write every planned file into destination, skipping those the journal holds as finished; the last one
+    only once all others are durable. The source is checked for changes after every file."""
     digests = Digests()
+    identity = source_identity(plan.source)
     *body, marker = plan.files
-    with progress_bar(plan.total_bytes, progress) as bar:
+    remaining = sum(f.size for f in plan.files if f.name not in journal.finished)
+    with progress_bar(remaining, progress) as bar:
         writer = _Writer(destination, bar, digests)
         try:
-            for output in body:
+            for output in [*body, marker]:
+                if output is marker:
+                    fsync_folder(destination)
+                finished = journal.finished.get(output.name)
+                if finished is not None:
+                    digests.file_sha256[output.name] = finished.sha256
+                    digests.tensor_sha256.update(finished.tensors)
+                    continue
                 writer.write(output)
-            fsync_folder(destination)
-            writer.write(marker)
+                if source_identity(plan.source) != identity:
+                    raise ConvertError(
+                        "the source changed during the conversion (size or modification time)", file=plan.source.folder
+                    )
+                tensors = {p.tensor: digests.tensor_sha256[p.tensor] for p in output.pieces}
+                journal.record(output.name, digests.file_sha256[output.name], tensors)
             fsync_folder(destination)
         finally:
             writer.close()

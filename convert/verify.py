@@ -6,7 +6,6 @@ bounded as in conversion: files are hashed and compared in chunks.
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -14,12 +13,11 @@ from pathlib import Path
 
 from convert.digests import Digests
 from convert.errors import ConvertError
-from convert.formats.streams import ByteStream
-from convert.integrity import SUMS, parse_sums
+from convert.integrity import SUMS, file_digest, parse_sums
 from convert.mapping import data_dir
 from convert.plan import build_plan, check_source
 from convert.source import Source, open_source
-from convert.stream import CHUNK, PARTIAL_SUFFIX, piece_chunks
+from convert.stream import PARTIAL_SUFFIX, piece_chunks
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
@@ -61,21 +59,6 @@ class Report:
             "notes": self.notes,
             "results": [asdict(r) for r in self.results],
         }
-
-
-def file_digest(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    stream = ByteStream([path])
-    try:
-        buffer = bytearray(CHUNK)
-        view = memoryview(buffer)
-        for start in range(0, stream.size, CHUNK):
-            size = min(CHUNK, stream.size - start)
-            stream.readinto(view[:size], start)
-            digest.update(view[:size])
-    finally:
-        stream.close()
-    return digest.hexdigest()
 
 
 def resolve_pins(name: str) -> Path:

@@ -8,11 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import REPO
+import pytest
+from helpers import REPO, run_cli
 from test_memory import write_sparse_mistral
 
 
-def test_ctrl_c_mid_run_leaves_no_index(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_run_stops_cleanly_and_resumes(tmp_path: Path, signum: int) -> None:
     src, dst = tmp_path / "src", tmp_path / "hf"
     write_sparse_mistral(src, 1)
     command = [sys.executable, "-m", "convert", "convert", src, dst, "--to", "hf", "--max-shard-size", "400MB"]
@@ -21,13 +23,19 @@ def test_ctrl_c_mid_run_leaves_no_index(tmp_path: Path) -> None:
     while not list(dst.glob("model-00001-of-*.safetensors")) and time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read() if process.stderr else ""
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines() == [
-        "mixtral-convert: interrupted; the output is incomplete (its index was not written)"
+        "mixtral-convert: interrupted; the output is incomplete (no index or params written); continue with: "
+        f"mixtral-convert convert {src} {dst} --to hf --resume"
     ]
     assert not (dst / "model.safetensors.index.json").exists()
     assert not (dst / "config.json").exists()
     finished = sorted(p.name for p in dst.glob("model-*.safetensors"))
     assert finished and len(finished) < 8
+    assert list(dst.glob("*.partial"))  # what was cut short is named as partial
+
+    run_cli("convert", src, dst, "--to", "hf", "--max-shard-size", "400MB", "--resume")
+    assert run_cli("verify", dst).stdout.splitlines()[-1].startswith("verified")
+    assert not list(dst.glob("*.partial"))

@@ -1,0 +1,99 @@
+"""Resume: kill a conversion with SIGKILL at chosen points, resume it, and get exactly an uninterrupted run's bytes.
+
+The kill points are made deterministic by the writer's fault-injection hook (MIXTRAL_CONVERT_STALL_AT), which
+stalls after the first chunk of the named file, so the test knows where the process was when it died.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO, assert_one_line_error, run_cli
+
+SHARD_SIZE = "150KB"  # the sample then has 5 shards
+INDEX = "model.safetensors.index.json"
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The built-in sample and its uninterrupted conversion."""
+    root = tmp_path_factory.mktemp("resume")
+    run_cli("sample", root / "src")
+    (root / "src" / "tokenizer.model").write_bytes(b"tok")
+    run_cli("convert", root / "src", root / "reference", "--to", "hf", "--max-shard-size", SHARD_SIZE)
+    return root / "src", root / "reference"
+
+
+def killed_at(src: Path, dst: Path, stall_at: str) -> None:
+    """Start a conversion, wait until it is writing stall_at, and SIGKILL it there."""
+    env = dict(os.environ, MIXTRAL_CONVERT_STALL_AT=stall_at)
+    command = [sys.executable, "-m", "convert", "convert", src, dst, "--to", "hf", "--max-shard-size", SHARD_SIZE]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE)
+    partial = dst / f"{stall_at}.partial"
+    deadline = time.monotonic() + 60
+    while not (partial.is_file() and partial.stat().st_size > 0):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.stderr else ""
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def same_files(a: Path, b: Path) -> None:
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for path in a.iterdir():
+        assert (b / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+@pytest.mark.parametrize(
+    "stall_at",
+    ["model-00001-of-00005.safetensors", "model-00003-of-00005.safetensors", "SHA256SUMS", INDEX],
+    ids=["before-the-first-shard", "between-shards", "checksums", "writing-the-index"],
+)
+def test_killed_then_resumed_equals_uninterrupted(sample: tuple[Path, Path], tmp_path: Path, stall_at: str) -> None:
+    src, reference = sample
+    dst = tmp_path / "hf"
+    killed_at(src, dst, stall_at)
+    assert not (dst / INDEX).exists()  # an interrupted output never looks complete
+    finished = {p.name: p.stat().st_mtime_ns for p in dst.glob("model-*.safetensors")}
+
+    refused = run_cli("convert", src, dst, "--to", "hf", "--max-shard-size", SHARD_SIZE, check=False)
+    assert_one_line_error(refused, "interrupted conversion", "--resume")
+
+    run_cli("convert", src, dst, "--to", "hf", "--max-shard-size", SHARD_SIZE, "--resume")
+    same_files(reference, dst)
+    for name, mtime in finished.items():  # finished shards were kept, not rewritten
+        assert (dst / name).stat().st_mtime_ns == mtime, name
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=dst).returncode == 0
+
+
+def test_a_damaged_finished_shard_is_redone(sample: tuple[Path, Path], tmp_path: Path) -> None:
+    src, reference = sample
+    dst = tmp_path / "hf"
+    killed_at(src, dst, "model-00003-of-00005.safetensors")
+    shard = dst / "model-00001-of-00005.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(data)
+    run_cli("convert", src, dst, "--to", "hf", "--max-shard-size", SHARD_SIZE, "--resume")
+    same_files(reference, dst)
+
+
+def test_resume_refuses_another_plan(sample: tuple[Path, Path], tmp_path: Path) -> None:
+    src, _ = sample
+    dst = tmp_path / "hf"
+    killed_at(src, dst, "model-00002-of-00005.safetensors")
+    other = run_cli("convert", src, dst, "--to", "hf", "--max-shard-size", "100KB", "--resume", check=False)
+    assert_one_line_error(other, str(dst), "cannot resume", "other settings")
+    os.utime(src / "params.json")
+    changed = run_cli("convert", src, dst, "--to", "hf", "--max-shard-size", SHARD_SIZE, "--resume", check=False)
+    assert_one_line_error(changed, "cannot resume", "source files differ")
+    fresh = tmp_path / "empty"
+    fresh.mkdir()
+    nothing = run_cli("convert", src, fresh, "--to", "hf", "--resume", check=False)
+    assert_one_line_error(nothing, "nothing to resume")
