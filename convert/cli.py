@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object")
     convert.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     convert.add_argument("--resume", action="store_true", help="continue an interrupted conversion into DST")
+    convert.add_argument(
+        "--hash-input", action="store_true", help="also record the SHA-256 of every source file in manifest.json"
+    )
     convert.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not a terminal)")
 
     convert.add_argument(
@@ -91,7 +94,8 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ConvertError("--resume continues a run and --force starts over: choose one")
     if args.dry_run:
         with open_source(args.src, args.source_layout) as source:
-            description = build_plan(source, args.to, max_shard_size=args.max_shard_size).describe()
+            plan = build_plan(source, args.to, max_shard_size=args.max_shard_size, hash_input=args.hash_input)
+            description = plan.describe()
         if args.json:
             print(json.dumps(description, indent=2))
         else:
@@ -113,6 +117,7 @@ def run_convert(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         force=args.force,
         resume=args.resume,
+        hash_input=args.hash_input,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     log.info("wrote %d files to %s", len(plan.files), args.dst)

@@ -15,6 +15,8 @@ class Digests:
     tensor_crc32: dict[str, int] = field(default_factory=dict)
     tensor_sha256: dict[str, str] = field(default_factory=dict)
     file_sha256: dict[str, str] = field(default_factory=dict)
+    # The source files' SHA-256 (--hash-input), hashed beside the conversion; waits for them when asked.
+    input_sha256: Callable[[], dict[str, str]] = dict
 
 
 Producer = Callable[[Digests], bytes]

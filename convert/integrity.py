@@ -35,8 +35,15 @@ class TensorEntry:
     end: int
 
 
-def _render_manifest(header: dict, tensors: Sequence[TensorEntry], digests: Digests | None) -> bytes:
-    """Readable JSON: the header indented, then one tensor a line."""
+def _render_manifest(
+    header: dict, inputs: tuple[tuple[str, int], ...] | None, tensors: Sequence[TensorEntry], digests: Digests | None
+) -> bytes:
+    """Readable JSON: the header indented, then one tensor a line. inputs: the source files hashed with
+    --hash-input (name, size), or None."""
+    body = dict(header)
+    if inputs is not None:
+        hashes = digests.input_sha256() if digests is not None else {}
+        body["inputs"] = [{"name": n, "size": size, "sha256": hashes.get(n, _PLACEHOLDER)} for n, size in inputs]
     lines = [
         json.dumps(
             {
@@ -50,15 +57,19 @@ def _render_manifest(header: dict, tensors: Sequence[TensorEntry], digests: Dige
         )
         for t in tensors
     ]
-    head = json.dumps(header, indent=1)[:-2]
+    head = json.dumps(body, indent=1)[:-2]
     return (head + ',\n "tensors": [\n  ' + ",\n  ".join(lines) + "\n ]\n}\n").encode("utf-8")
 
 
-def manifest_file(header: dict, tensors: Sequence[TensorEntry]) -> OutputFile:
-    """manifest.json: each output tensor's file, dtype, shape, absolute byte range and SHA-256."""
+def manifest_file(
+    header: dict, tensors: Sequence[TensorEntry], inputs: Sequence[tuple[str, int]] | None = None
+) -> OutputFile:
+    """manifest.json: each output tensor's file, dtype, shape, absolute byte range and SHA-256; with inputs,
+    the SHA-256 of each source file too."""
     header = {"format": MANIFEST_FORMAT, "tool": f"mixtral-convert {__version__}", **header}
-    size = len(_render_manifest(header, tensors, None))
-    return OutputFile(MANIFEST, size, deferred=((0, partial(_render_manifest, header, tuple(tensors))),))
+    frozen = tuple(inputs) if inputs is not None else None
+    size = len(_render_manifest(header, frozen, tensors, None))
+    return OutputFile(MANIFEST, size, deferred=((0, partial(_render_manifest, header, frozen, tuple(tensors))),))
 
 
 def _render_sums(names: Sequence[str], known: dict[str, str], digests: Digests | None) -> bytes:

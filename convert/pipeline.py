@@ -20,18 +20,19 @@ def convert_checkpoint(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
     resume: bool = False,
+    hash_input: bool = False,
     progress: bool = False,
 ) -> Plan:
     """Convert the checkpoint folder source into destination in the target layout; returns the plan it ran.
     With resume, an interrupted conversion into destination continues where it stopped."""
     check_destination(destination, source)
     with open_source(source, source_layout) as opened:
-        plan = build_plan(opened, target, max_shard_size=max_shard_size)
+        plan = build_plan(opened, target, max_shard_size=max_shard_size, hash_input=hash_input)
         if resume:
             journal = Journal.resume(destination, plan)
         else:
             prepare_destination(destination, plan, force=force)
             journal = Journal.start(destination, plan)
-        execute(plan, destination, journal, progress=progress)
+        execute(plan, destination, journal, progress=progress, hash_input=hash_input)
         journal.close()
     return plan

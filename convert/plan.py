@@ -268,7 +268,9 @@ def _params_files(target: LayoutTable, params: ModelParams, dtype: str) -> list[
     raise ValueError(f"unknown params style {target.params_style!r}")
 
 
-def build_plan(source: Source, target_name: str, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Plan:
+def build_plan(
+    source: Source, target_name: str, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, hash_input: bool = False
+) -> Plan:
     """Weights first, then the tokenizer and the parameters; the last file (the HF index, or params.json)
     is what makes the folder a loadable checkpoint, so it is written last."""
     problems = check_source(source)
@@ -298,6 +300,7 @@ def build_plan(source: Source, target_name: str, *, max_shard_size: int = DEFAUL
             "target": target.name,
         },
         _placements(tensors, weights),
+        [(p.name, p.stat().st_size) for p in source.input_files] if hash_input else None,
     )
     sums = integrity.sums_file([*body, manifest, marker])
     return Plan(source, target, source.params, dtype, (*body, manifest, sums, marker))

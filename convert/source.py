@@ -35,6 +35,11 @@ class Source:
     tokenizer: Path | None
     streams: list[ByteStream] = field(default_factory=list)
 
+    @property
+    def input_files(self) -> list[Path]:
+        """Every file the conversion reads: weights, parameters, tokenizer."""
+        return [*self.weight_files, self.params_file, *([self.tokenizer] if self.tokenizer else [])]
+
     def close(self) -> None:
         for stream in self.streams:
             stream.close()
@@ -48,9 +53,8 @@ class Source:
 
 def source_identity(source: Source) -> list[dict]:
     """Each source file's name, size and modification time: how a changed source is noticed."""
-    paths = [*source.weight_files, source.params_file, *([source.tokenizer] if source.tokenizer else [])]
     identity = []
-    for path in paths:
+    for path in source.input_files:
         stat = path.stat()
         identity.append({"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
     return identity

@@ -18,6 +18,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from convert.digests import Digests
 from convert.dtypes import TORCH_DTYPE
 from convert.errors import ConvertError
 from convert.formats.streams import ByteStream
+from convert.integrity import file_digest
 from convert.outputs import OutputFile, Piece
 from convert.plan import Plan
 from convert.resume import Journal
@@ -256,10 +258,18 @@ def progress_bar(total: int, enabled: bool) -> Iterator[tqdm]:
         bar.close()
 
 
-def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool) -> Digests:
+def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool, hash_input: bool = False) -> Digests:
     """Write every planned file into destination, skipping those the journal holds as finished; the last one
-    only once all others are durable. The source is checked for changes after every file."""
+    only once all others are durable. The source is checked for changes after every file.
+
+    hash_input: a thread reads each source file front to back and hashes it while the conversion runs. The
+    conversion reads tensors in output order, which is not the source's, so the two reads share the page cache
+    rather than being one read: single-pass hashing of both sides would need the whole model in memory."""
     digests = Digests()
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="input-hasher") if hash_input else None
+    if hasher is not None:
+        future = hasher.submit(lambda: {p.name: file_digest(p, "sha256") for p in plan.source.input_files})
+        digests.input_sha256 = future.result
     identity = source_identity(plan.source)
     *body, marker = plan.files
     remaining = sum(f.size for f in plan.files if f.name not in journal.finished)
@@ -284,4 +294,6 @@ def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool) 
             fsync_folder(destination)
         finally:
             writer.close()
+            if hasher is not None:
+                hasher.shutdown(cancel_futures=True)
     return digests

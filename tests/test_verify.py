@@ -143,3 +143,15 @@ def test_convert_checks_pins_before_writing(outputs: Path, tmp_path: Path) -> No
         "no such pins file",
         "mixtral-8x7b-v0.1-hf.sha256",
     )
+
+
+def test_hash_input_records_what_sha256sum_says(outputs: Path, tmp_path: Path) -> None:
+    src = outputs / "src"
+    run_cli("convert", src, tmp_path / "hf", "--to", "hf", "--hash-input")
+    inputs = json.loads((tmp_path / "hf" / "manifest.json").read_text())["inputs"]
+    names = [entry["name"] for entry in inputs]
+    assert names == ["consolidated.00.pth", "params.json", "tokenizer.model"]
+    listing = subprocess.run(["sha256sum", *names], cwd=src, capture_output=True, text=True, check=True).stdout
+    assert [f"{e['sha256']}  {e['name']}" for e in inputs] == listing.splitlines()
+    assert [e["size"] for e in inputs] == [(src / n).stat().st_size for n in names]
+    run_cli("verify", tmp_path / "hf", "--against", src)
