@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from convert.errors import ConvertError
 from convert.formats.safetensors import TensorRecord, open_safetensors
@@ -195,9 +196,11 @@ def _read_safetensors_sharded(folder: Path, streams: list[ByteStream]) -> tuple[
     return records, [folder / s for s in shards]
 
 
-_READERS: dict[str, Callable[[Path, list[ByteStream]], tuple[list[TensorRecord], list[Path]]]] = {
-    "torch_zip": _read_torch_zip,
-    "torch_zip_multi": _read_torch_zip_multi,
-    "safetensors_single": _read_safetensors_single,
-    "safetensors_sharded": _read_safetensors_sharded,
-}
+_READERS: Mapping[str, Callable[[Path, list[ByteStream]], tuple[list[TensorRecord], list[Path]]]] = MappingProxyType(
+    {
+        "torch_zip": _read_torch_zip,
+        "torch_zip_multi": _read_torch_zip_multi,
+        "safetensors_single": _read_safetensors_single,
+        "safetensors_sharded": _read_safetensors_sharded,
+    }
+)

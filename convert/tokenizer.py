@@ -1,0 +1,489 @@
+"""Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) built from the bytes
+of a SentencePiece tokenizer.model, with no network and without sentencepiece or protobuf: the converter's only
+runtime dependencies are torch, safetensors, numpy and tqdm, and the output must load in a transformers that has
+neither installed.
+
+The protobuf wire format is read here directly. Only the model Mixtral ships is accepted: BPE with byte fallback,
+identity normalization with SentencePiece's dummy prefix and no whitespace collapsing, no user-defined or unused
+pieces. Anything else is refused with a ConvertError rather than converted into a tokenizer that encodes differently.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NoReturn
+
+from convert.errors import ConvertError
+
+# ModelProto.SentencePiece.Type (sentencepiece_model.proto)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+_PIECE_TYPES = {NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE}
+# TrainerSpec.ModelType
+_MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
+BPE = 2
+
+SPACE = "\u2581"  # "▁", SentencePiece's escaped space
+# Mixtral's position limit (formats.md: 32768 positions); the published files leave it unset (a huge sentinel),
+# which lets transformers silently accept prompts the model cannot attend over.
+MODEL_MAX_LENGTH = 32768
+
+# The Mixtral instruction format (formats.md, "Chat format"):
+#   BOS + tok("[INST]") + tok(user_1) + tok("[/INST]") + tok(answer_1) + EOS + ... + tok("[INST]") + tok(user_N)
+#   + tok("[/INST]"),
+# where tok is SentencePiece's encode, which prefixes each call's text with a space. The rendered string joins the
+# parts with single spaces, so that the space tokenizer.json's normalizer turns into "▁" stands where each tok call
+# would put its prefix. Empty content gets no space (tok("") is empty). The text after a special token starts a new
+# segment that gets its own prefix, so nothing is written between </s> and [INST], or between <s> and [INST].
+# apply_chat_template tokenizes with add_special_tokens=False, so the template writes BOS itself.
+CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] not in ['user', 'assistant'] %}"
+    "{{- raise_exception('Unsupported role ' ~ message['role'] ~ ': the Mixtral instruction format has only user "
+    "and assistant messages') }}"
+    "{%- endif %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/... starting with user') }}"
+    "{%- endif %}"
+    "{%- if message['content'] is not string %}"
+    "{{- raise_exception('Message content must be a string') }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{- '[INST]' }}"
+    "{%- if message['content'] %}{{- ' ' + message['content'] }}{%- endif %}"
+    "{{- ' [/INST]' }}"
+    "{%- else %}"
+    "{%- if message['content'] %}{{- ' ' + message['content'] }}{%- endif %}"
+    "{{- eos_token }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    score: float
+    kind: int
+
+
+@dataclass(frozen=True)
+class SentencePieceModel:
+    """The fields of ModelProto that decide how text is encoded; protobuf defaults where a field is absent."""
+
+    pieces: tuple[Piece, ...]
+    model_type: int = 1
+    byte_fallback: bool = False
+    unk_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = -1
+    treat_whitespace_as_suffix: bool = False
+    normalizer_name: str = ""
+    charsmap: bytes = b""
+    normalization_rules: str = ""
+    add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = True
+    escape_whitespaces: bool = True
+    denormalizer_rules: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Protobuf wire format
+
+
+class _Corrupt(Exception):
+    """Raised inside the parser; turned into a ConvertError naming the file at the top."""
+
+
+def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    value = 0
+    for shift in range(0, 70, 7):
+        if pos >= end:
+            raise _Corrupt(f"truncated varint at byte {pos}")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            if value >= 1 << 64:
+                raise _Corrupt(f"varint longer than 64 bits before byte {pos}")
+            return value, pos
+    raise _Corrupt(f"varint longer than 10 bytes before byte {pos}")
+
+
+def _fields(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int | bytes]]:
+    """(field number, wire type, value) of one message: an int for varints and fixed-width fields (raw bits),
+    the bytes for length-delimited ones. Groups (wire types 3 and 4) are obsolete and not in this schema."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(data, pos, end)
+        field, wire = key >> 3, key & 7
+        if field == 0:
+            raise _Corrupt(f"field number 0 at byte {pos}")
+        if wire == 0:
+            value, pos = _varint(data, pos, end)
+            yield field, wire, value
+        elif wire == 1:
+            if pos + 8 > end:
+                raise _Corrupt(f"truncated 64-bit field {field} at byte {pos}")
+            yield field, wire, int.from_bytes(data[pos : pos + 8], "little")
+            pos += 8
+        elif wire == 2:
+            length, pos = _varint(data, pos, end)
+            if pos + length > end:
+                raise _Corrupt(f"field {field} of {length} bytes runs past the end of its message at byte {pos}")
+            yield field, wire, data[pos : pos + length]
+            pos += length
+        elif wire == 5:
+            if pos + 4 > end:
+                raise _Corrupt(f"truncated 32-bit field {field} at byte {pos}")
+            yield field, wire, int.from_bytes(data[pos : pos + 4], "little")
+            pos += 4
+        else:
+            raise _Corrupt(f"invalid wire type {wire} for field {field} before byte {pos}")
+
+
+def _bytes(field: int, wire: int, value: int | bytes, message: str) -> bytes:
+    """The value of a length-delimited field (string, bytes or sub-message), checking the wire type."""
+    if wire != 2 or not isinstance(value, bytes):
+        raise _Corrupt(f"{message} field {field} has wire type {wire}, expected 2")
+    return value
+
+
+def _number(field: int, wire: int, value: int | bytes, message: str, wanted: int = 0) -> int:
+    """The raw bits of a varint (wanted 0) or 32-bit (wanted 5) field, checking the wire type."""
+    if wire != wanted or not isinstance(value, int):
+        raise _Corrupt(f"{message} field {field} has wire type {wire}, expected {wanted}")
+    return value
+
+
+def _int32(value: int) -> int:
+    """int32 fields are varints of the two's complement 64-bit value (negative ids such as pad_id = -1)."""
+    if value >= 1 << 63:
+        value -= 1 << 64
+    if not -(1 << 31) <= value < 1 << 31:
+        raise _Corrupt(f"int32 field out of range: {value}")
+    return value
+
+
+def _text(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _Corrupt(f"{what} is not UTF-8: {raw[:32]!r}") from error
+
+
+def _piece(raw: bytes) -> Piece:
+    text, score, kind = "", 0.0, NORMAL
+    for field, wire, value in _fields(raw, 0, len(raw)):
+        if field == 1:
+            text = _text(_bytes(field, wire, value, "SentencePiece"), "a piece")
+        elif field == 2:
+            bits = _number(field, wire, value, "SentencePiece", wanted=5)
+            score = struct.unpack("<f", bits.to_bytes(4, "little"))[0]
+            if score != score:  # NaN would make the merge ranking meaningless
+                raise _Corrupt(f"piece {text!r} has a NaN score")
+        elif field == 3:
+            kind = _number(field, wire, value, "SentencePiece")
+            if kind not in _PIECE_TYPES:
+                raise _Corrupt(f"piece {text!r} has unknown type {kind}")
+    return Piece(text, score, kind)
+
+
+_TRAINER_INTS = {3: "model_type", 40: "unk_id", 41: "bos_id", 42: "eos_id", 43: "pad_id"}
+_TRAINER_BOOLS = {35: "byte_fallback", 24: "treat_whitespace_as_suffix"}
+_NORMALIZER_BOOLS = {3: "add_dummy_prefix", 4: "remove_extra_whitespaces", 5: "escape_whitespaces"}
+
+
+def _trainer_spec(raw: bytes, into: dict[str, object]) -> None:
+    for field, wire, value in _fields(raw, 0, len(raw)):
+        if field in _TRAINER_INTS:
+            into[_TRAINER_INTS[field]] = _int32(_number(field, wire, value, "TrainerSpec"))
+        elif field in _TRAINER_BOOLS:
+            into[_TRAINER_BOOLS[field]] = bool(_number(field, wire, value, "TrainerSpec"))
+
+
+def _normalizer_spec(raw: bytes, into: dict[str, object]) -> None:
+    for field, wire, value in _fields(raw, 0, len(raw)):
+        if field == 1:
+            into["normalizer_name"] = _text(_bytes(field, wire, value, "NormalizerSpec"), "the normalizer name")
+        elif field == 2:
+            into["charsmap"] = _bytes(field, wire, value, "NormalizerSpec")
+        elif field in _NORMALIZER_BOOLS:
+            into[_NORMALIZER_BOOLS[field]] = bool(_number(field, wire, value, "NormalizerSpec"))
+        elif field == 6:
+            rules = _bytes(field, wire, value, "NormalizerSpec")
+            into["normalization_rules"] = _text(rules, "the normalization rules")
+
+
+def _denormalizer_has_rules(raw: bytes) -> bool:
+    """A denormalizer rewrites decoded text; it only acts with a character map or rules."""
+    return any(
+        field in (2, 6) and _bytes(field, wire, value, "NormalizerSpec")
+        for field, wire, value in _fields(raw, 0, len(raw))
+    )
+
+
+def parse_model(data: bytes) -> SentencePieceModel:
+    """Read a serialized sentencepiece.ModelProto; raises _Corrupt when the bytes are not one."""
+    pieces = []
+    spec: dict[str, object] = {}
+    for field, wire, value in _fields(data, 0, len(data)):
+        if field == 1:
+            pieces.append(_piece(_bytes(field, wire, value, "ModelProto")))
+        elif field == 2:
+            _trainer_spec(_bytes(field, wire, value, "ModelProto"), spec)
+        elif field == 3:
+            _normalizer_spec(_bytes(field, wire, value, "ModelProto"), spec)
+        elif field == 5:
+            spec["denormalizer_rules"] = _denormalizer_has_rules(_bytes(field, wire, value, "ModelProto"))
+    return SentencePieceModel(pieces=tuple(pieces), **spec)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What can be converted faithfully
+
+
+def _byte_piece(value: int) -> str:
+    return f"<0x{value:02X}>"
+
+
+def check_model(model: SentencePieceModel, *, vocab_size: int | None, source: str) -> None:
+    """Refuse what tokenizer.json cannot reproduce exactly, and a vocabulary that does not fit the weights."""
+
+    def fail(rule: str) -> NoReturn:
+        raise ConvertError(rule, file=source)
+
+    if not model.pieces:
+        fail("not a SentencePiece model: it has no pieces")
+    if model.model_type != BPE:
+        name = _MODEL_TYPES.get(model.model_type, f"type {model.model_type}")
+        fail(f"SentencePiece model is {name}, not BPE with byte fallback (as Mistral's tokenizer.model)")
+    ids: dict[str, int] = {}
+    for index, piece in enumerate(model.pieces):
+        if piece.text in ids:
+            fail(
+                f"not a valid SentencePiece model: piece {piece.text!r} appears twice (ids {ids[piece.text]}, {index})"
+            )
+        if not piece.text:
+            fail(f"not a valid SentencePiece model: piece {index} is empty")
+        ids[piece.text] = index
+    byte_ids = [ids.get(_byte_piece(value)) for value in range(256)]
+    missing = [_byte_piece(v) for v, i in enumerate(byte_ids) if i is None or model.pieces[i].kind != BYTE]
+    if not model.byte_fallback or missing:
+        detail = "byte_fallback is off" if not model.byte_fallback else f"byte pieces missing, e.g. {missing[0]}"
+        fail(f"SentencePiece BPE model without byte fallback ({detail}); only byte-fallback models are supported")
+    if vocab_size is not None and len(model.pieces) != vocab_size:
+        fail(f"tokenizer has {len(model.pieces)} pieces but the model's vocabulary is {vocab_size}")
+    for name, index, kinds in (
+        ("unk_id", model.unk_id, {UNKNOWN}),
+        ("bos_id", model.bos_id, {CONTROL}),
+        ("eos_id", model.eos_id, {CONTROL}),
+    ):
+        if not 0 <= index < len(model.pieces) or model.pieces[index].kind not in kinds:
+            fail(f"{name} {index} is not a piece of type {'UNKNOWN' if UNKNOWN in kinds else 'CONTROL'}")
+    if model.pad_id >= len(model.pieces) or (model.pad_id >= 0 and model.pieces[model.pad_id].kind != CONTROL):
+        fail(f"pad_id {model.pad_id} is not a piece of type CONTROL")
+    unknown = [i for i, p in enumerate(model.pieces) if p.kind == UNKNOWN]
+    if unknown != [model.unk_id]:
+        fail(f"expected exactly one UNKNOWN piece, at unk_id {model.unk_id}; found ids {unknown[:5]}")
+    for kind, name in ((USER_DEFINED, "USER_DEFINED"), (UNUSED, "UNUSED")):
+        found = [p.text for p in model.pieces if p.kind == kind]
+        if found:
+            fail(
+                f"{len(found)} {name} pieces (e.g. {found[0]!r}), which tokenizer.json cannot encode as "
+                "SentencePiece does; not supported"
+            )
+    if (
+        model.charsmap
+        or model.normalization_rules
+        or model.remove_extra_whitespaces
+        or not model.escape_whitespaces
+        or model.treat_whitespace_as_suffix
+        or model.denormalizer_rules
+    ):
+        fail(
+            f"SentencePiece normalizer {model.normalizer_name or '(unnamed)'!r} rewrites text (character map, "
+            "whitespace removal or suffix spaces); only identity normalization, as Mistral's, is supported"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizer.json
+
+
+def bpe_merges(model: SentencePieceModel) -> list[tuple[str, str]]:
+    """SentencePiece BPE merges the adjacent pair whose concatenation is the highest-scoring piece, leftmost first
+    on a tie; tokenizers' BPE merges the pair of lowest rank. Ranking every split of a piece into two pieces by the
+    merged piece's score (then its id) makes the two agree. Only normal pieces take part: control and byte pieces
+    are never produced by merging."""
+    normal = {p.text: i for i, p in enumerate(model.pieces) if p.kind == NORMAL}
+    ranked = []
+    for index, piece in enumerate(model.pieces):
+        if piece.kind != NORMAL:
+            continue
+        text = piece.text
+        for cut in range(1, len(text)):
+            left, right = text[:cut], text[cut:]
+            if left in normal and right in normal:
+                ranked.append((-piece.score, index, cut, left, right))
+    ranked.sort()
+    return [(left, right) for _, _, _, left, right in ranked]
+
+
+def _added_token(index: int, text: str) -> dict:
+    return {
+        "id": index,
+        "content": text,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": True,
+    }
+
+
+def _special_ids(model: SentencePieceModel) -> list[int]:
+    """Pieces SentencePiece never produces from text: matched as whole tokens by tokenizers, skipped on decode."""
+    return [i for i, p in enumerate(model.pieces) if p.kind in (UNKNOWN, CONTROL)]
+
+
+def tokenizer_json(model: SentencePieceModel) -> dict:
+    """The tokenizers pipeline equal to SentencePiece's for this model: a "▁" before every non-empty segment of
+    text (between special tokens) and spaces as "▁" (normalizer), no pre-tokenization (SentencePiece BPE merges
+    across the whole string), BPE with byte fallback, BOS prepended, decoding back with the prefix space dropped.
+
+    The prefix is a Prepend normalizer rather than a Metaspace pre-tokenizer because Metaspace adds no "▁" to text
+    that already starts with a space, while SentencePiece does (" x" is "▁▁x")."""
+    bos = model.pieces[model.bos_id].text
+    unk = model.pieces[model.unk_id].text
+    normalizers: list[dict] = []
+    if model.add_dummy_prefix:
+        normalizers.append({"type": "Prepend", "prepend": SPACE})
+    normalizers.append({"type": "Replace", "pattern": {"String": " "}, "content": SPACE})
+    decoders: list[dict] = [
+        {"type": "Replace", "pattern": {"String": SPACE}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+    ]
+    if model.add_dummy_prefix:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+
+    def template(*parts: tuple[str, int]) -> list[dict]:
+        return [
+            {"SpecialToken": {"id": name, "type_id": type_id}}
+            if name == bos
+            else {"Sequence": {"id": name, "type_id": type_id}}
+            for name, type_id in parts
+        ]
+
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [_added_token(i, model.pieces[i].text) for i in _special_ids(model)],
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": None,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": template((bos, 0), ("A", 0)),
+            "pair": template((bos, 0), ("A", 0), (bos, 1), ("B", 1)),
+            "special_tokens": {bos: {"id": bos, "ids": [model.bos_id], "tokens": [bos]}},
+        },
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": unk,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": {p.text: i for i, p in enumerate(model.pieces)},
+            "merges": [list(pair) for pair in bpe_merges(model)],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizer_config.json and special_tokens_map.json
+
+
+def _token_entry(text: str) -> dict:
+    return {"content": text, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+def _named_tokens(model: SentencePieceModel) -> dict[str, str]:
+    names = {
+        "bos_token": model.pieces[model.bos_id].text,
+        "eos_token": model.pieces[model.eos_id].text,
+        "unk_token": model.pieces[model.unk_id].text,
+    }
+    if model.pad_id >= 0:
+        names["pad_token"] = model.pieces[model.pad_id].text
+    return names
+
+
+def tokenizer_config(model: SentencePieceModel, *, instruct: bool) -> dict:
+    """tokenizer_class is PreTrainedTokenizerFast, not LlamaTokenizer: transformers 5 builds LlamaTokenizer's
+    pipeline itself (a Metaspace pre-tokenizer) and keeps only the vocabulary of tokenizer.json, while
+    PreTrainedTokenizerFast (TokenizersBackend in 5.x) runs tokenizer.json as written, in 4.x and 5.x alike."""
+    config: dict = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": {
+            str(i): {**_token_entry(model.pieces[i].text), "special": True} for i in _special_ids(model)
+        },
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": MODEL_MAX_LENGTH,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **_named_tokens(model),
+    }
+    if instruct:
+        config["chat_template"] = CHAT_TEMPLATE
+    return config
+
+
+def special_tokens_map(model: SentencePieceModel) -> dict:
+    return {name: _token_entry(text) for name, text in _named_tokens(model).items()}
+
+
+def _json(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _tokenizer_json_text(data: dict) -> str:
+    """Not key-sorted: the vocabulary reads in id order and the merges in rank order, as tokenizers writes them.
+    One merge a line (tokenizers' own indent puts each pair on four) halves the file, to about Mistral's 1.8 MB."""
+    model = data["model"]
+    text = json.dumps({**data, "model": {**model, "merges": []}}, indent=2, ensure_ascii=False)
+    lines = ",\n".join("      " + json.dumps(pair, ensure_ascii=False) for pair in model["merges"])
+    merges = f'"merges": [\n{lines}\n    ]' if lines else '"merges": []'
+    head, placeholder, tail = text.rpartition('"merges": []')
+    assert placeholder, "the merges placeholder is written last in the model"
+    return head + merges + tail + "\n"
+
+
+def hf_tokenizer_files(model: bytes, *, vocab_size: int | None, instruct: bool, source: str) -> dict[str, str]:
+    """{file name: exact text} of the Hugging Face tokenizer files for the SentencePiece model in `model` (the bytes
+    of tokenizer.model, read from `source`). vocab_size is the model's embedding rows, checked against the piece
+    count; instruct adds the Mixtral instruction chat template."""
+    try:
+        parsed = parse_model(bytes(model))
+    except _Corrupt as error:
+        raise ConvertError(f"not a SentencePiece model: {error}", file=source) from None
+    check_model(parsed, vocab_size=vocab_size, source=source)
+    if instruct and not parsed.add_dummy_prefix:
+        # The template's spaces stand for the prefix space SentencePiece adds to each part.
+        raise ConvertError(
+            "the chat template needs SentencePiece's dummy prefix, which add_dummy_prefix turns off", file=source
+        )
+    return {
+        "tokenizer.json": _tokenizer_json_text(tokenizer_json(parsed)),
+        "tokenizer_config.json": _json(tokenizer_config(parsed, instruct=instruct)),
+        "special_tokens_map.json": _json(special_tokens_map(parsed)),
+    }
