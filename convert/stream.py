@@ -3,8 +3,8 @@ renamed; the plan's last file (the index, or params.json) goes last, so an inter
 that looks complete.
 
 Three threads overlap the work: a reader turns the file's parts (known bytes, source pieces read and
-transformed, deferred bytes) into chunks in file order; the writer writes them; a hasher computes each file's and
-each tensor's SHA-256 from the same chunks, so nothing is read twice. Queues are short, so memory is bounded by
+transformed, deferred bytes) into chunks in file order; the writer writes them; two hashers compute each file's
+and each tensor's SHA-256 from the same chunks, so nothing is read twice. Queues are short, so memory is bounded by
 scheduling: a few chunks in flight, and at most one transformed piece (a q/k matrix, a transposed expert block).
 """
 
@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -171,10 +172,13 @@ class _Writer:
         self.destination = destination
         self.progress = progress
         self.digests = digests
-        self.hasher = _Worker("hasher")
+        # SHA-256 runs at about 0.9 GB/s a core here: the file and tensor hashes get a thread each.
+        self.file_hasher = _Worker("file-hasher")
+        self.tensor_hasher = _Worker("tensor-hasher")
 
     def close(self) -> None:
-        self.hasher.close()
+        self.file_hasher.close()
+        self.tensor_hasher.close()
 
     def write(self, output: OutputFile) -> None:
         temporary = self.destination / partial_name(output.name)
@@ -190,12 +194,15 @@ class _Writer:
                 _pwrite_all(fd, data, offset, temporary)
                 if offset == 0 and os.environ.get(STALL_AT_ENV) == output.name:
                     _stall()
-                self.hasher.submit(_hash_call(file_hash, tensor_hashes, data, tensor))
+                self.file_hasher.submit(partial(file_hash.update, data))
+                if tensor is not None:
+                    self.tensor_hasher.submit(partial(_update_tensor_hash, tensor_hashes, tensor, data))
                 position += len(data)
                 self.progress.update(len(data))
             if position != output.size:
                 raise ConvertError(f"wrote {position} bytes but the plan says {output.size}", file=temporary)
-            self.hasher.join()
+            self.file_hasher.join()
+            self.tensor_hasher.join()
             os.fsync(fd)
         finally:
             reader.stop()
@@ -206,15 +213,8 @@ class _Writer:
         os.replace(temporary, self.destination / output.name)
 
 
-def _hash_call(
-    file_hash: hashlib._Hash, tensor_hashes: dict[str, hashlib._Hash], data: memoryview, tensor: str | None
-) -> Callable[[], None]:
-    def call() -> None:
-        file_hash.update(data)
-        if tensor is not None:
-            tensor_hashes.setdefault(tensor, hashlib.sha256()).update(data)
-
-    return call
+def _update_tensor_hash(hashes: dict[str, hashlib._Hash], tensor: str, data: memoryview) -> None:
+    hashes.setdefault(tensor, hashlib.sha256()).update(data)
 
 
 def _stall() -> None:
