@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--hash-input", action="store_true", help="also record the SHA-256 of every source file in manifest.json"
     )
+    convert.add_argument(
+        "--instruct", action="store_true", help="hf: add the Mixtral-Instruct chat template to tokenizer_config.json"
+    )
     convert.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not a terminal)")
 
     convert.add_argument(
@@ -94,7 +97,9 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ConvertError("--resume continues a run and --force starts over: choose one")
     if args.dry_run:
         with open_source(args.src, args.source_layout) as source:
-            plan = build_plan(source, args.to, max_shard_size=args.max_shard_size, hash_input=args.hash_input)
+            plan = build_plan(
+                source, args.to, max_shard_size=args.max_shard_size, hash_input=args.hash_input, instruct=args.instruct
+            )
             description = plan.describe()
         if args.json:
             print(json.dumps(description, indent=2))
@@ -118,6 +123,7 @@ def run_convert(args: argparse.Namespace) -> int:
         force=args.force,
         resume=args.resume,
         hash_input=args.hash_input,
+        instruct=args.instruct,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     log.info("wrote %d files to %s", len(plan.files), args.dst)

@@ -20,11 +20,13 @@ from convert.mapping import KindLayout, LayoutTable, layout
 from convert.outputs import OutputFile, Piece
 from convert.params import ModelParams, hf_config_json, hf_params_json, json_text, mistral_params_json
 from convert.source import HF_INDEX, TOKENIZER, Source
+from convert.tokenizer import hf_tokenizer_files
 from convert.transforms import steps_between
 
 log = logging.getLogger("mixtral-convert")
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # decimal, as transformers shards the published checkpoint
+DESCRIBED_TEXT_LIMIT = 2**20  # --dry-run --json shows the content of text files up to this size
 MEGABLOCKS_FILES = 8  # consolidated.00.pt ... consolidated.07.pt, as uploaded
 SAFETENSORS_METADATA = MappingProxyType({"format": "pt"})
 
@@ -58,7 +60,7 @@ class Plan:
         files = []
         for f in self.files:
             entry: dict[str, object] = {"name": f.name, "size": f.size}
-            if f.is_text:
+            if f.is_text and f.size <= DESCRIBED_TEXT_LIMIT:
                 entry["content"] = f.text
             files.append(entry)
         return {
@@ -176,11 +178,36 @@ def _text_file(name: str, text: str) -> OutputFile:
     return OutputFile(name, len(data), blobs=((0, data),), is_text=True)
 
 
-def _tokenizer_file(source: Source) -> list[OutputFile]:
+def _tokenizer_files(source: Source, target: LayoutTable, *, instruct: bool) -> list[OutputFile]:
+    """tokenizer.model copied byte for byte; for HF, also tokenizer.json and its configs built from it, so
+    transformers loads the folder without sentencepiece. A tokenizer that cannot be translated is a warning
+    (the weights are still right), and an error when --instruct asked for the chat template."""
     if source.tokenizer is None:
+        if instruct:
+            raise ConvertError(f"--instruct needs a {TOKENIZER}", file=source.folder)
         log.warning("%s: no %s; the output will have no tokenizer", source.folder, TOKENIZER)
         return []
-    return [OutputFile(TOKENIZER, source.tokenizer.stat().st_size, copy_of=source.tokenizer)]
+    files = [OutputFile(TOKENIZER, source.tokenizer.stat().st_size, copy_of=source.tokenizer)]
+    if target.params_style != "hf_config":
+        if instruct:
+            raise ConvertError(
+                f"--instruct writes a chat template into HF tokenizer files; --to {target.name} has "
+                "none (the Mistral layouts keep tokenizer.model only)"
+            )
+        return files
+    try:
+        texts = hf_tokenizer_files(
+            source.tokenizer.read_bytes(),
+            vocab_size=source.params.vocab_size,
+            instruct=instruct,
+            source=str(source.tokenizer),
+        )
+    except ConvertError as exc:
+        if instruct:
+            raise
+        log.warning("%s; tokenizer.json not written (transformers will need sentencepiece)", exc.line())
+        return files
+    return files + [_text_file(name, text) for name, text in sorted(texts.items())]
 
 
 def shard_groups(tensors: list[TargetTensor], max_shard_size: int) -> list[list[TargetTensor]]:
@@ -269,7 +296,12 @@ def _params_files(target: LayoutTable, params: ModelParams, dtype: str) -> list[
 
 
 def build_plan(
-    source: Source, target_name: str, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, hash_input: bool = False
+    source: Source,
+    target_name: str,
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    hash_input: bool = False,
+    instruct: bool = False,
 ) -> Plan:
     """Weights first, then the tokenizer and the parameters; the last file (the HF index, or params.json)
     is what makes the folder a loadable checkpoint, so it is written last."""
@@ -287,7 +319,11 @@ def build_plan(
     dtype = main_dtype(source)
     tensors = target_tensors(source, target)
     weights, index = _WEIGHT_WRITERS[target.container](tensors, max_shard_size)
-    files = [*weights, *_tokenizer_file(source), *_params_files(target, source.params, dtype)]
+    files = [
+        *weights,
+        *_tokenizer_files(source, target, instruct=instruct),
+        *_params_files(target, source.params, dtype),
+    ]
     if index is not None:
         files.append(index)
     *body, marker = files

@@ -26,8 +26,7 @@ _MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
 BPE = 2
 
 SPACE = "\u2581"  # "▁", SentencePiece's escaped space
-# Mixtral's position limit (formats.md: 32768 positions); the published files leave it unset (a huge sentinel),
-# which lets transformers silently accept prompts the model cannot attend over.
+# Mixtral's position limit (formats.md: 32768 positions), so transformers warns about longer inputs.
 MODEL_MAX_LENGTH = 32768
 
 # The Mixtral instruction format (formats.md, "Chat format"):
@@ -430,8 +429,10 @@ def _named_tokens(model: SentencePieceModel) -> dict[str, str]:
 
 def tokenizer_config(model: SentencePieceModel, *, instruct: bool) -> dict:
     """tokenizer_class is PreTrainedTokenizerFast, not LlamaTokenizer: transformers 5 builds LlamaTokenizer's
-    pipeline itself (a Metaspace pre-tokenizer) and keeps only the vocabulary of tokenizer.json, while
-    PreTrainedTokenizerFast (TokenizersBackend in 5.x) runs tokenizer.json as written, in 4.x and 5.x alike."""
+    pipeline itself (a Metaspace pre-tokenizer) and keeps only the vocabulary and merges of tokenizer.json, while
+    PreTrainedTokenizerFast (an alias of TokenizersBackend in 5.x) runs tokenizer.json as written. transformers 5
+    ignores add_bos_token/add_eos_token when a tokenizer.json exists (its post-processor adds BOS); they are
+    written for other readers."""
     config: dict = {
         "add_bos_token": True,
         "add_eos_token": False,
@@ -458,7 +459,7 @@ def _json(data: dict) -> str:
 
 def _tokenizer_json_text(data: dict) -> str:
     """Not key-sorted: the vocabulary reads in id order and the merges in rank order, as tokenizers writes them.
-    One merge a line (tokenizers' own indent puts each pair on four) halves the file, to about Mistral's 1.8 MB."""
+    One merge a line (tokenizers' own indent puts each pair on four lines) halves the file."""
     model = data["model"]
     text = json.dumps({**data, "model": {**model, "merges": []}}, indent=2, ensure_ascii=False)
     lines = ",\n".join("      " + json.dumps(pair, ensure_ascii=False) for pair in model["merges"])
