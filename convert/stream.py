@@ -44,8 +44,6 @@ PARTIAL_SUFFIX = ".partial"
 # can kill the process at a chosen point. Read where it acts; nothing else looks at it.
 STALL_AT_ENV = "MIXTRAL_CONVERT_STALL_AT"
 
-Chunk = tuple[int, memoryview, str | None]  # offset in the file, bytes, the tensor they belong to
-
 
 def partial_name(name: str) -> str:
     return f"{name}{PARTIAL_SUFFIX}"
@@ -85,9 +83,55 @@ class _Worker:
         self._thread.join()
 
 
-def piece_chunks(piece: Piece, digests: Digests) -> Iterator[Chunk]:
-    """A piece's bytes as chunks; a pure rename is copied in CHUNK slices without building a tensor."""
-    crc = digests.tensor_crc32.get(piece.tensor, 0)
+class _Lease:
+    """A pooled buffer shared by the writer and the hashers; the last one done returns it to the pool."""
+
+    def __init__(self, pool: _BufferPool, buffer: bytearray, holders: int) -> None:
+        self._pool, self.buffer, self._holders = pool, buffer, holders
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            done = self._holders == 0
+        if done:
+            self._pool.give_back(self.buffer)
+
+
+class _BufferPool:
+    """A fixed set of CHUNK buffers, reused: no fresh pages to fault in for every chunk, and a hard memory bound."""
+
+    def __init__(self, count: int) -> None:
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(count):
+            self._free.put(bytearray(CHUNK))
+
+    def take(self, stop: threading.Event) -> bytearray:
+        while not stop.is_set():
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        raise _Stopped
+
+    def give_back(self, buffer: bytearray) -> None:
+        self._free.put(buffer)
+
+
+class _Stopped(Exception):
+    """The writer went away; the reader stops."""
+
+
+Chunk = tuple[int, memoryview, str | None, _Lease | None]  # offset in the file, bytes, their tensor, their lease
+POOL_BUFFERS = 3 * QUEUE_DEPTH + 2  # every queue full, plus one being read and one being written
+
+
+def piece_chunks(
+    piece: Piece, digests: Digests, *, crc: bool, pool: _BufferPool | None = None, stop: threading.Event | None = None
+) -> Iterator[Chunk]:
+    """A piece's bytes as chunks; a pure rename is copied in CHUNK slices without building a tensor.
+    crc: accumulate the tensor's CRC-32 (a zip needs it); pool: reuse its buffers (else fresh ones)."""
+    running = digests.tensor_crc32.get(piece.tensor, 0)
     if piece.steps:
         data = bytearray(piece.nbytes)
         piece.record.stream.readinto(data, piece.src_offset)
@@ -96,36 +140,45 @@ def piece_chunks(piece: Piece, digests: Digests) -> Iterator[Chunk]:
         del data, tensor  # only the transformed copy stays in flight
         # Flattened first: a contiguous tensor with a dimension of size 1 may keep an odd stride there.
         view = memoryview(result.reshape(-1).view(torch.uint8).numpy())
-        digests.tensor_crc32[piece.tensor] = zlib.crc32(view, crc)
+        if crc:
+            digests.tensor_crc32[piece.tensor] = zlib.crc32(view, running)
         for start in range(0, piece.nbytes, CHUNK):
-            yield piece.dst_offset + start, view[start : start + CHUNK], piece.tensor
+            yield piece.dst_offset + start, view[start : start + CHUNK], piece.tensor, None
         return
     for start in range(0, piece.nbytes, CHUNK):
-        chunk = bytearray(min(CHUNK, piece.nbytes - start))
+        size = min(CHUNK, piece.nbytes - start)
+        lease = None
+        if pool is not None and stop is not None:
+            lease = _Lease(pool, pool.take(stop), 3)  # the writer, the file hasher, the tensor hasher
+            chunk = memoryview(lease.buffer)[:size]
+        else:
+            chunk = memoryview(bytearray(size))
         piece.record.stream.readinto(chunk, piece.src_offset + start)
-        crc = zlib.crc32(chunk, crc)
-        digests.tensor_crc32[piece.tensor] = crc
-        yield piece.dst_offset + start, memoryview(chunk), piece.tensor
+        if crc:
+            running = zlib.crc32(chunk, running)
+            digests.tensor_crc32[piece.tensor] = running
+        yield piece.dst_offset + start, chunk, piece.tensor, lease
 
 
-def _file_chunks(output: OutputFile, digests: Digests) -> Iterator[Chunk]:
+def _file_chunks(output: OutputFile, digests: Digests, pool: _BufferPool, stop: threading.Event) -> Iterator[Chunk]:
     """Everything of one output file in offset order. Deferred bytes are made when reached, once the tensors
-    before them have been read (the reader computes CRCs as it goes)."""
+    before them have been read (the reader computes the CRCs a zip needs as it goes)."""
     items: list[tuple[int, object]] = [*output.blobs, *output.deferred, *((p.dst_offset, p) for p in output.pieces)]
+    crc = bool(output.deferred) and bool(output.pieces)
     for offset, item in sorted(items, key=lambda entry: entry[0]):
         if isinstance(item, Piece):
-            yield from piece_chunks(item, digests)
+            yield from piece_chunks(item, digests, crc=crc, pool=pool, stop=stop)
         elif isinstance(item, bytes):
-            yield offset, memoryview(item), None
+            yield offset, memoryview(item), None, None
         else:
-            yield offset, memoryview(item(digests)), None  # type: ignore[operator]
+            yield offset, memoryview(item(digests)), None, None  # type: ignore[operator]
     if output.copy_of is not None:
         stream = ByteStream([output.copy_of])
         try:
             for start in range(0, stream.size, CHUNK):
                 chunk = bytearray(min(CHUNK, stream.size - start))
                 stream.readinto(chunk, start)
-                yield start, memoryview(chunk), None
+                yield start, memoryview(chunk), None, None
         finally:
             stream.close()
 
@@ -135,15 +188,15 @@ class _Reader:
 
     _DONE = object()
 
-    def __init__(self, output: OutputFile, digests: Digests) -> None:
+    def __init__(self, output: OutputFile, digests: Digests, pool: _BufferPool) -> None:
         self._queue: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(output, digests), name="reader", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(output, digests, pool), name="reader", daemon=True)
         self._thread.start()
 
-    def _run(self, output: OutputFile, digests: Digests) -> None:
+    def _run(self, output: OutputFile, digests: Digests, pool: _BufferPool) -> None:
         try:
-            for chunk in _file_chunks(output, digests):
+            for chunk in _file_chunks(output, digests, pool, self._stop):
                 while not self._stop.is_set():
                     try:
                         self._queue.put(chunk, timeout=0.1)
@@ -153,6 +206,8 @@ class _Reader:
                 if self._stop.is_set():
                     return
             self._queue.put(self._DONE)
+        except _Stopped:
+            return
         except BaseException as exc:
             self._queue.put(exc)
 
@@ -175,6 +230,7 @@ class _Writer:
         # SHA-256 runs at about 0.9 GB/s a core here: the file and tensor hashes get a thread each.
         self.file_hasher = _Worker("file-hasher")
         self.tensor_hasher = _Worker("tensor-hasher")
+        self.pool = _BufferPool(POOL_BUFFERS)
 
     def close(self) -> None:
         self.file_hasher.close()
@@ -185,18 +241,23 @@ class _Writer:
         file_hash = hashlib.sha256()
         tensor_hashes: dict[str, hashlib._Hash] = {}
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        reader = _Reader(output, self.digests)
+        reader = _Reader(output, self.digests, self.pool)
         try:
             position = 0
-            for offset, data, tensor in reader:
+            for offset, data, tensor, lease in reader:
                 if offset != position:
                     raise ConvertError(f"internal: plan has a gap or overlap at byte {position}", file=temporary)
                 _pwrite_all(fd, data, offset, temporary)
                 if offset == 0 and os.environ.get(STALL_AT_ENV) == output.name:
                     _stall()
-                self.file_hasher.submit(partial(file_hash.update, data))
+                self.file_hasher.submit(partial(_hash_and_release, file_hash, data, lease))
                 if tensor is not None:
-                    self.tensor_hasher.submit(partial(_update_tensor_hash, tensor_hashes, tensor, data))
+                    digest = tensor_hashes.setdefault(tensor, hashlib.sha256())
+                    self.tensor_hasher.submit(partial(_hash_and_release, digest, data, lease))
+                elif lease is not None:
+                    lease.release()
+                if lease is not None:
+                    lease.release()
                 position += len(data)
                 self.progress.update(len(data))
             if position != output.size:
@@ -213,8 +274,10 @@ class _Writer:
         os.replace(temporary, self.destination / output.name)
 
 
-def _update_tensor_hash(hashes: dict[str, hashlib._Hash], tensor: str, data: memoryview) -> None:
-    hashes.setdefault(tensor, hashlib.sha256()).update(data)
+def _hash_and_release(digest: hashlib._Hash, data: memoryview, lease: _Lease | None) -> None:
+    digest.update(data)
+    if lease is not None:
+        lease.release()
 
 
 def _stall() -> None:

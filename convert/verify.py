@@ -13,11 +13,12 @@ from pathlib import Path
 
 from convert.digests import Digests
 from convert.errors import ConvertError
+from convert.formats.safetensors import TensorRecord
 from convert.integrity import SUMS, file_digest, parse_sums
 from convert.mapping import data_dir
 from convert.plan import build_plan, check_source
 from convert.source import Source, open_source
-from convert.stream import PARTIAL_SUFFIX, piece_chunks
+from convert.stream import PARTIAL_SUFFIX, Chunk, piece_chunks
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
@@ -148,7 +149,7 @@ def _compare_against(folder: Source, original: Source, report: Report) -> None:
             if record is None:
                 report.results.append(Result("against", str(folder.folder), False, "missing", piece.tensor))
                 continue
-            mismatch = _first_mismatch(piece_chunks(piece, digests), record, starts[piece.tensor])
+            mismatch = _first_mismatch(piece_chunks(piece, digests, crc=False), record, starts[piece.tensor])
             ok = mismatch is None
             problem = None if ok else f"differs from the converted source at byte {mismatch} of the tensor"
             report.results.append(Result("against", record.stream.label, ok, problem, piece.tensor))
@@ -156,10 +157,10 @@ def _compare_against(folder: Source, original: Source, report: Report) -> None:
         report.results.append(Result("against", str(folder.folder), False, "not in the source", name))
 
 
-def _first_mismatch(chunks: Iterator[tuple[int, memoryview, str | None]], record: object, start: int) -> int | None:
-    for offset, data, _ in chunks:
+def _first_mismatch(chunks: Iterator[Chunk], record: TensorRecord, start: int) -> int | None:
+    for offset, data, _, _ in chunks:
         relative = offset - start
-        actual = record.stream.read(len(data), record.offset + relative)  # type: ignore[attr-defined]
+        actual = record.stream.read(len(data), record.offset + relative)
         if actual != data:
             return relative + next(i for i, (a, b) in enumerate(zip(actual, bytes(data), strict=True)) if a != b)
     return None
