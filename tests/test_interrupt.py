@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+from full_size import write_sparse_mistral
 from helpers import REPO, run_cli
-from test_memory import write_sparse_mistral
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -26,7 +26,8 @@ def test_signal_mid_run_stops_cleanly_and_resumes(tmp_path: Path, signum: int) -
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    assert stderr.strip().splitlines() == [
+    # the stand-in tokenizer.model draws a warning; besides it, exactly the one line
+    assert [line for line in stderr.splitlines() if not line.startswith("mixtral-convert: warning:")] == [
         "mixtral-convert: interrupted; the output is incomplete (no index or params written); continue with: "
         f"mixtral-convert convert {src} {dst} --to hf --resume"
     ]

@@ -6,71 +6,19 @@ Peak resident memory is max RSS from the OS's accounting of the finished convert
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from full_size import write_sparse_mistral
 from helpers import REPO
 
 from convert.formats.streams import ByteStream
 
-REAL_PARAMS = {
-    "dim": 4096,
-    "n_layers": 32,
-    "head_dim": 128,
-    "hidden_dim": 14336,
-    "n_heads": 32,
-    "n_kv_heads": 8,
-    "norm_eps": 1e-05,
-    "vocab_size": 32000,
-    "moe": {"num_experts_per_tok": 2, "num_experts": 8},
-}
 GIB = 2**30
-
-
-def real_shapes(n_layers: int) -> dict[str, list[int]]:
-    """The torrent/mistral names and shapes of Mixtral-8x7B, from formats.md."""
-    shapes = {"tok_embeddings.weight": [32000, 4096]}
-    for layer in range(n_layers):
-        p = f"layers.{layer}."
-        shapes |= {
-            p + "attention.wq.weight": [4096, 4096],
-            p + "attention.wk.weight": [1024, 4096],
-            p + "attention.wv.weight": [1024, 4096],
-            p + "attention.wo.weight": [4096, 4096],
-            p + "attention_norm.weight": [4096],
-            p + "ffn_norm.weight": [4096],
-            p + "feed_forward.gate.weight": [8, 4096],
-        }
-        for e in range(8):
-            q = p + f"feed_forward.experts.{e}."
-            shapes |= {q + "w1.weight": [14336, 4096], q + "w2.weight": [4096, 14336], q + "w3.weight": [14336, 4096]}
-    return shapes | {"norm.weight": [4096], "output.weight": [32000, 4096]}
-
-
-def write_sparse_mistral(folder: Path, n_layers: int) -> int:
-    """A mistral-layout folder of real dimensions whose tensor data is a hole; returns the file size."""
-    folder.mkdir(parents=True)
-    header, offset = {}, 0
-    for name, shape in real_shapes(n_layers).items():
-        size = 2
-        for dim in shape:
-            size *= dim
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    path = folder / "consolidated.safetensors"
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
-    os.truncate(path, 8 + len(raw) + offset)
-    (folder / "params.json").write_text(json.dumps(REAL_PARAMS | {"n_layers": n_layers}))
-    (folder / "tokenizer.model").write_bytes(b"a stand-in: the converter copies it byte for byte")
-    return 8 + len(raw) + offset
 
 
 def convert_measuring_rss(src: Path, dst: Path, target: str) -> int:

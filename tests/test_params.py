@@ -6,22 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from full_size import CONFIG_SHA256, PARAMS, PARAMS_JSON
 
 from convert.errors import ConvertError
 from convert.mapping import layout
 from convert.params import hf_config_json, hf_params_json, mistral_params_json, read_hf_params, read_mistral_params
 
-MISTRAL = {
-    "dim": 4096,
-    "n_layers": 32,
-    "head_dim": 128,
-    "hidden_dim": 14336,
-    "n_heads": 32,
-    "n_kv_heads": 8,
-    "norm_eps": 1e-05,
-    "vocab_size": 32000,
-    "moe": {"num_experts_per_tok": 2, "num_experts": 8},
-}
+MISTRAL = PARAMS
 HF_4 = {
     "hidden_size": 4096,
     "num_hidden_layers": 32,
@@ -97,25 +88,18 @@ def test_head_dim_written_only_when_not_implied(tmp_path: Path) -> None:
     assert json.loads(hf_config_json(wide, "float32", defaults))["torch_dtype"] == "float32"
 
 
-PUBLISHED_PARAMS = (
-    '{"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8, '
-    '"norm_eps": 1e-05, "vocab_size": 32000, "moe": {"num_experts_per_tok": 2, "num_experts": 8}}'
-)
-PUBLISHED_CONFIG_SHA256 = "9d56d04b36d0fd12ff54ae4c5bac769cc176e254e64ff71144614b6318b40793"
-
-
 def test_published_config_and_params_map_to_each_other_byte_for_byte(tmp_path: Path) -> None:
     """formats.md: the torrent's params.json line and the published config.json (720 bytes) describe one model."""
     import hashlib
 
     defaults = dict(layout("hf").extra["config_defaults"])
-    params = read_mistral_params(_write(tmp_path, json.loads(PUBLISHED_PARAMS)), None)
+    params = read_mistral_params(_write(tmp_path, json.loads(PARAMS_JSON)), None)
     config = hf_config_json(params, "bfloat16", defaults)
     assert len(config.encode()) == 720
-    assert hashlib.sha256(config.encode()).hexdigest() == PUBLISHED_CONFIG_SHA256
+    assert hashlib.sha256(config.encode()).hexdigest() == CONFIG_SHA256
     config_path = tmp_path / "config.json"
     config_path.write_text(config)
-    assert mistral_params_json(read_hf_params(config_path)) == PUBLISHED_PARAMS
+    assert mistral_params_json(read_hf_params(config_path)) == PARAMS_JSON
 
 
 def test_non_default_theta_is_kept_in_params_json(tmp_path: Path) -> None:
