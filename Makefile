@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SAMPLE := build/sample-torrent
 SAMPLE_HF := build/sample-hf
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench clean
 
 $(VENV)/.runtime: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ lint: $(VENV)/.test
 
 test: lint
 	$(PY) -m pytest -q
+
+# Real-dimension checkpoints (3.4 / 6.3 / 12 GB, cached in bench/cache), cold cache, several minutes a depth.
+bench: $(VENV)/.runtime
+	$(PY) -m pip install --quiet matplotlib
+	$(PY) bench/run.py --layers 1 2 4 --repeats 3 --rev HEAD
 
 clean:
 	rm -rf $(VENV) build

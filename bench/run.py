@@ -1,0 +1,717 @@
+"""Benchmark: mixtral-convert against the copy limit and the load-everything peer, on real-dimension checkpoints.
+
+    python bench/run.py [--layers 1 2 4] [--repeats 3] [--cache bench/cache] [--out bench/BENCHMARKS.md]
+
+Why it is built this way:
+- Checkpoints have the published tensor shapes and only fewer layers, so the per-tensor work is the real one and
+  time and memory can be fitted linearly against depth and extrapolated to 32 layers (a 93 GB source does not fit
+  next to its output and two copies on this disk, nor the peer's RAM needs on this machine).
+- Contenders alternate run by run, so drift of the machine (thermal, other tenants, disk state) spreads over all
+  of them instead of biasing one.
+- Each run's peak RSS and CPU come from os.wait4 on that child: the kernel's accounting of that process, not a
+  sampled guess. One catch: exec charges the memory it replaces (a copy of this driver) to the child's
+  ru_maxrss, so the driver stays small (it never imports torch) and the report marks values at that floor.
+- The page cache is dropped before every run when the kernel lets us, so reads come from the disk every time;
+  the CPU the rest of the machine used during each run is recorded, because the machine may be shared.
+- Every contender is followed by sync (counted in its time): written data is only done when it is on disk, and
+  without that a writer that leaves dirty pages behind would look faster than one that fsyncs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.metadata
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import checkpoint  # bench/checkpoint.py, next to this script
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+MIB = 2**20
+GIB = 2**30
+FULL_DEPTH = 32
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+@dataclass(frozen=True)
+class Contender:
+    key: str
+    label: str
+    command: Callable[[Path, Path], list[str]]
+    needs_out_folder: bool = False  # cp copies into an existing folder
+    in_converter_root: bool = False  # `python -m convert` must start where the measured convert/ sits
+
+
+@dataclass(frozen=True)
+class Converter:
+    """Which mixtral-convert is measured: the work tree as it is, or one commit exported with git archive (the
+    work tree can change under a long run; an exported commit cannot)."""
+
+    root: Path  # holds convert/ and mappings/; `python -m convert` runs from here
+    commit: str
+    description: str
+
+    def fingerprint(self) -> str:
+        """A digest of every file under convert/ and mappings/, to notice edits made while the bench runs."""
+        digest = hashlib.sha256()
+        for folder in ("convert", "mappings"):
+            for path in sorted((self.root / folder).rglob("*")):
+                if path.is_file() and "__pycache__" not in path.parts:
+                    digest.update(str(path.relative_to(self.root)).encode() + b"\0" + path.read_bytes())
+        return digest.hexdigest()
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def pick_converter(rev: str | None, cache: Path) -> Converter:
+    """The work tree (default), or REV's convert/ and mappings/ exported to the cache (read-only git use)."""
+    try:
+        head = git("rev-parse", "HEAD")
+    except (OSError, subprocess.CalledProcessError):
+        head = "unknown"
+    if rev is None:
+        try:
+            dirty = git("status", "--porcelain", "--", "convert", "mappings")
+        except (OSError, subprocess.CalledProcessError):
+            dirty = ""
+        state = f"with uncommitted changes ({len(dirty.splitlines())} paths)" if dirty else "clean"
+        return Converter(REPO, head, f"the work tree at commit {head[:12]}, convert/ and mappings/ {state}")
+    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    root = (cache / f"converter-{commit[:12]}").resolve()
+    if not (root / "convert" / "__main__.py").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "convert", "mappings"],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    subject = git("log", "-1", "--format=%s", commit)
+    return Converter(root, commit, f"commit {commit[:12]} ({subject}), exported with git archive")
+
+
+CONTENDERS = (
+    Contender("cp", "cp + sync (limit)", lambda src, out: ["cp", str(src / checkpoint.WEIGHTS), f"{out}/"], True),
+    Contender(
+        "convert",
+        "mixtral-convert",
+        lambda src, out: [sys.executable, "-m", "convert", "convert", str(src), str(out),
+                          "--to", "hf", "--no-progress", "--force"],
+        in_converter_root=True,
+    ),
+    Contender("peer", "peer: torch.load + save_file",
+              lambda src, out: [sys.executable, str(BENCH / "peer_baseline.py"), str(src), str(out)]),
+)  # fmt: skip
+BY_KEY = {c.key: c for c in CONTENDERS}
+
+
+@dataclass
+class Run:
+    """One timed run of one contender; times in seconds, sizes in bytes."""
+
+    layers: int
+    repeat: int
+    contender: str
+    ok: bool
+    wall: float  # process + sync
+    process_wall: float
+    sync_wall: float
+    max_rss: int
+    user: float
+    system: float
+    disk_read: int  # ru_inblock: what the process made the kernel read from the device
+    disk_written: int  # ru_oublock: what it wrote (writeback by the kernel on its behalf)
+    floor: int  # this driver's own peak RSS when it started the child: ru_maxrss can never read lower
+    other_cpu: float  # CPU the rest of the machine used meanwhile (other tenants, kernel writeback): noise gauge
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.system
+
+
+@dataclass
+class Depth:
+    layers: int
+    source: Path
+    input_bytes: int
+    runs: list[Run] = field(default_factory=list)
+    output_bytes: dict[str, int] = field(default_factory=dict)
+    digests: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+
+
+@dataclass
+class Machine:
+    cpu_model: str
+    logical_cpus: int
+    usable_cpus: int
+    ram_bytes: int
+    available_bytes: int  # MemAvailable at the start: what the page cache can grow into
+    kernel: str
+    device: str
+    fstype: str
+    mount_point: str
+    free_bytes: int
+    software: dict[str, str]
+    load_start: str
+
+
+class Bench:
+    """Runs the contenders and cleans up after them, also on Ctrl-C: at most one output exists at a time."""
+
+    def __init__(self, work: Path, drop_caches: bool, converter: Converter) -> None:
+        self.work = work
+        self.drop_caches = drop_caches
+        self.converter = converter
+        self.child: subprocess.Popen[bytes] | None = None
+        self.partial: Path | None = None
+
+    def out_folder(self) -> Path:
+        return self.work / "out"
+
+    def cleanup(self) -> None:
+        """Stop our running child and delete what it wrote; a second Ctrl-C (or the terminal's signal to the
+        whole process group) must not interrupt this half way, so both signals are ignored meanwhile."""
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            child, self.child = self.child, None
+            if child is not None and child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.kill()
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(child.pid, 0)
+                child.returncode = -signal.SIGKILL
+            shutil.rmtree(self.out_folder(), ignore_errors=True)
+            if self.partial is not None:
+                shutil.rmtree(self.partial, ignore_errors=True)
+                self.partial = None
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def settle(self) -> None:
+        """Flush what earlier steps left dirty (untimed), then empty the page cache if allowed."""
+        os.sync()
+        if self.drop_caches:
+            DROP_CACHES.write_text("3\n")
+
+    def ensure_checkpoint(self, layers: int) -> Path:
+        folder = self.work / f"torrent-{layers}L"
+        if checkpoint.is_complete(folder, layers):
+            return folder
+        gb = checkpoint.payload_bytes(layers) / 1e9
+        say(f"generating {folder} ({plural(layers, 'layer')}, {gb:.2f} GB of bf16; needs as much RAM for torch.save)")
+        shutil.rmtree(folder, ignore_errors=True)
+        self.partial = folder
+        start = time.perf_counter()
+        self.child = subprocess.Popen([sys.executable, str(BENCH / "checkpoint.py"), str(folder), "--layers",
+                                       str(layers)])
+        code = self.child.wait()
+        self.child = None
+        if code != 0 or not checkpoint.is_complete(folder, layers):
+            raise SystemExit(f"generating {folder} failed (exit {code})")
+        self.partial = None
+        say(f"generated {folder} in {time.perf_counter() - start:.0f} s")
+        return folder
+
+    def run(self, depth: Depth, contender: Contender, repeat: int, verify: bool) -> Run:
+        out = self.out_folder()
+        shutil.rmtree(out, ignore_errors=True)
+        if contender.needs_out_folder:
+            out.mkdir(parents=True)
+        self.settle()
+        log_path = self.work / f"last-{contender.key}.log"
+        floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        busy = busy_seconds()
+        with open(log_path, "wb") as log:
+            start = time.perf_counter()
+            cwd = self.converter.root if contender.in_converter_root else REPO
+            self.child = subprocess.Popen(contender.command(depth.source, out), cwd=cwd, stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            _, status, usage = os.wait4(self.child.pid, 0)
+            self.child.returncode = os.waitstatus_to_exitcode(status)
+            ended = time.perf_counter()
+            os.sync()  # the same syscall as sync(1), without a fork in the timed span
+            synced = time.perf_counter()
+        other = max(0.0, busy_seconds() - busy - usage.ru_utime - usage.ru_stime)
+        code, self.child = self.child.returncode, None
+        run = Run(depth.layers, repeat, contender.key, code == 0, synced - start, ended - start, synced - ended,
+                  usage.ru_maxrss * 1024, usage.ru_utime, usage.ru_stime, usage.ru_inblock * 512,
+                  usage.ru_oublock * 512, floor, other)
+        if code != 0:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+            killed = " (SIGKILL: look for the OOM killer in dmesg)" if code == -signal.SIGKILL else ""
+            say(f"  {contender.label} FAILED with exit {code}{killed}: "
+                f"{' '.join(contender.command(depth.source, out))}")
+            for line in tail:
+                say(f"    | {line}")
+        elif repeat == 0:
+            files = sorted(p for p in out.iterdir() if p.is_file())
+            depth.output_bytes[contender.key] = sum(p.stat().st_size for p in files)
+            if verify and contender.key != "cp":
+                depth.digests[contender.key] = [(p.stat().st_size, sha256(p)) for p in files
+                                                if p.name.endswith(".safetensors")]
+        shutil.rmtree(out, ignore_errors=True)
+        return run
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def busy_seconds() -> float:
+    """Non-idle CPU seconds of the whole machine so far (all CPUs, steal excluded), from /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    except (OSError, ValueError):
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def can_drop_caches() -> bool:
+    """Whether this sandbox lets root empty the page cache (containers often refuse it)."""
+    try:
+        os.sync()
+        DROP_CACHES.write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def describe_machine(folder: Path) -> Machine:
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    meminfo: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, value = line.split(":", 1)
+            meminfo[key] = int(value.split()[0]) * 1024
+    resolved = folder.resolve()
+    device, fstype, mount_point = "unknown", "unknown", "/"
+    with contextlib.suppress(OSError):
+        best = -1
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, point, kind, *_ = line.split()
+            if resolved.is_relative_to(point) and len(point) > best:
+                best, device, fstype, mount_point = len(point), dev, kind, point
+    software = {"python": platform.python_version()}
+    for package in ("torch", "safetensors", "huggingface_hub"):  # metadata only: importing torch here would
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # raise every child's ru_maxrss
+            software[package] = importlib.metadata.version(package)
+    return Machine(cpu_model, os.cpu_count() or 0, len(os.sched_getaffinity(0)), meminfo.get("MemTotal", 0),
+                   meminfo.get("MemAvailable", 0), platform.release(), device,
+                   fstype, mount_point, shutil.disk_usage(folder).free, software, load_average())
+
+
+# ---------------------------------------------------------------------------------------------- summarizing
+
+
+@dataclass(frozen=True)
+class Summary:
+    contender: str
+    runs: int
+    failed: int
+    wall: float
+    wall_min: float
+    wall_max: float
+    ratio: float | None
+    throughput: float
+    rss: float
+    cpu: float
+    process_wall: float
+    disk_read: float
+    disk_written: float
+    floor: float
+    other_cpu: float
+
+
+def summarize(depth: Depth) -> list[Summary]:
+    medians: dict[str, float] = {}
+    rows = []
+    for contender in CONTENDERS:
+        runs = [r for r in depth.runs if r.contender == contender.key]
+        good = [r for r in runs if r.ok]
+        if not good:
+            rows.append(Summary(contender.key, len(runs), len(runs), *([float("nan")] * 3), None,
+                                *([float("nan")] * 8)))
+            continue
+        walls = [r.wall for r in good]
+        medians[contender.key] = statistics.median(walls)
+        rows.append(Summary(
+            contender.key, len(runs), len(runs) - len(good), statistics.median(walls), min(walls), max(walls), None,
+            depth.input_bytes / 1e9 / statistics.median(walls), statistics.median(r.max_rss for r in good),
+            statistics.median(r.cpu for r in good), statistics.median(r.process_wall for r in good),
+            statistics.median(r.disk_read for r in good), statistics.median(r.disk_written for r in good),
+            max(r.floor for r in good), statistics.median(r.other_cpu for r in good),
+        ))  # fmt: skip
+    limit = medians.get("cp")
+    return [Summary(**{**vars(s), "ratio": s.wall / limit if limit and s.contender in medians else None})
+            for s in rows]
+
+
+def rss_text(rss: float, floor: float) -> str:
+    """MiB; a value at the floor only says 'no more than this' (the driver's pre-exec memory is charged)."""
+    return f"≤ {floor / MIB:,.0f}" if rss <= floor else f"{rss / MIB:,.0f}"
+
+
+def fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """Least-squares line (intercept, slope) through (depth, value); None below two distinct depths."""
+    if len({x for x, _ in points}) < 2:
+        return None
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+    return mean_y - slope * mean_x, slope
+
+
+def depth_table(depth: Depth, available_bytes: int) -> list[str]:
+    gb = depth.input_bytes / 1e9
+    lines = [
+        f"### {plural(depth.layers, 'layer')}: {gb:.2f} GB source "
+        f"(`consolidated.00.pth`, {depth.input_bytes:,} bytes)",
+        "",
+        f"Source + output = {2 * depth.input_bytes / GIB:.1f} GiB, {2 * depth.input_bytes / available_bytes:.0%} of "
+        "the memory available at the start"
+        + (": the page cache must evict during the run, the 32-layer regime." if cache_overflows(depth, available_bytes)
+           else "."),
+        "",
+        "| contender | runs | wall median (s) | spread min..max (s) | vs cp+sync | GB/s | peak RSS (MiB) "
+        "| CPU user+sys (s) | CPU / process wall | disk read / written (GB) | other CPU on the machine (s) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for s in summarize(depth):
+        label = BY_KEY[s.contender].label
+        runs = f"{s.runs}" + (f" ({s.failed} FAILED)" if s.failed else "")
+        if s.failed == s.runs:
+            lines.append(f"| {label} | {runs} | failed | | | | | | | | |")
+            continue
+        ratio = f"{s.ratio:.2f}" if s.ratio is not None else "n/a"
+        lines.append(
+            f"| {label} | {runs} | {s.wall:.1f} | {s.wall_min:.1f}..{s.wall_max:.1f} | {ratio} | {s.throughput:.3f} "
+            f"| {rss_text(s.rss, s.floor)} | {s.cpu:.1f} | {s.cpu / s.process_wall:.0%} "
+            f"| {s.disk_read / 1e9:.2f} / {s.disk_written / 1e9:.2f} | {s.other_cpu:.1f} |"
+        )
+    return lines
+
+
+def cache_overflows(depth: Depth, available_bytes: int) -> bool:
+    """Source plus output exceed the free memory: the page cache must evict mid-run, as it always does at 32
+    layers (and dirty data is throttled to the disk's pace)."""
+    return 2 * depth.input_bytes > available_bytes
+
+
+def extrapolation(depths: list[Depth], ram_bytes: int, available_bytes: int) -> list[str]:
+    full_gb = checkpoint.payload_bytes(FULL_DEPTH) / 1e9
+    lines = [f"## Extrapolation to {FULL_DEPTH} layers ({full_gb:.1f} GB, the published model)", ""]
+    per_layer_gb = (checkpoint.payload_bytes(2) - checkpoint.payload_bytes(1)) / 1e9
+    fixed_gb = checkpoint.payload_bytes(1) / 1e9 - per_layer_gb
+    deepest = sorted({d.layers for d in depths})[-2:]
+    rows = []
+    for contender in CONTENDERS:
+        measured = [(d.layers, s) for d in depths for s in summarize(d)
+                    if s.contender == contender.key and s.failed < s.runs]
+        wall_fit = fit([(layers, s.wall) for layers, s in measured])
+        rss_fit = fit([(layers, s.rss) for layers, s in measured])
+        deep_fit = fit([(layers, s.wall) for layers, s in measured if layers in deepest])
+        if wall_fit is None or rss_fit is None or deep_fit is None:
+            continue
+        time_32 = wall_fit[0] + wall_fit[1] * FULL_DEPTH
+        deep_32 = deep_fit[0] + deep_fit[1] * FULL_DEPTH
+        rss_32 = rss_fit[0] + rss_fit[1] * FULL_DEPTH
+        note = ""
+        if rss_32 > ram_bytes:
+            note = f"does not fit: needs {rss_32 / GIB:.0f} GiB of RAM, the machine has {ram_bytes / GIB:.0f} GiB"
+        rows.append(
+            f"| {contender.label} | {wall_fit[1]:.1f} | {wall_fit[0]:.1f} | {time_32 / 60:.1f} "
+            f"| {deep_fit[1]:.1f} | {deep_32 / 60:.1f} | {rss_fit[1] / MIB:,.0f} | {rss_32 / MIB:,.0f} | {note} |"
+        )
+    if not rows:
+        return [*lines, "Needs at least two depths (e.g. `--layers 1 2`); skipped.", ""]
+    overflowing = [d.layers for d in depths if cache_overflows(d, available_bytes)]
+    deepest_share = 2 * max(d.input_bytes for d in depths) / available_bytes
+    regime = (
+        f"From {plural(overflowing[0], 'layer')} on, source and output together exceed the memory available at "
+        f"the start ({available_bytes / GIB:.1f} GiB), so the page cache "
+        "evicts during the run, as it always will at 32 layers; shallower depths partly run from the cache and "
+        "flatter the I/O, which is why the fit through the two deepest depths is shown as well."
+        if overflowing else
+        f"At the deepest depth source and output take {deepest_share:.0%} of the memory available at the start "
+        f"({available_bytes / GIB:.1f} GiB); a 32-layer run needs {2 * checkpoint.payload_bytes(FULL_DEPTH) / GIB:.0f} "
+        "GiB, so there the page cache always evicts and shallow depths flatter the I/O; the fit through the two "
+        "deepest depths is shown as well for that reason."
+    )
+    spread = max((s.wall_max - s.wall_min) / s.wall for d in depths for s in summarize(d) if s.failed < s.runs)
+    noise = (
+        f" The widest spread measured is {spread:.0%} of its median: treat these predictions as rough."
+        if spread > 0.3 else ""
+    )
+    return [
+        *lines,
+        "Least-squares line through the per-depth medians (time = a + b·layers, peak RSS likewise). The source "
+        f"grows by {per_layer_gb:.2f} GB per layer on top of a fixed {fixed_gb:.2f} GB (embedding + output), so a "
+        f"line is the right shape as long as nothing changes regime. {regime}{noise}",
+        "",
+        f"| contender | s per layer (all) | fixed s (all) | wall at 32 layers, all depths (min) "
+        f"| s per layer ({deepest[0]}..{deepest[1]} layers) | wall at 32 layers, {deepest[0]}..{deepest[1]} layers "
+        "(min) | MiB per layer | peak RSS at 32 layers (MiB) | note |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|---|",
+        *rows,
+        "",
+    ]
+
+
+def verification_lines(depths: list[Depth]) -> list[str]:
+    lines = ["## Output check", ""]
+    for depth in depths:
+        ours, peer = depth.digests.get("convert"), depth.digests.get("peer")
+        if ours is None or peer is None:
+            lines.append(f"- {plural(depth.layers, 'layer')}: not checked")
+        elif ours == peer:
+            lines.append(f"- {plural(depth.layers, 'layer')}: the {plural(len(ours), 'safetensors shard')} of "
+                         "mixtral-convert and of the peer are byte-identical (sha256), so both did the same work")
+        else:
+            lines.append(f"- {plural(depth.layers, 'layer')}: **shards differ** "
+                         f"(mixtral-convert {ours} vs peer {peer})")
+        sizes = ", ".join(f"{BY_KEY[k].label} {v:,} bytes" for k, v in depth.output_bytes.items())
+        if sizes:
+            lines.append(f"  - output sizes: {sizes}")
+    return [*lines, ""]
+
+
+def all_runs_table(depths: list[Depth]) -> list[str]:
+    lines = [
+        "## Every run, in the order run",
+        "",
+        "| layers | repeat | contender | ok | wall (s) | of which sync (s) | peak RSS (MiB) | user (s) | sys (s) "
+        "| disk read (GB) | disk written (GB) | other CPU (s) |",
+        "|--:|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for depth in depths:
+        for r in depth.runs:
+            lines.append(
+                f"| {r.layers} | {r.repeat + 1} | {BY_KEY[r.contender].label} | {'yes' if r.ok else 'FAILED'} "
+                f"| {r.wall:.2f} | {r.sync_wall:.2f} | {rss_text(r.max_rss, r.floor)} | {r.user:.1f} | {r.system:.1f} "
+                f"| {r.disk_read / 1e9:.2f} | {r.disk_written / 1e9:.2f} | {r.other_cpu:.1f} |"
+            )
+    return [*lines, ""]
+
+
+def plot(depths: list[Depth], path: Path) -> str | None:
+    """results.png: median wall time (bars = min..max) and median peak RSS against depth; None if no matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, (time_axis, rss_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for contender in CONTENDERS:
+        points = [(d.layers, s) for d in depths for s in summarize(d) if s.contender == contender.key
+                  and s.failed < s.runs]
+        if not points:
+            continue
+        xs = [x for x, _ in points]
+        medians = [s.wall for _, s in points]
+        errors = [[s.wall - s.wall_min for _, s in points], [s.wall_max - s.wall for _, s in points]]
+        time_axis.errorbar(xs, medians, yerr=errors, marker="o", capsize=4, label=contender.label)
+        at_floor = all(s.rss <= s.floor for _, s in points)
+        rss_label = contender.label + (" (at most: the driver's own peak)" if at_floor else "")
+        rss_axis.plot(xs, [s.rss / MIB for _, s in points], marker="o", label=rss_label)
+    layers = sorted({d.layers for d in depths})
+    time_axis.set(xlabel="layers", ylabel="wall time incl. sync (s)", title="Time (median, bars = min..max)",
+                  xticks=layers, ylim=(0, None))
+    rss_axis.set(xlabel="layers", ylabel="peak RSS (MiB, log scale)", title="Peak resident memory (median)",
+                 xticks=layers, yscale="log")
+    for axis in (time_axis, rss_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path.name
+
+
+def report(depths: list[Depth], machine: Machine, dropped: bool, command: str, repeats: int,
+           plot_name: str | None, plot_note: str, started: datetime, elapsed: float, converter: Converter,
+           changed: bool) -> tuple[str, str]:
+    """The whole BENCHMARKS.md, and the part printed to stdout."""
+    sw = ", ".join(f"{k} {v}" for k, v in machine.software.items())
+    cache_line = ("dropped before every run (`sync; echo 3 > /proc/sys/vm/drop_caches`): cold-cache numbers, "
+                  "every source byte comes from the disk" if dropped else
+                  "NOT dropped (not permitted here, or --warm): warm-cache numbers; the source may be partly in "
+                  "the page cache")
+    busy = [r.other_cpu / r.wall for d in depths for r in d.runs if r.wall > 0]
+    neighbours = (f"during the runs, other work kept a median {statistics.median(busy):.2f} of the "
+                  f"{machine.usable_cpus} CPUs busy (max {max(busy):.2f})" if busy else "no runs")
+    tables: list[str] = []
+    for depth in depths:
+        tables += [*depth_table(depth, machine.available_bytes), ""]
+    text = [
+        "# Benchmarks: Mixtral torrent checkpoint → Hugging Face layout",
+        "",
+        f"Written by `{command}` on {started:%Y-%m-%d %H:%M} UTC ({elapsed / 60:.0f} min in all). "
+        "Do not edit by hand: rerun the command.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {machine.cpu_model}, {machine.usable_cpus} usable of {machine.logical_cpus} logical CPUs",
+        f"- RAM: {machine.ram_bytes / GIB:.1f} GiB, {machine.available_bytes / GIB:.1f} GiB available at the start",
+        f"- Disk: the cache folder is on {machine.device} ({machine.fstype}, mounted at {machine.mount_point}); "
+        f"{machine.free_bytes / 1e9:.0f} GB free at the start; sources, outputs and copies share it",
+        f"- Page cache: {cache_line}",
+        f"- Kernel {machine.kernel}; {sw}",
+        f"- Load average (1/5/15 min) at the start {machine.load_start}, at the end {load_average()}: the machine "
+        "is shared, so each run also records the CPU the rest of the machine used meanwhile ('other CPU': other "
+        "processes plus kernel writeback threads); a high value marks a run disturbed by a neighbour. "
+        f"Here {neighbours}",
+        "",
+        "## What is measured",
+        "",
+        "Sources are generated real-dimension Mixtral-8x7B checkpoints in the torrent layout (every tensor name "
+        "and shape of the published `consolidated.00.pth`, bf16, only fewer layers). For each depth the three "
+        f"contenders run in turn, {plural(repeats, 'round')}, in the same session:",
+        "",
+        "- **cp + sync (limit)**: `cp SRC/consolidated.00.pth OUT/` then sync: the same bytes, no work.",
+        "- **mixtral-convert**: `python -m convert convert SRC OUT --to hf --no-progress --force` "
+        f"(streamed; fsyncs its own files), then sync. Measured: {converter.description}."
+        + (" **Its files changed while the bench ran, so these numbers mix versions.**" if changed else ""),
+        "- **peer**: `bench/peer_baseline.py`: `torch.load(weights_only=True)` of everything, renames and the q/k "
+        "rotary permutation in RAM, `safetensors.torch.save_file` per 5e9-byte shard "
+        "(`huggingface_hub.split_torch_state_dict_into_shards`, as `save_pretrained`), then sync.",
+        "",
+        "Wall time runs from process start to the end of the following `sync()` (so data is on disk for all "
+        "three). Peak RSS, CPU and disk blocks come from `os.wait4` on the child itself (`ru_maxrss`, "
+        "`ru_utime + ru_stime`, `ru_inblock`/`ru_oublock`); the kernel's own writeback threads are not charged to "
+        "anyone. Linux charges the memory an exec replaces to the new program's `ru_maxrss`, so no child can read "
+        "below this driver's own peak (kept small: the driver never imports torch); such values are shown as "
+        "'≤ driver peak'. GB/s is source bytes / median wall. 'vs cp+sync' is median wall over cp+sync's median "
+        "at the same depth. OUT is deleted after every run (untimed) and the disk flushed before the next one.",
+        "",
+        "## Results",
+        "",
+        *tables,
+        *extrapolation(depths, machine.ram_bytes, machine.available_bytes),
+        *verification_lines(depths),
+        "## Plot",
+        "",
+        f"![wall time and peak RSS against depth]({plot_name})" if plot_name else plot_note,
+        "",
+        *all_runs_table(depths),
+    ]
+    return "\n".join(text), "\n".join(tables + extrapolation(depths, machine.ram_bytes, machine.available_bytes))
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Time mixtral-convert against cp+sync and a load-everything peer.")
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4], help="depths to generate and convert")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per depth (contenders alternate)")
+    parser.add_argument("--cache", type=Path, default=BENCH / "cache", help="where sources are kept between runs")
+    parser.add_argument("--out", type=Path, default=BENCH / "BENCHMARKS.md", help="the report (markdown)")
+    parser.add_argument("--plot", type=Path, help="PNG plot (default: results.png next to --out)")
+    parser.add_argument("--warm", action="store_true", help="do not drop the page cache even where allowed")
+    parser.add_argument("--no-verify", action="store_true", help="skip hashing the first outputs of each depth")
+    parser.add_argument("--rev", help="measure this commit's converter (exported with git archive) instead of the "
+                        "work tree, which may change during a long run")
+    args = parser.parse_args(argv)
+    if any(n < 1 for n in args.layers) or args.repeats < 1:
+        parser.error("--layers and --repeats need positive numbers")
+    args.layers = sorted(set(args.layers))
+    return args
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    assert checkpoint.payload_bytes(FULL_DEPTH) == 93_405_585_408, "shape table disagrees with the published model"
+    command = "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    dropped = not args.warm and can_drop_caches()
+    say(f"page cache: {'dropped before every run' if dropped else 'not dropped (warm-cache numbers)'}")
+    machine = describe_machine(args.cache)
+    converter = pick_converter(args.rev, args.cache)
+    fingerprint = converter.fingerprint()
+    say(f"mixtral-convert: {converter.description}")
+    bench = Bench(args.cache, dropped, converter)
+    signal.signal(signal.SIGTERM, _interrupt)
+    started, clock = datetime.now(UTC), time.perf_counter()
+    depths: list[Depth] = []
+    try:
+        for layers in args.layers:
+            source = bench.ensure_checkpoint(layers)
+            depths.append(Depth(layers, source, (source / checkpoint.WEIGHTS).stat().st_size))
+        for depth in depths:
+            for repeat in range(args.repeats):
+                for contender in CONTENDERS:
+                    run = bench.run(depth, contender, repeat, verify=not args.no_verify)
+                    depth.runs.append(run)
+                    say(f"[{depth.layers} L, round {repeat + 1}/{args.repeats}] {contender.label:<30} "
+                        f"{run.wall:7.1f} s (sync {run.sync_wall:.1f})  RSS {run.max_rss / MIB:8,.0f} MiB  "
+                        f"CPU {run.cpu:6.1f} s{'' if run.ok else '  FAILED'}")
+    except KeyboardInterrupt:
+        bench.cleanup()
+        say("interrupted: the running contender was stopped and its output removed; no report written")
+        return 130
+    finally:
+        bench.cleanup()
+    plot_path = args.plot or args.out.parent / "results.png"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    plot_name = plot(depths, plot_path)
+    plot_note = "matplotlib is not importable here, so no plot was drawn (`pip install matplotlib` to get one)."
+    if plot_name is None:
+        say(f"note: {plot_note}")
+    elif plot_path.parent.resolve() != args.out.parent.resolve():
+        plot_name = str(plot_path.resolve())
+    changed = converter.fingerprint() != fingerprint
+    if changed:
+        say("WARNING: convert/ or mappings/ changed while the bench ran: the numbers mix versions (see --rev)")
+    document, table = report(depths, machine, dropped, command, args.repeats, plot_name, plot_note, started,
+                             time.perf_counter() - clock, converter, changed)
+    args.out.write_text(document + "\n")
+    print(table)
+    say(f"wrote {args.out}" + (f" and {plot_path}" if plot_name else ""))
+    return 1 if any(not r.ok for d in depths for r in d.runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
