@@ -188,7 +188,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    check_destination(args.dst, Path.cwd() / ".." / "no-source")
+    check_destination(args.dst, None)
     if args.dst.exists() and any(args.dst.iterdir()):
         raise ConvertError("the output folder is not empty", file=args.dst)
     write_sample(args.dst, args.seed)

@@ -16,14 +16,17 @@ from convert.resume import JOURNAL
 from convert.stream import PARTIAL_SUFFIX
 
 
-def check_destination(destination: Path, source: Path) -> None:
-    dst, src = destination.resolve(), source.resolve()
-    if dst == src:
-        raise ConvertError("the output folder is the source folder; the source is never modified", file=destination)
-    if dst.is_relative_to(src):
-        raise ConvertError("the output folder is inside the source folder; choose another place", file=destination)
-    if src.is_relative_to(dst):
-        raise ConvertError("the output folder contains the source folder; choose another place", file=destination)
+def check_destination(destination: Path, source: Path | None) -> None:
+    """The output may not be the source, inside it or around it, and must be a writable folder or creatable."""
+    dst = destination.resolve()
+    if source is not None:
+        src = source.resolve()
+        if dst == src:
+            raise ConvertError("the output folder is the source folder; the source is never modified", file=destination)
+        if dst.is_relative_to(src):
+            raise ConvertError("the output folder is inside the source folder; choose another place", file=destination)
+        if src.is_relative_to(dst):
+            raise ConvertError("the output folder contains the source folder; choose another place", file=destination)
     if destination.exists() and not destination.is_dir():
         raise ConvertError("the output exists and is not a folder", file=destination)
     existing = dst

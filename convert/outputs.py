@@ -37,6 +37,13 @@ class OutputFile:
     # Bytes that depend on what was streamed before them (a zip's CRCs, the checksum files), made on arrival.
     deferred: tuple[tuple[int, Producer], ...] = ()
 
+    def tensor_starts(self) -> dict[str, int]:
+        """Each tensor's first byte in this file, in file order."""
+        starts: dict[str, int] = {}
+        for piece in sorted(self.pieces, key=lambda p: p.dst_offset):
+            starts.setdefault(piece.tensor, piece.dst_offset)
+        return starts
+
     @property
     def text(self) -> str:
         return b"".join(data for _, data in self.blobs).decode("utf-8")

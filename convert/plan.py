@@ -71,7 +71,7 @@ class Plan:
             },
             "target": self.target.name,
             "dtype": self.dtype,
-            "tensors": sum(len(f.pieces) for f in self.files),
+            "tensors": len({p.tensor for f in self.files for p in f.pieces}),
             "files": files,
         }
 
@@ -231,7 +231,8 @@ def _safetensors_file(name: str, tensors: list[TargetTensor]) -> OutputFile:
 
 
 def _torch_zip_file(name: str, tensors: list[TargetTensor]) -> OutputFile:
-    zipped = layout_torch_zip(name.split(".pt")[0], [(t.name, t.dtype, t.shape) for t in tensors])
+    archive = name.rsplit(".", 1)[0]  # the folder inside the zip: torch.save uses the file's stem
+    zipped = layout_torch_zip(archive, [(t.name, t.dtype, t.shape) for t in tensors])
     pieces = tuple(p for t in tensors for p in _placed(t, zipped.tensor_offsets[t.name]))
     return OutputFile(name, zipped.size, blobs=zipped.blobs, pieces=pieces, deferred=zipped.deferred)
 
@@ -347,10 +348,7 @@ def _placements(tensors: list[TargetTensor], weights: list[OutputFile]) -> list[
     by_name = {t.name: t for t in tensors}
     entries = []
     for output in weights:
-        starts: dict[str, int] = {}
-        for piece in output.pieces:
-            starts[piece.tensor] = min(piece.dst_offset, starts.get(piece.tensor, piece.dst_offset))
-        for name, begin in sorted(starts.items(), key=lambda item: item[1]):
+        for name, begin in output.tensor_starts().items():
             tensor = by_name[name]
             entries.append(
                 integrity.TensorEntry(name, output.name, tensor.dtype, tensor.shape, begin, begin + tensor.nbytes)

@@ -139,9 +139,7 @@ def _compare_against(folder: Source, original: Source, report: Report) -> None:
     plan = build_plan(original, folder.layout.name)
     expected_names = set()
     for output in plan.files:
-        starts: dict[str, int] = {}
-        for piece in output.pieces:
-            starts[piece.tensor] = min(piece.dst_offset, starts.get(piece.tensor, piece.dst_offset))
+        starts = output.tensor_starts()
         digests = Digests()
         for piece in sorted(output.pieces, key=lambda p: p.dst_offset):
             expected_names.add(piece.tensor)
