@@ -27,6 +27,7 @@ log = logging.getLogger("mixtral-convert")
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 3
 
 
 def _size(text: str) -> int:
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--hash-input", action="store_true", help="also record the SHA-256 of every source file in manifest.json"
     )
+    convert.add_argument("--strict", action="store_true", help="treat warnings about tensors as errors")
     convert.add_argument(
         "--instruct", action="store_true", help="hf: add the Mixtral-Instruct chat template to tokenizer_config.json"
     )
@@ -98,7 +100,12 @@ def run_convert(args: argparse.Namespace) -> int:
     if args.dry_run:
         with open_source(args.src, args.source_layout) as source:
             plan = build_plan(
-                source, args.to, max_shard_size=args.max_shard_size, hash_input=args.hash_input, instruct=args.instruct
+                source,
+                args.to,
+                max_shard_size=args.max_shard_size,
+                hash_input=args.hash_input,
+                instruct=args.instruct,
+                strict=args.strict,
             )
             description = plan.describe()
         if args.json:
@@ -124,6 +131,7 @@ def run_convert(args: argparse.Namespace) -> int:
         resume=args.resume,
         hash_input=args.hash_input,
         instruct=args.instruct,
+        strict=args.strict,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     log.info("wrote %d files to %s", len(plan.files), args.dst)
@@ -222,6 +230,19 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"mixtral-convert: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
+    except RecursionError:
+        if args.debug:
+            raise
+        print("mixtral-convert: error: input nested too deeply to read", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a bug, not bad input: still one line, and the way to the traceback
+        if args.debug:
+            raise
+        print(
+            f"mixtral-convert: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
     except KeyboardInterrupt:
         how = ""
         if args.command == "convert" and not args.dry_run:

@@ -8,6 +8,7 @@ the model.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +51,8 @@ def read_json_object(path: Path) -> dict:
         raise ConvertError("file is missing", file=path) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConvertError(f"not valid JSON: {exc}", file=path) from None
+    except RecursionError:
+        raise ConvertError("not valid JSON: nested too deeply", file=path) from None
     if not isinstance(data, dict):
         raise ConvertError("must hold a JSON object", file=path)
     return data
@@ -80,9 +83,13 @@ class _Fields:
             value = default
         if value is None:
             raise ConvertError(f"missing required key {key!r}", file=self.path)
-        if type(value) not in (int, float) or value <= 0:
-            raise ConvertError(f"key {key!r} must be a positive number, got {value!r}", file=self.path)
-        return float(value)
+        try:
+            number = float(value) if type(value) in (int, float) else math.nan
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number) or number <= 0:
+            raise ConvertError(f"key {key!r} must be a positive finite number, got {value!r:.40}", file=self.path)
+        return number
 
     def window(self, key: str) -> int | None:
         """A sliding window: absent or null means none; megablocks stores it as a string."""
@@ -91,7 +98,7 @@ class _Fields:
             text = value.strip().lower()
             if text in ("", "null", "none"):
                 return None
-            if not text.isdigit():
+            if not (text.isascii() and text.isdigit()):
                 raise ConvertError(f"key {key!r} must be an integer or null, got {value!r}", file=self.path)
             value = int(text)
         if value is None:
@@ -117,10 +124,12 @@ def read_mistral_params(path: Path, vocab_from_tensors: int | None) -> ModelPara
     """params.json as Mistral ships it (dim, n_layers, ..., moe: {num_experts, num_experts_per_tok})."""
     fields = _Fields(read_json_object(path), path)
     moe = fields.data.get("moe")
-    if not isinstance(moe, dict):
+    if moe is None:
         raise ConvertError(
             "missing required key 'moe' (an object with num_experts): not a mixture-of-experts model", file=path
         )
+    if not isinstance(moe, dict):
+        raise ConvertError(f"key 'moe' must be an object with num_experts, got {moe!r:.40}", file=path)
     moe_fields = _Fields(moe, path)
     dim = fields.integer("dim")
     n_heads = fields.integer("n_heads")
@@ -147,8 +156,8 @@ def read_mistral_params(path: Path, vocab_from_tensors: int | None) -> ModelPara
 
 
 def _vocab(vocab_from_tensors: int | None, path: Path) -> int:
-    if vocab_from_tensors is None:
-        raise ConvertError("missing required key 'vocab_size' and no embedding to read it from", file=path)
+    if not vocab_from_tensors:
+        raise ConvertError("missing required key 'vocab_size' and no non-empty embedding to read it from", file=path)
     return vocab_from_tensors
 
 

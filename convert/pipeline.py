@@ -22,13 +22,16 @@ def convert_checkpoint(
     resume: bool = False,
     hash_input: bool = False,
     instruct: bool = False,
+    strict: bool = False,
     progress: bool = False,
 ) -> Plan:
     """Convert the checkpoint folder source into destination in the target layout; returns the plan it ran.
     With resume, an interrupted conversion into destination continues where it stopped."""
     check_destination(destination, source)
     with open_source(source, source_layout) as opened:
-        plan = build_plan(opened, target, max_shard_size=max_shard_size, hash_input=hash_input, instruct=instruct)
+        plan = build_plan(
+            opened, target, max_shard_size=max_shard_size, hash_input=hash_input, instruct=instruct, strict=strict
+        )
         if resume:
             journal = Journal.resume(destination, plan)
         else:

@@ -110,13 +110,20 @@ def check_source(source: Source) -> list[ConvertError]:
     return problems
 
 
-def main_dtype(source: Source) -> str:
-    """The dtype most bytes have; config.json states it. A tensor that differs is kept as it is, with a warning."""
+def main_dtype(source: Source, *, strict: bool = False) -> str:
+    """The dtype most bytes have; config.json states it. A tensor that differs is kept as it is, with a warning
+    (an error when strict)."""
     weight: Counter[str] = Counter()
     for record in source.records.values():
         weight[record.dtype] += record.nbytes
     dtype = weight.most_common(1)[0][0] if weight else "BF16"
     for record in source.records.values():
+        if record.dtype != dtype and strict:
+            raise ConvertError(
+                f"dtype {record.dtype} unlike the rest ({dtype}) (--strict)",
+                file=record.stream.label,
+                tensor=record.name,
+            )
         if record.dtype != dtype:
             log.warning(
                 "%s: tensor %s has dtype %s unlike the rest (%s); kept as it is",
@@ -303,6 +310,7 @@ def build_plan(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     hash_input: bool = False,
     instruct: bool = False,
+    strict: bool = False,
 ) -> Plan:
     """Weights first, then the tokenizer and the parameters; the last file (the HF index, or params.json)
     is what makes the folder a loadable checkpoint, so it is written last."""
@@ -317,7 +325,7 @@ def build_plan(
             )
         raise first
     target = layout(target_name)
-    dtype = main_dtype(source)
+    dtype = main_dtype(source, strict=strict)
     tensors = target_tensors(source, target)
     weights, index = _WEIGHT_WRITERS[target.container](tensors, max_shard_size)
     files = [

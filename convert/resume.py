@@ -57,7 +57,7 @@ class Journal:
         lines = path.read_text().splitlines()
         try:
             recorded = json.loads(lines[0])["fingerprint"]
-            entries = [json.loads(line) for line in lines[1:] if line.strip()]
+            entries = [_entry(line) for line in lines[1:] if line.strip()]
         except (ValueError, KeyError, IndexError):
             raise ConvertError("the resume journal is damaged; start over with --force", file=path) from None
         _refuse_other_plan(recorded, fingerprint(plan), path)
@@ -85,13 +85,28 @@ class Journal:
         self.path.unlink(missing_ok=True)
 
     def _append(self, entry: dict, truncate: bool = False) -> None:
+        """One whole line, synced; a short write (a full disk) is an error, never a cut line."""
         flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else os.O_APPEND)
-        fd = os.open(self.path, flags, 0o644)
+        line = memoryview((json.dumps(entry) + "\n").encode())
         try:
-            os.write(fd, (json.dumps(entry) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, flags, 0o644)
+            try:
+                while line:
+                    line = line[os.write(fd, line) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise ConvertError(f"cannot write the resume journal: {exc.strerror}", file=self.path) from None
+
+
+def _entry(line: str) -> dict:
+    """A journal line; one cut short by a crash records nothing (its file is redone)."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return {}
+    return entry if isinstance(entry, dict) else {}
 
 
 def _refuse_other_plan(recorded: dict, current: dict, path: Path) -> None:

@@ -69,6 +69,11 @@ def detect_layout(folder: Path) -> str:
         return found[0]
     if found:
         raise ConvertError(f"matches several layouts ({', '.join(found)}); choose one with --from", file=folder)
+    parts = sorted(p.name for p in folder.glob("*-split*"))
+    if parts:
+        raise ConvertError(
+            f"split parts without a -split0 (found {', '.join(parts[:4])}): the first part is missing", file=folder
+        )
     present = sorted(p.name for p in folder.iterdir())[:8]
     needs = "; ".join(f"{name} needs {' or '.join(layout(name).markers)}" for name in layout_names())
     raise ConvertError(f"no known checkpoint layout (found: {', '.join(present) or 'nothing'}); {needs}", file=folder)
@@ -172,8 +177,10 @@ def _read_safetensors_sharded(folder: Path, streams: list[ByteStream]) -> tuple[
         streams.append(stream)
         for record in shard_records:
             if weight_map.get(record.name) != shard:
+                listed_in = weight_map.get(record.name)
+                where = f"the index places it in {listed_in}" if listed_in else "the index does not list it"
                 raise ConvertError(
-                    f"tensor is in {shard} but the index places it in {weight_map.get(record.name)}",
+                    f"tensor is in {shard} but {where}",
                     file=index_path,
                     tensor=record.name,
                 )

@@ -236,7 +236,8 @@ class _Writer:
         self.file_hasher.close()
         self.tensor_hasher.close()
 
-    def write(self, output: OutputFile) -> None:
+    def write(self, output: OutputFile, before_commit: Callable[[], None]) -> None:
+        """Write output as NAME.partial and rename it into place, unless before_commit raises."""
         temporary = self.destination / partial_name(output.name)
         file_hash = hashlib.sha256()
         tensor_hashes: dict[str, hashlib._Hash] = {}
@@ -271,6 +272,7 @@ class _Writer:
         self.digests.file_sha256[output.name] = file_hash.hexdigest()
         for tensor, digest in tensor_hashes.items():
             self.digests.tensor_sha256[tensor] = digest.hexdigest()
+        before_commit()
         os.replace(temporary, self.destination / output.name)
 
 
@@ -334,6 +336,16 @@ def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool, 
         future = hasher.submit(lambda: {p.name: file_digest(p, "sha256") for p in plan.source.input_files})
         digests.input_sha256 = future.result
     identity = source_identity(plan.source)
+
+    def source_unchanged() -> None:
+        for was, now in zip(identity, source_identity(plan.source), strict=True):
+            if was != now:
+                raise ConvertError(
+                    "changed during the conversion (size or modification time); the output file being written is "
+                    "left .partial",
+                    file=plan.source.folder / was["name"],
+                )
+
     *body, marker = plan.files
     remaining = sum(f.size for f in plan.files if f.name not in journal.finished)
     with progress_bar(remaining, progress) as bar:
@@ -347,11 +359,7 @@ def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool, 
                     digests.file_sha256[output.name] = finished.sha256
                     digests.tensor_sha256.update(finished.tensors)
                     continue
-                writer.write(output)
-                if source_identity(plan.source) != identity:
-                    raise ConvertError(
-                        "the source changed during the conversion (size or modification time)", file=plan.source.folder
-                    )
+                writer.write(output, before_commit=source_unchanged)
                 tensors = {p.tensor: digests.tensor_sha256[p.tensor] for p in output.pieces}
                 journal.record(output.name, digests.file_sha256[output.name], tensors)
             fsync_folder(destination)

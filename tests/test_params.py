@@ -68,7 +68,7 @@ def test_megablocks_sliding_window_as_string(tmp_path: Path, value: object, wind
         ({"n_layers": None}, "missing required key 'n_layers'"),
         ({"moe": None}, "missing required key 'moe' (an object with num_experts): not a mixture-of-experts model"),
         ({"n_kv_heads": 7}, "n_heads 32 is not a multiple of n_kv_heads 7"),
-        ({"norm_eps": "tiny"}, "key 'norm_eps' must be a positive number, got 'tiny'"),
+        ({"norm_eps": "tiny"}, "key 'norm_eps' must be a positive finite number, got 'tiny'"),
         ({"head_dim": 127}, "head_dim 127 must be even for rotary embeddings"),
     ],
 )

@@ -63,6 +63,8 @@ def read_header(stream: ByteStream) -> tuple[list[TensorRecord], dict[str, str]]
         header = json.loads(text, object_pairs_hook=_reject_duplicates)
     except ValueError as exc:
         raise ConvertError(f"safetensors: header is not valid JSON: {exc}", file=label) from None
+    except RecursionError:
+        raise ConvertError("safetensors: header JSON is nested too deeply", file=label) from None
     if not isinstance(header, dict):
         raise ConvertError("safetensors: header is not a JSON object", file=label)
 
@@ -87,10 +89,12 @@ def read_header(stream: ByteStream) -> tuple[list[TensorRecord], dict[str, str]]
         records.append(TensorRecord(name, dtype, shape, stream, data_start + begin, end - begin))
         expected_begin = end
     if data_start + expected_begin != stream.size:
+        past_end = next((r.name for r in records if r.offset + r.nbytes > stream.size), None)
         raise ConvertError(
             f"safetensors: file is {stream.size} bytes but the header describes {data_start + expected_begin}"
             + (" (truncated download?)" if stream.size < data_start + expected_begin else ""),
             file=label,
+            tensor=past_end,
         )
     return records, metadata
 
@@ -101,7 +105,7 @@ def _parse_entry(name: str, info: object, label: str) -> tuple[str, str, tuple[i
             "safetensors: entry must have exactly dtype, shape and data_offsets", file=label, tensor=name
         )
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in ITEM_SIZE:
+    if not isinstance(dtype, str) or dtype not in ITEM_SIZE:
         raise ConvertError(f"safetensors: unknown dtype {dtype!r}", file=label, tensor=name)
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise ConvertError("safetensors: shape must be a list of non-negative integers", file=label, tensor=name)

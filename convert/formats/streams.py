@@ -98,7 +98,10 @@ def split_parts(folder: Path, stem: str) -> list[Path]:
         match = _SPLIT_SUFFIX.search(path.name)
         if match is None or path.name != f"{stem}-split{match.group(1)}":
             continue
-        numbered[int(match.group(1))] = path
+        number = int(match.group(1))
+        if number in numbered:
+            raise ConvertError(f"{numbered[number].name} and {path.name} both claim part {number}", file=folder)
+        numbered[number] = path
     if not numbered:
         return []
     missing = sorted(set(range(max(numbered) + 1)) - set(numbered))

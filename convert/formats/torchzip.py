@@ -8,9 +8,12 @@ file is ever imported or called, and there is no fallback to an unrestricted loa
 from __future__ import annotations
 
 import collections
+import io
 import pickle
+import pickletools
 import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -23,19 +26,42 @@ _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 
 
-@dataclass(frozen=True)
+def _refuse_build(self: object, _state: object) -> None:
+    raise pickle.UnpicklingError(f"BUILD on {type(self).__name__.lstrip('_')} is not allowed")
+
+
+def _sealed(cls: type) -> type:
+    """Stand-ins are slotted (no __dict__ for BUILD to update) and refuse __setstate__, which a frozen slotted
+    dataclass otherwise gets and which writes its slots: a file cannot rewrite what the allow-list hands out."""
+    cls.__setstate__ = _refuse_build  # type: ignore[attr-defined]
+    return cls
+
+
+@_sealed
+@dataclass(frozen=True, slots=True)
 class _StorageType:
     dtype: str
 
 
-@dataclass(frozen=True)
+@_sealed
+@dataclass(frozen=True, slots=True)
 class _Storage:
     key: str
     dtype: str
     numel: int
 
 
-@dataclass(frozen=True)
+@_sealed
+@dataclass(frozen=True, slots=True)
+class _Callable:
+    function: Callable[..., object]
+
+    def __call__(self, *args: object) -> object:
+        return self.function(*args)
+
+
+@_sealed
+@dataclass(frozen=True, slots=True)
 class _TensorRef:
     storage: _Storage
     offset: int
@@ -64,11 +90,26 @@ def _rebuild_parameter(data: object, *_rest: object) -> object:
 _ALLOWED = MappingProxyType(
     {
         ("collections", "OrderedDict"): collections.OrderedDict,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_tensor_v2"): _Callable(_rebuild_tensor_v2),
+        ("torch._utils", "_rebuild_parameter"): _Callable(_rebuild_parameter),
         **{("torch", cls): _StorageType(dtype) for cls, dtype in STORAGE_CLASS.items()},
     }
 )
+
+
+MAX_PICKLE = 64 * 2**20  # Mixtral's data.pkl is about 100 KB
+MAX_MEMO = 2**20  # the unpickler sizes its memo by the largest index: a few bytes could ask for gigabytes
+
+
+def _prescan(data: bytes) -> None:
+    """Refuse what the C unpickler would let cost memory before the allow-list sees anything."""
+    if len(data) > MAX_PICKLE:
+        raise pickle.UnpicklingError(f"data.pkl is {len(data)} bytes, over the {MAX_PICKLE} a checkpoint index needs")
+    for opcode, argument, _ in pickletools.genops(data):
+        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"):
+            index = int(argument)  # type: ignore[arg-type]
+            if not 0 <= index < MAX_MEMO:
+                raise pickle.UnpicklingError(f"memo index {index} is out of range")
 
 
 class _IndexUnpickler(pickle.Unpickler):
@@ -82,7 +123,8 @@ class _IndexUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
         _, storage_type, key, _location, numel = pid
-        if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or type(numel) is not int:
+        valid = isinstance(storage_type, _StorageType) and storage_type.dtype in ITEM_SIZE
+        if not valid or not isinstance(key, str) or type(numel) is not int or numel < 0:
             raise pickle.UnpicklingError("malformed storage reference")
         return _Storage(key, storage_type.dtype, numel)
 
@@ -92,7 +134,7 @@ def read_torch_index(stream: ByteStream) -> list[TensorRecord]:
     label = stream.label
     try:
         archive = zipfile.ZipFile(StreamFile(stream))
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as exc:
         raise ConvertError(f"torch checkpoint: not a readable zip archive ({exc})", file=label) from None
     with archive:
         infos = {info.filename: info for info in archive.infolist()}
@@ -101,8 +143,12 @@ def read_torch_index(stream: ByteStream) -> list[TensorRecord]:
             raise ConvertError(f"torch checkpoint: expected one <folder>/data.pkl, found {len(pickles)}", file=label)
         prefix = pickles[0][: -len("data.pkl")]
         try:
-            with archive.open(pickles[0]) as handle:
-                state = _IndexUnpickler(handle).load()
+            info = archive.getinfo(pickles[0])
+            if info.file_size > MAX_PICKLE:
+                raise pickle.UnpicklingError(f"data.pkl is {info.file_size} bytes, over the {MAX_PICKLE} allowed")
+            data = archive.read(pickles[0])
+            _prescan(data)
+            state = _IndexUnpickler(io.BytesIO(data)).load()
         except ConvertError:
             raise
         except Exception as exc:  # any malformed pickle: the message names what failed
