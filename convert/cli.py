@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--hash-input", action="store_true", help="also record the SHA-256 of every source file in manifest.json"
     )
+    convert.add_argument(
+        "--no-checksums",
+        dest="checksums",
+        action="store_false",
+        help="write no SHA256SUMS or manifest.json and hash nothing (faster; --resume then trusts file sizes)",
+    )
     convert.add_argument("--strict", action="store_true", help="treat warnings about tensors as errors")
     convert.add_argument(
         "--instruct", action="store_true", help="hf: add the Mixtral-Instruct chat template to tokenizer_config.json"
@@ -95,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_convert(args: argparse.Namespace) -> int:
     if args.json and not args.dry_run:
         raise ConvertError("--json goes with --dry-run")
+    if args.hash_input and not args.checksums:
+        raise ConvertError("--hash-input records hashes in manifest.json, which --no-checksums does not write")
     if args.resume and args.force:
         raise ConvertError("--resume continues a run and --force starts over: choose one")
     if args.dry_run:
@@ -106,6 +114,7 @@ def run_convert(args: argparse.Namespace) -> int:
                 hash_input=args.hash_input,
                 instruct=args.instruct,
                 strict=args.strict,
+                checksums=args.checksums,
             )
             description = plan.describe()
         if args.json:
@@ -132,6 +141,7 @@ def run_convert(args: argparse.Namespace) -> int:
         hash_input=args.hash_input,
         instruct=args.instruct,
         strict=args.strict,
+        checksums=args.checksums,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     log.info("wrote %d files to %s", len(plan.files), args.dst)

@@ -23,6 +23,7 @@ def convert_checkpoint(
     hash_input: bool = False,
     instruct: bool = False,
     strict: bool = False,
+    checksums: bool = True,
     progress: bool = False,
 ) -> Plan:
     """Convert the checkpoint folder source into destination in the target layout; returns the plan it ran.
@@ -30,13 +31,19 @@ def convert_checkpoint(
     check_destination(destination, source)
     with open_source(source, source_layout) as opened:
         plan = build_plan(
-            opened, target, max_shard_size=max_shard_size, hash_input=hash_input, instruct=instruct, strict=strict
+            opened,
+            target,
+            max_shard_size=max_shard_size,
+            hash_input=hash_input,
+            instruct=instruct,
+            strict=strict,
+            checksums=checksums,
         )
         if resume:
             journal = Journal.resume(destination, plan)
         else:
             prepare_destination(destination, plan, force=force)
             journal = Journal.start(destination, plan)
-        execute(plan, destination, journal, progress=progress, hash_input=hash_input)
+        execute(plan, destination, journal, progress=progress, hash_input=hash_input, strict=strict)
         journal.close()
     return plan

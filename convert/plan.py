@@ -51,6 +51,7 @@ class Plan:
     params: ModelParams
     dtype: str
     files: tuple[OutputFile, ...]  # in write order; the last one marks the output complete
+    checksums: bool = True  # SHA256SUMS and manifest.json written, every byte hashed
 
     @property
     def total_bytes(self) -> int:
@@ -311,6 +312,7 @@ def build_plan(
     hash_input: bool = False,
     instruct: bool = False,
     strict: bool = False,
+    checksums: bool = True,
 ) -> Plan:
     """Weights first, then the tokenizer and the parameters; the last file (the HF index, or params.json)
     is what makes the folder a loadable checkpoint, so it is written last."""
@@ -347,6 +349,8 @@ def build_plan(
         _placements(tensors, weights),
         [(p.name, p.stat().st_size) for p in source.input_files] if hash_input else None,
     )
+    if not checksums:
+        return Plan(source, target, source.params, dtype, (*body, marker), checksums=False)
     sums = integrity.sums_file([*body, manifest, marker])
     return Plan(source, target, source.params, dtype, (*body, manifest, sums, marker))
 

@@ -11,6 +11,7 @@ scheduling: a few chunks in flight, and at most one transformed piece (a q/k mat
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import queue
 import sys
@@ -22,7 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from types import MappingProxyType
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -36,6 +39,8 @@ from convert.plan import Plan
 from convert.resume import Journal
 from convert.source import source_identity
 from convert.transforms import run_steps
+
+log = logging.getLogger("mixtral-convert")
 
 CHUNK = 8 * 2**20
 QUEUE_DEPTH = 4
@@ -223,10 +228,12 @@ class _Reader:
 
 
 class _Writer:
-    def __init__(self, destination: Path, progress: tqdm, digests: Digests) -> None:
+    def __init__(self, destination: Path, progress: tqdm, digests: Digests, *, strict: bool, checksums: bool) -> None:
         self.destination = destination
+        self.checksums = checksums
         self.progress = progress
         self.digests = digests
+        self.strict = strict
         # SHA-256 runs at about 0.9 GB/s a core here: the file and tensor hashes get a thread each.
         self.file_hasher = _Worker("file-hasher")
         self.tensor_hasher = _Worker("tensor-hasher")
@@ -241,6 +248,8 @@ class _Writer:
         temporary = self.destination / partial_name(output.name)
         file_hash = hashlib.sha256()
         tensor_hashes: dict[str, hashlib._Hash] = {}
+        dtypes = {p.tensor: p.record.dtype for p in output.pieces}
+        non_finite: set[str] = set()
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         reader = _Reader(output, self.digests, self.pool)
         try:
@@ -251,10 +260,11 @@ class _Writer:
                 _pwrite_all(fd, data, offset, temporary)
                 if offset == 0 and os.environ.get(STALL_AT_ENV) == output.name:
                     _stall()
-                self.file_hasher.submit(partial(_hash_and_release, file_hash, data, lease))
+                self.file_hasher.submit(partial(_hash_and_release, file_hash if self.checksums else None, data, lease))
                 if tensor is not None:
-                    digest = tensor_hashes.setdefault(tensor, hashlib.sha256())
-                    self.tensor_hasher.submit(partial(_hash_and_release, digest, data, lease))
+                    digest = tensor_hashes.setdefault(tensor, hashlib.sha256()) if self.checksums else None
+                    check = partial(_check_finite, data, dtypes[tensor], tensor, non_finite)
+                    self.tensor_hasher.submit(partial(_hash_and_release, digest, data, lease, check))
                 elif lease is not None:
                     lease.release()
                 if lease is not None:
@@ -269,17 +279,50 @@ class _Writer:
         finally:
             reader.stop()
             os.close(fd)
-        self.digests.file_sha256[output.name] = file_hash.hexdigest()
-        for tensor, digest in tensor_hashes.items():
-            self.digests.tensor_sha256[tensor] = digest.hexdigest()
+        if self.checksums:
+            self.digests.file_sha256[output.name] = file_hash.hexdigest()
+            for tensor, digest in tensor_hashes.items():
+                self.digests.tensor_sha256[tensor] = digest.hexdigest()
+        sources = {p.tensor: p.record for p in output.pieces}  # messages name the source's file and tensor
+        for tensor in sorted(non_finite):
+            record = sources[tensor]
+            if self.strict:
+                raise ConvertError("has NaN or Inf values (--strict)", file=record.stream.label, tensor=record.name)
+            log.warning("%s: tensor %s has NaN or Inf values; converted as they are", record.stream.label, record.name)
         before_commit()
         os.replace(temporary, self.destination / output.name)
 
 
-def _hash_and_release(digest: hashlib._Hash, data: memoryview, lease: _Lease | None) -> None:
-    digest.update(data)
+def _hash_and_release(
+    digest: hashlib._Hash | None, data: memoryview, lease: _Lease | None, check: Callable[[], None] | None = None
+) -> None:
+    if digest is not None:
+        digest.update(data)
+    if check is not None:
+        check()
     if lease is not None:
         lease.release()
+
+
+# A float is NaN or Inf when all its exponent bits are set: checked on the raw words, no conversion.
+_EXPONENT_BITS = MappingProxyType(
+    {
+        "BF16": (np.uint16, 0x7F80),
+        "F16": (np.uint16, 0x7C00),
+        "F32": (np.uint32, 0x7F80_0000),
+        "F64": (np.uint64, 0x7FF0_0000_0000_0000),
+    }
+)
+
+
+def _check_finite(data: memoryview, dtype: str, tensor: str, non_finite: set[str]) -> None:
+    spec = _EXPONENT_BITS.get(dtype)
+    if spec is None or tensor in non_finite:
+        return
+    word, mask = spec
+    words = np.frombuffer(data, dtype=word)
+    if np.any(np.bitwise_and(words, word(mask)) == word(mask)):
+        non_finite.add(tensor)
 
 
 def _stall() -> None:
@@ -323,7 +366,9 @@ def progress_bar(total: int, enabled: bool) -> Iterator[tqdm]:
         bar.close()
 
 
-def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool, hash_input: bool = False) -> Digests:
+def execute(
+    plan: Plan, destination: Path, journal: Journal, *, progress: bool, hash_input: bool = False, strict: bool = False
+) -> Digests:
     """Write every planned file into destination, skipping those the journal holds as finished; the last one
     only once all others are durable. The source is checked for changes after every file.
 
@@ -349,19 +394,20 @@ def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool, 
     *body, marker = plan.files
     remaining = sum(f.size for f in plan.files if f.name not in journal.finished)
     with progress_bar(remaining, progress) as bar:
-        writer = _Writer(destination, bar, digests)
+        writer = _Writer(destination, bar, digests, strict=strict, checksums=plan.checksums)
         try:
             for output in [*body, marker]:
                 if output is marker:
                     fsync_folder(destination)
                 finished = journal.finished.get(output.name)
                 if finished is not None:
-                    digests.file_sha256[output.name] = finished.sha256
+                    if finished.sha256 is not None:
+                        digests.file_sha256[output.name] = finished.sha256
                     digests.tensor_sha256.update(finished.tensors)
                     continue
                 writer.write(output, before_commit=source_unchanged)
-                tensors = {p.tensor: digests.tensor_sha256[p.tensor] for p in output.pieces}
-                journal.record(output.name, digests.file_sha256[output.name], tensors)
+                tensors = {p.tensor: digests.tensor_sha256[p.tensor] for p in output.pieces if plan.checksums}
+                journal.record(output.name, digests.file_sha256.get(output.name), tensors)
             fsync_folder(destination)
         finally:
             writer.close()

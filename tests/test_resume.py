@@ -30,10 +30,22 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "src", root / "reference"
 
 
-def killed_at(src: Path, dst: Path, stall_at: str) -> None:
+def killed_at(src: Path, dst: Path, stall_at: str, *extra: str) -> None:
     """Start a conversion, wait until it is writing stall_at, and SIGKILL it there."""
     env = dict(os.environ, MIXTRAL_CONVERT_STALL_AT=stall_at)
-    command = [sys.executable, "-m", "convert", "convert", src, dst, "--to", "hf", "--max-shard-size", SHARD_SIZE]
+    command = [
+        sys.executable,
+        "-m",
+        "convert",
+        "convert",
+        src,
+        dst,
+        "--to",
+        "hf",
+        "--max-shard-size",
+        SHARD_SIZE,
+        *extra,
+    ]
     process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE)
     partial = dst / f"{stall_at}.partial"
     deadline = time.monotonic() + 60
@@ -97,3 +109,14 @@ def test_resume_refuses_another_plan(sample: tuple[Path, Path], tmp_path: Path) 
     fresh.mkdir()
     nothing = run_cli("convert", src, fresh, "--to", "hf", "--resume", check=False)
     assert_one_line_error(nothing, "nothing to resume")
+
+
+def test_without_checksums_the_rest_is_identical_and_resumable(sample: tuple[Path, Path], tmp_path: Path) -> None:
+    src, reference = sample
+    dst = tmp_path / "hf"
+    killed_at(src, dst, "model-00003-of-00005.safetensors", "--no-checksums")
+    run_cli("convert", src, dst, "--to", "hf", "--max-shard-size", SHARD_SIZE, "--no-checksums", "--resume")
+    names = sorted(p.name for p in dst.iterdir())
+    assert names == sorted(p.name for p in reference.iterdir() if p.name not in ("SHA256SUMS", "manifest.json"))
+    for name in names:
+        assert (dst / name).read_bytes() == (reference / name).read_bytes(), name
