@@ -55,6 +55,9 @@ class Journal:
             reason = "it is already complete" if complete else "it holds no journal of an interrupted conversion"
             raise ConvertError(f"nothing to resume: {reason}", file=destination)
         lines = path.read_text().splitlines()
+        if not lines or not _entry(lines[0]).get("fingerprint"):
+            # The run died (a full disk, a kill) before its journal said anything: nothing is finished; start over.
+            return cls.start(destination, plan)
         try:
             recorded = json.loads(lines[0])["fingerprint"]
             entries = [_entry(line) for line in lines[1:] if line.strip()]

@@ -72,7 +72,9 @@ def detect_layout(folder: Path) -> str:
     parts = sorted(p.name for p in folder.glob("*-split*"))
     if parts:
         raise ConvertError(
-            f"split parts without a -split0 (found {', '.join(parts[:4])}): the first part is missing", file=folder
+            f"split parts without their first: {parts[0].split('-split')[0]}-split0 is missing "
+            f"(found {', '.join(parts[:4])})",
+            file=folder,
         )
     present = sorted(p.name for p in folder.iterdir())[:8]
     needs = "; ".join(f"{name} needs {' or '.join(layout(name).markers)}" for name in layout_names())

@@ -1,0 +1,561 @@
+"""Fuzzing the readers of untrusted input: the safetensors header parser, the restricted unpickler of torch zip
+checkpoints, and the params.json / config.json readers.
+
+The only allowed outcomes are success or convert.errors.ConvertError: anything else would reach the user as a
+traceback. Successes are checked against the rules the readers promise. Known crashers are pinned with @example so
+the tests fail deterministically rather than by luck. Bounded: the whole file runs in well under 60 s.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickletools
+import resource
+import struct
+import subprocess
+import sys
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+
+from convert.dtypes import ITEM_SIZE
+from convert.errors import ConvertError
+from convert.formats.safetensors import open_safetensors
+from convert.formats.streams import ByteStream
+from convert.formats.torchzip import _ALLOWED, read_torch_index
+from convert.params import ModelParams, read_hf_params, read_mistral_params
+
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+
+_SCRATCH = Path(tempfile.mkdtemp(prefix="mixtral-convert-fuzz-"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _clean_scratch() -> Iterator[None]:
+    yield
+    for path in _SCRATCH.iterdir():
+        path.unlink()
+    _SCRATCH.rmdir()
+
+
+def _file(name: str, data: bytes) -> Path:
+    path = _SCRATCH / name
+    path.write_bytes(data)
+    return path
+
+
+def _only_convert_error(call: Callable[[], object]) -> object | None:
+    """The call's result, or None if it raised ConvertError; any other exception propagates and fails the test."""
+    try:
+        return call()
+    except ConvertError as exc:
+        assert exc.line(), "a ConvertError must carry a message"
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# safetensors headers
+
+
+def _safetensors(header: dict | bytes, data: bytes, length: int | None = None) -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
+
+
+def _check_safetensors(data: bytes) -> None:
+    path = _file("fuzz.safetensors", data)
+
+    def parse() -> tuple:
+        stream, records, metadata = open_safetensors(path)
+        stream.close()
+        return records, metadata
+
+    parsed = _only_convert_error(parse)
+    if parsed is None:
+        return
+    records, metadata = parsed
+    # Accepted: the rules of ../shared/formats.md hold.
+    (length,) = struct.unpack("<Q", data[:8])
+    position = 8 + length
+    assert length <= 100_000_000
+    assert len({r.name for r in records}) == len(records)
+    for record in records:
+        assert record.offset == position, record
+        assert record.nbytes == ITEM_SIZE[record.dtype] * math.prod(record.shape)
+        position += record.nbytes
+    assert position == len(data)
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+
+
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-3, max_value=300)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8)
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+DTYPES = st.sampled_from([*ITEM_SIZE, "Q7", "", "bf16", "BF16 "]) | JSON_VALUES
+DIMS = st.lists(st.integers(min_value=0, max_value=6) | st.integers(min_value=-2, max_value=2**70), max_size=4)
+
+
+@st.composite
+def header_and_data(draw: st.DrawFn) -> bytes:
+    """A safetensors file from a header that is often nearly right: entries laid out contiguously, then some
+    fields replaced by arbitrary JSON values, offsets nudged, names duplicated, the length field changed."""
+    header: dict[str, object] = {}
+    if draw(st.booleans()):
+        header["__metadata__"] = draw(
+            st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=3) | JSON_VALUES
+        )
+    position = 0
+    for index in range(draw(st.integers(min_value=0, max_value=5))):
+        dtype = draw(st.sampled_from(sorted(ITEM_SIZE)))
+        shape = draw(st.lists(st.integers(min_value=0, max_value=5), max_size=3))
+        size = ITEM_SIZE[dtype] * math.prod(shape)
+        entry: dict[str, object] = {"dtype": dtype, "shape": shape, "data_offsets": [position, position + size]}
+        position += size
+        mutation = draw(st.sampled_from(["none", "none", "dtype", "shape", "offsets", "nudge", "extra", "drop"]))
+        if mutation == "dtype":
+            entry["dtype"] = draw(DTYPES)
+        elif mutation == "shape":
+            entry["shape"] = draw(DIMS | JSON_VALUES)
+        elif mutation == "offsets":
+            entry["data_offsets"] = draw(st.lists(st.integers(min_value=-2, max_value=2**65), max_size=3) | JSON_VALUES)
+        elif mutation == "nudge":
+            delta = draw(st.integers(min_value=-3, max_value=3))
+            entry["data_offsets"] = [entry["data_offsets"][0] + delta, entry["data_offsets"][1] + delta]  # type: ignore[index]
+        elif mutation == "extra":
+            entry[draw(st.text(max_size=4))] = draw(JSON_VALUES)
+        elif mutation == "drop":
+            del entry[draw(st.sampled_from(["dtype", "shape", "data_offsets"]))]
+        header[draw(st.sampled_from(["a", "b", "c", f"t{index}", "__metadata__"]))] = (
+            entry if draw(st.integers(0, 9)) else draw(JSON_VALUES)
+        )
+    raw = json.dumps(header).encode()
+    raw += b" " * draw(st.integers(min_value=0, max_value=8))
+    data = bytes(position) + draw(st.binary(max_size=3)) if draw(st.booleans()) else bytes(position)
+    if draw(st.integers(0, 9)) == 0:
+        data = data[: draw(st.integers(min_value=0, max_value=len(data)))]
+    length = None
+    if draw(st.integers(0, 9)) == 0:
+        length = draw(st.integers(min_value=0, max_value=2**64 - 1) | st.integers(len(raw) - 3, len(raw) + 3))
+    return _safetensors(raw, data, length)
+
+
+DTYPE_A_LIST = _safetensors({"a": {"dtype": ["U8"], "shape": [1], "data_offsets": [0, 1]}}, b"x")
+
+
+@FUZZ
+@given(header_and_data())
+@example(DTYPE_A_LIST)  # TypeError: unhashable type: 'list'
+def test_safetensors_structured_headers(data: bytes) -> None:
+    _check_safetensors(data)
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_safetensors_random_bytes(data: bytes) -> None:
+    _check_safetensors(data)
+
+
+def _small_safetensors() -> bytes:
+    from safetensors.torch import save
+
+    return save(
+        {"w": torch.arange(6, dtype=torch.bfloat16).view(2, 3), "n": torch.ones(3), "e": torch.zeros(0, 2)},
+        metadata={"format": "pt"},
+    )
+
+
+SMALL_SAFETENSORS = _small_safetensors()
+
+
+@st.composite
+def mutated(draw: st.DrawFn, original: bytes) -> bytes:
+    """original with a few byte flips, overwrites, deletions, insertions or a truncation."""
+    data = bytearray(original)
+    for _ in range(draw(st.integers(min_value=1, max_value=4))):
+        kind = draw(st.sampled_from(["flip", "set", "delete", "insert", "truncate"]))
+        at = draw(st.integers(min_value=0, max_value=max(0, len(data) - 1)))
+        if kind == "flip" and data:
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "set" and data:
+            data[at] = draw(st.sampled_from(b'{}[]",:0129 \xff\x00-eE.'))
+        elif kind == "delete":
+            del data[at : at + draw(st.integers(1, 8))]
+        elif kind == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=8))
+        else:
+            del data[at:]
+    return bytes(data)
+
+
+@FUZZ
+@given(mutated(SMALL_SAFETENSORS))
+def test_safetensors_mutated_real_file(data: bytes) -> None:
+    _check_safetensors(data)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch zip checkpoints: the restricted unpickler and the zip records
+
+
+def _small_torch_zip() -> bytes:
+    base = torch.arange(12, dtype=torch.bfloat16)
+    buffer = io.BytesIO()
+    torch.save({"a": base[:6].view(2, 3), "b": base, "c": torch.ones(2, 2, dtype=torch.float32)}, buffer)
+    return buffer.getvalue()
+
+
+SMALL_ZIP = _small_torch_zip()
+with zipfile.ZipFile(io.BytesIO(SMALL_ZIP)) as _archive:
+    ENTRIES = {info.filename: _archive.read(info) for info in _archive.infolist()}
+PKL = next(name for name in ENTRIES if name.endswith("/data.pkl"))
+REAL_PICKLE = ENTRIES[PKL]
+# The allow-list's stand-ins, as they must stay: a pickle must never change them (BUILD on an allow-listed global
+# would, for the rest of the process).
+ALLOWED_BEFORE = {key: (repr(value), dict(getattr(value, "__dict__", {}))) for key, value in _ALLOWED.items()}
+
+
+def _zip_with_pickle(pkl: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in ENTRIES.items():
+            archive.writestr(name, pkl if name == PKL else data)
+    return buffer.getvalue()
+
+
+def _restore_allow_list() -> list[str]:
+    changed = []
+    for key, value in _ALLOWED.items():
+        text, attributes = ALLOWED_BEFORE[key]
+        if repr(value) != text or dict(getattr(value, "__dict__", {})) != attributes:
+            changed.append(f"{key}: {value!r} (was {text})")
+            if hasattr(value, "__dict__"):
+                value.__dict__.clear()
+                value.__dict__.update(attributes)
+    return changed
+
+
+def _memo_bomb(data: bytes) -> bool:
+    """Whether the archive's data.pkl stores to a memo index beyond 2**20. The C unpickler grows its memo array to
+    the index (LONG_BINPUT 2**31 costs ~32 GiB), so such inputs would take this test process down with them; the
+    defect is tested through the command line with its RSS measured (test_faults) and by the atheris run below,
+    under an address-space limit."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            pickles = [archive.read(name) for name in archive.namelist() if name.endswith("data.pkl")]
+    except Exception:
+        return False
+    for pkl in pickles:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # pickletools on bad STRING escapes
+                for opcode, argument, _ in pickletools.genops(pkl):
+                    if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(argument) > 2**20:
+                        return True
+        except Exception:
+            continue
+    return False
+
+
+def _check_torch_zip(data: bytes) -> None:
+    assume(not _memo_bomb(data))
+    path = _file("fuzz.pth", data)
+
+    def parse() -> list:
+        stream = ByteStream([path])
+        try:
+            return read_torch_index(stream)
+        finally:
+            stream.close()
+
+    try:
+        records = _only_convert_error(parse)
+    finally:
+        changed = _restore_allow_list()
+    assert not changed, f"the pickle changed the allow-list's stand-ins: {changed}"
+    for record in records or ():
+        assert record.dtype in ITEM_SIZE
+        assert record.offset >= 0 and record.offset + record.nbytes <= len(data)
+        assert record.nbytes == ITEM_SIZE[record.dtype] * math.prod(record.shape)
+
+
+def test_real_archive_is_accepted() -> None:
+    """Control: the unmutated archive indexes to its three tensors."""
+    path = _file("control.pth", _zip_with_pickle(REAL_PICKLE))
+    stream = ByteStream([path])
+    try:
+        assert sorted(r.name for r in read_torch_index(stream)) == ["a", "b", "c"]
+    finally:
+        stream.close()
+
+
+def _bu(text: str) -> bytes:
+    data = text.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + f"{module}\n{name}\n".encode()
+
+
+# Pickle program tokens: stack and container opcodes, the allow-listed globals, harmless globals that are not on the
+# list, the pieces of a storage persistent id. Nothing here does harm if the unpickler were to let it through.
+TOKENS = [
+    b"(", b"t", b")", b"R", b"b", b"Q", b"}", b"]", b"s", b"u", b"e", b"a", b"0", b"2", b"1", b"N",
+    b"\x88", b"\x89", b"\x85", b"\x86", b"\x87", b"\x81", b"o", b"\x93", b"q\x00", b"h\x00", b"K\x00", b"K\x02",
+    b"K\x06", b"J\xff\xff\xff\xff", b"\x8a\x09" + b"\x00" * 8 + b"\x01", b"G" + struct.pack(">d", 1.5),
+    _bu("storage"), _bu("0"), _bu("1"), _bu("cpu"), _bu("a"), _bu("dtype"), _bu("BF16"), _bu("evil"),
+    _bu("torch"), _bu("BFloat16Storage"),
+    _global("torch", "BFloat16Storage"), _global("torch", "FloatStorage"), _global("torch", "HalfStorage"),
+    _global("torch._utils", "_rebuild_tensor_v2"), _global("torch._utils", "_rebuild_parameter"),
+    _global("collections", "OrderedDict"), _global("builtins", "len"), _global("builtins", "getattr"),
+]  # fmt: skip
+
+# BUILD on the allow-listed storage stand-in: {"dtype": "evil"} is set on the shared object (then POP), followed by
+# the real pickle: read_torch_index raises KeyError('evil') and the allow-list stays poisoned.
+BUILD_ON_ALLOWED = [_global("torch", "BFloat16Storage"), b"}", _bu("dtype"), _bu("evil"), b"s", b"b", b"0"]
+
+
+@FUZZ
+@given(st.lists(st.sampled_from(TOKENS), max_size=40), st.booleans())
+@example(BUILD_ON_ALLOWED, True)
+def test_pickle_programs(tokens: list[bytes], then_real: bool) -> None:
+    """Sequences of opcodes that reach the allow-listed callables with arbitrary arguments; optionally followed by
+    the real pickle (so that effects of the prefix on the allow-list show)."""
+    body = b"".join(tokens)
+    pkl = b"\x80\x02" + body + (REAL_PICKLE[2:] if then_real else b".")
+    _check_torch_zip(_zip_with_pickle(pkl))
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_pickle_random_bytes(pkl: bytes) -> None:
+    _check_torch_zip(_zip_with_pickle(pkl))
+
+
+@FUZZ
+@given(mutated(REAL_PICKLE))
+def test_pickle_mutated_real(pkl: bytes) -> None:
+    _check_torch_zip(_zip_with_pickle(pkl))
+
+
+def _zip_version_123() -> bytes:
+    """SMALL_ZIP whose first central directory entry says 'version needed to extract: 12.3'."""
+    data = bytearray(SMALL_ZIP)
+    data[data.index(b"PK\x01\x02") + 6] = 123
+    return bytes(data)
+
+
+@FUZZ
+@given(mutated(SMALL_ZIP))
+@example(_zip_version_123())  # zipfile raises NotImplementedError("zip file version 12.3")
+def test_torch_zip_mutated_archive(data: bytes) -> None:
+    """Byte damage anywhere in the archive: local headers, central directory, end record, records."""
+    _check_torch_zip(data)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# params.json / config.json
+
+MISTRAL = {
+    "dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 96, "n_heads": 4, "n_kv_heads": 2, "norm_eps": 1e-05,
+    "vocab_size": 1003, "rope_theta": 1e6, "sliding_window": None, "max_seq_len": 4096,
+    "moe": {"num_experts_per_tok": 2, "num_experts": 4},
+}  # fmt: skip
+HF = {
+    "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "intermediate_size": 96, "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 1003,
+    "rms_norm_eps": 1e-05, "rope_theta": 1e6, "sliding_window": "null", "head_dim": 16,
+    "max_position_embeddings": 32768, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
+}  # fmt: skip
+PARAM_VALUES = (
+    JSON_VALUES
+    | st.integers(min_value=-2, max_value=200)
+    | st.sampled_from(["null", "None", " 4096 ", "\u00b2", "\u0663", "-1", "4096", "default", "yarn", 10**400])
+)
+
+
+@st.composite
+def fuzzed_object(draw: st.DrawFn, valid: dict) -> dict:
+    """valid with keys dropped, replaced by arbitrary values or added; nested objects fuzzed likewise."""
+    data: dict[str, object] = {}
+    for key, value in valid.items():
+        choice = draw(st.integers(0, 9))
+        if choice == 0:
+            continue
+        if choice == 1:
+            data[key] = draw(PARAM_VALUES)
+        elif isinstance(value, dict) and choice == 2:
+            data[key] = draw(fuzzed_object(value))
+        else:
+            data[key] = value
+    for key in draw(st.lists(st.sampled_from([*valid, "extra", ""]), max_size=2)):
+        data[key] = draw(PARAM_VALUES)
+    return data
+
+
+def _check_params(reader: Callable[[Path, int | None], ModelParams], text: bytes, vocab: int | None) -> None:
+    path = _file("params.json", text)
+    params = _only_convert_error(lambda: reader(path, vocab))
+    if params is None:
+        return
+    assert isinstance(params, ModelParams)
+    for name, value in params.shape_env().items():
+        assert value > 0, (name, value)
+    assert params.n_heads % params.n_kv_heads == 0 and params.head_dim % 2 == 0
+    assert params.norm_eps > 0 and params.rope_theta > 0, params  # "must be a positive number": NaN is not
+
+
+VOCAB = st.none() | st.integers(min_value=0, max_value=5000)  # the embedding's row count, if there is one
+
+
+@FUZZ
+@given(fuzzed_object(MISTRAL), VOCAB)
+@example(MISTRAL | {"sliding_window": "\u00b2"}, None)  # str.isdigit() but not int(): ValueError
+@example(MISTRAL | {"norm_eps": 10**400}, None)  # float(int) overflows: OverflowError
+@example({k: v for k, v in MISTRAL.items() if k != "vocab_size"}, 0)  # an embedding of 0 rows: vocab_size 0 accepted
+def test_mistral_params(data: dict, vocab: int | None) -> None:
+    _check_params(read_mistral_params, json.dumps(data).encode(), vocab)
+
+
+@FUZZ
+@given(fuzzed_object(HF), VOCAB)
+@example(HF | {"sliding_window": "\u00b2"}, None)
+@example(HF | {"rope_parameters": {"rope_theta": 10**400}}, None)
+def test_hf_params(data: dict, vocab: int | None) -> None:
+    _check_params(read_hf_params, json.dumps(data).encode(), vocab)
+
+
+@FUZZ
+@given(mutated(json.dumps(MISTRAL).encode()) | st.binary(max_size=64), st.booleans())
+def test_params_text(text: bytes, mistral: bool) -> None:
+    _check_params(read_mistral_params if mistral else read_hf_params, text, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Deep nesting: json.loads raises RecursionError (not a ValueError) past ~1000 levels. Plain tests rather than
+# @example, so a failure report does not print 200 kB of brackets.
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize("reader", ["safetensors header", "params.json", "config.json"])
+def test_deeply_nested_json(reader: str) -> None:
+    if reader == "safetensors header":
+        _check_safetensors(_safetensors(b'{"a":' + DEEP + b"}", b""))
+    else:
+        _check_params(read_mistral_params if reader == "params.json" else read_hf_params, DEEP, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optional: a short coverage-guided run with atheris (libFuzzer), when it is installed (it is not a test
+# dependency: CI skips this). Each target gets a few seconds from a valid seed.
+
+_ATHERIS_TARGET = """
+import io, os, sys, tempfile, zipfile
+from pathlib import Path
+import torch  # not instrumented: only the converter's code is
+import atheris
+
+with atheris.instrument_imports(include=["convert"]):
+    from convert.errors import ConvertError
+    from convert.formats.safetensors import open_safetensors
+    from convert.formats.streams import ByteStream
+    from convert.formats.torchzip import read_torch_index
+
+TARGET = os.environ["FUZZ_TARGET"]
+SCRATCH = Path(tempfile.mkdtemp())
+ENTRIES = {}
+if TARGET == "torchzip":
+    with zipfile.ZipFile(os.environ["FUZZ_ARCHIVE"]) as archive:
+        ENTRIES = {info.filename: archive.read(info) for info in archive.infolist()}
+PKL = next((name for name in ENTRIES if name.endswith("/data.pkl")), "")
+
+
+def one_input(data: bytes) -> None:
+    path = SCRATCH / "input"
+    if TARGET == "torchzip":
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for name, entry in ENTRIES.items():
+                archive.writestr(name, data if name == PKL else entry)
+        data = buffer.getvalue()
+    path.write_bytes(data)
+    try:
+        if TARGET == "safetensors":
+            stream, _, _ = open_safetensors(path)
+            stream.close()
+        else:
+            stream = ByteStream([path])
+            try:
+                read_torch_index(stream)
+            finally:
+                stream.close()
+    except ConvertError:
+        pass
+
+
+atheris.Setup(sys.argv, one_input)
+atheris.Fuzz()
+"""
+
+
+def _limit_memory() -> None:
+    """In the fuzzing child: at most 2 GiB of address space (the target needs ~0.6), so that an input that makes the
+    reader allocate without bound (the memo index above) fails with MemoryError instead of taking the machine's
+    memory. libFuzzer's own RSS limit is off (-rss_limit_mb=0): it reads ru_maxrss, which a forked child inherits
+    from a large parent."""
+    resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+
+
+@pytest.mark.parametrize("target", ["safetensors", "torchzip"])
+def test_atheris_short_run(target: str, tmp_path: Path) -> None:
+    pytest.importorskip("atheris")
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    if target == "safetensors":
+        (corpus / "seed").write_bytes(SMALL_SAFETENSORS)
+    else:
+        (corpus / "seed").write_bytes(REAL_PICKLE)
+        (tmp_path / "archive.pth").write_bytes(SMALL_ZIP)
+    script = tmp_path / "target.py"
+    script.write_text(_ATHERIS_TARGET)
+    command = [
+        sys.executable, str(script), "-runs=30000", "-max_total_time=4", "-rss_limit_mb=0",
+        f"-artifact_prefix={tmp_path}/", str(corpus),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "FUZZ_TARGET": target,
+        "FUZZ_ARCHIVE": str(tmp_path / "archive.pth"),
+        "PYTHONPATH": str(REPO),
+    }
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, preexec_fn=_limit_memory
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
