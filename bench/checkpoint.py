@@ -93,6 +93,7 @@ def is_complete(folder: Path, layers: int) -> bool:
 def _fill(shape: tuple[int, ...], pool: torch.Tensor, generator: torch.Generator, norm: bool) -> torch.Tensor:
     """A tensor made of the pool rotated by a random offset, tiled; norms are 1 + small noise like real ones."""
     import torch
+
     count = 1
     for size in shape:
         count *= size

@@ -97,8 +97,11 @@ def pick_converter(rev: str | None, cache: Path) -> Converter:
     if not (root / "convert" / "__main__.py").is_file():
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "convert", "mappings"],
-                                 check=True, capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", "--format=tar", commit, "convert", "mappings"],
+            check=True,
+            capture_output=True,
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
     subject = git("log", "-1", "--format=%s", commit)
     return Converter(root, commit, f"commit {commit[:12]} ({subject}), exported with git archive")
@@ -217,8 +220,9 @@ class Bench:
         shutil.rmtree(folder, ignore_errors=True)
         self.partial = folder
         start = time.perf_counter()
-        self.child = subprocess.Popen([sys.executable, str(BENCH / "checkpoint.py"), str(folder), "--layers",
-                                       str(layers)])
+        self.child = subprocess.Popen(
+            [sys.executable, str(BENCH / "checkpoint.py"), str(folder), "--layers", str(layers)]
+        )
         code = self.child.wait()
         self.child = None
         if code != 0 or not checkpoint.is_complete(folder, layers):
@@ -239,8 +243,13 @@ class Bench:
         with open(log_path, "wb") as log:
             start = time.perf_counter()
             cwd = self.converter.root if contender.in_converter_root else REPO
-            self.child = subprocess.Popen(contender.command(depth.source, out), cwd=cwd, stdout=log,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.child = subprocess.Popen(
+                contender.command(depth.source, out),
+                cwd=cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
             _, status, usage = os.wait4(self.child.pid, 0)
             self.child.returncode = os.waitstatus_to_exitcode(status)
             ended = time.perf_counter()
@@ -248,22 +257,37 @@ class Bench:
             synced = time.perf_counter()
         other = max(0.0, busy_seconds() - busy - usage.ru_utime - usage.ru_stime)
         code, self.child = self.child.returncode, None
-        run = Run(depth.layers, repeat, contender.key, code == 0, synced - start, ended - start, synced - ended,
-                  usage.ru_maxrss * 1024, usage.ru_utime, usage.ru_stime, usage.ru_inblock * 512,
-                  usage.ru_oublock * 512, floor, other)
+        run = Run(
+            depth.layers,
+            repeat,
+            contender.key,
+            code == 0,
+            synced - start,
+            ended - start,
+            synced - ended,
+            usage.ru_maxrss * 1024,
+            usage.ru_utime,
+            usage.ru_stime,
+            usage.ru_inblock * 512,
+            usage.ru_oublock * 512,
+            floor,
+            other,
+        )
         if code != 0:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
             killed = " (SIGKILL: look for the OOM killer in dmesg)" if code == -signal.SIGKILL else ""
-            say(f"  {contender.label} FAILED with exit {code}{killed}: "
-                f"{' '.join(contender.command(depth.source, out))}")
+            say(
+                f"  {contender.label} FAILED with exit {code}{killed}: {' '.join(contender.command(depth.source, out))}"
+            )
             for line in tail:
                 say(f"    | {line}")
         elif repeat == 0:
             files = sorted(p for p in out.iterdir() if p.is_file())
             depth.output_bytes[contender.key] = sum(p.stat().st_size for p in files)
             if verify and contender.key != "cp":
-                depth.digests[contender.key] = [(p.stat().st_size, sha256(p)) for p in files
-                                                if p.name.endswith(".safetensors")]
+                depth.digests[contender.key] = [
+                    (p.stat().st_size, sha256(p)) for p in files if p.name.endswith(".safetensors")
+                ]
         shutil.rmtree(out, ignore_errors=True)
         return run
 
@@ -330,9 +354,20 @@ def describe_machine(folder: Path) -> Machine:
     for package in ("torch", "safetensors", "huggingface_hub"):  # metadata only: importing torch here would
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # raise every child's ru_maxrss
             software[package] = importlib.metadata.version(package)
-    return Machine(cpu_model, os.cpu_count() or 0, len(os.sched_getaffinity(0)), meminfo.get("MemTotal", 0),
-                   meminfo.get("MemAvailable", 0), platform.release(), device,
-                   fstype, mount_point, shutil.disk_usage(folder).free, software, load_average())
+    return Machine(
+        cpu_model,
+        os.cpu_count() or 0,
+        len(os.sched_getaffinity(0)),
+        meminfo.get("MemTotal", 0),
+        meminfo.get("MemAvailable", 0),
+        platform.release(),
+        device,
+        fstype,
+        mount_point,
+        shutil.disk_usage(folder).free,
+        software,
+        load_average(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- summarizing
@@ -364,8 +399,9 @@ def summarize(depth: Depth) -> list[Summary]:
         runs = [r for r in depth.runs if r.contender == contender.key]
         good = [r for r in runs if r.ok]
         if not good:
-            rows.append(Summary(contender.key, len(runs), len(runs), *([float("nan")] * 3), None,
-                                *([float("nan")] * 8)))
+            rows.append(
+                Summary(contender.key, len(runs), len(runs), *([float("nan")] * 3), None, *([float("nan")] * 8))
+            )
             continue
         walls = [r.wall for r in good]
         medians[contender.key] = statistics.median(walls)
@@ -377,8 +413,7 @@ def summarize(depth: Depth) -> list[Summary]:
             max(r.floor for r in good), statistics.median(r.other_cpu for r in good),
         ))  # fmt: skip
     limit = medians.get("cp")
-    return [Summary(**{**vars(s), "ratio": s.wall / limit if limit and s.contender in medians else None})
-            for s in rows]
+    return [Summary(**{**vars(s), "ratio": s.wall / limit if limit and s.contender in medians else None}) for s in rows]
 
 
 def rss_text(rss: float, floor: float) -> str:
@@ -400,13 +435,15 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
 def depth_table(depth: Depth, available_bytes: int) -> list[str]:
     gb = depth.input_bytes / 1e9
     lines = [
-        f"### {plural(depth.layers, 'layer')}: {gb:.2f} GB source "
-        f"(`consolidated.00.pth`, {depth.input_bytes:,} bytes)",
+        f"### {plural(depth.layers, 'layer')}: {gb:.2f} GB source (`consolidated.00.pth`, {depth.input_bytes:,} bytes)",
         "",
         f"Source + output = {2 * depth.input_bytes / GIB:.1f} GiB, {2 * depth.input_bytes / available_bytes:.0%} of "
         "the memory available at the start"
-        + (": the page cache must evict during the run, the 32-layer regime." if cache_overflows(depth, available_bytes)
-           else "."),
+        + (
+            ": the page cache must evict during the run, the 32-layer regime."
+            if cache_overflows(depth, available_bytes)
+            else "."
+        ),
         "",
         "| contender | runs | wall median (s) | spread min..max (s) | vs cp+sync | GB/s | peak RSS (MiB) "
         "| CPU user+sys (s) | CPU / process wall | disk read / written (GB) | other CPU on the machine (s) |",
@@ -441,8 +478,9 @@ def extrapolation(depths: list[Depth], ram_bytes: int, available_bytes: int) -> 
     deepest = sorted({d.layers for d in depths})[-2:]
     rows = []
     for contender in CONTENDERS:
-        measured = [(d.layers, s) for d in depths for s in summarize(d)
-                    if s.contender == contender.key and s.failed < s.runs]
+        measured = [
+            (d.layers, s) for d in depths for s in summarize(d) if s.contender == contender.key and s.failed < s.runs
+        ]
         wall_fit = fit([(layers, s.wall) for layers, s in measured])
         rss_fit = fit([(layers, s.rss) for layers, s in measured])
         deep_fit = fit([(layers, s.wall) for layers, s in measured if layers in deepest])
@@ -467,8 +505,8 @@ def extrapolation(depths: list[Depth], ram_bytes: int, available_bytes: int) -> 
         f"the start ({available_bytes / GIB:.1f} GiB), so the page cache "
         "evicts during the run, as it always will at 32 layers; shallower depths partly run from the cache and "
         "flatter the I/O, which is why the fit through the two deepest depths is shown as well."
-        if overflowing else
-        f"At the deepest depth source and output take {deepest_share:.0%} of the memory available at the start "
+        if overflowing
+        else f"At the deepest depth source and output take {deepest_share:.0%} of the memory available at the start "
         f"({available_bytes / GIB:.1f} GiB); a 32-layer run needs {2 * checkpoint.payload_bytes(FULL_DEPTH) / GIB:.0f} "
         "GiB, so there the page cache always evicts and shallow depths flatter the I/O; the fit through the two "
         "deepest depths is shown as well for that reason."
@@ -476,7 +514,8 @@ def extrapolation(depths: list[Depth], ram_bytes: int, available_bytes: int) -> 
     spread = max((s.wall_max - s.wall_min) / s.wall for d in depths for s in summarize(d) if s.failed < s.runs)
     noise = (
         f" The widest spread measured is {spread:.0%} of its median: treat these predictions as rough."
-        if spread > 0.3 else ""
+        if spread > 0.3
+        else ""
     )
     return [
         *lines,
@@ -500,11 +539,14 @@ def verification_lines(depths: list[Depth]) -> list[str]:
         if ours is None or peer is None:
             lines.append(f"- {plural(depth.layers, 'layer')}: not checked")
         elif ours == peer:
-            lines.append(f"- {plural(depth.layers, 'layer')}: the {plural(len(ours), 'safetensors shard')} of "
-                         "mixtral-convert and of the peer are byte-identical (sha256), so both did the same work")
+            lines.append(
+                f"- {plural(depth.layers, 'layer')}: the {plural(len(ours), 'safetensors shard')} of "
+                "mixtral-convert and of the peer are byte-identical (sha256), so both did the same work"
+            )
         else:
-            lines.append(f"- {plural(depth.layers, 'layer')}: **shards differ** "
-                         f"(mixtral-convert {ours} vs peer {peer})")
+            lines.append(
+                f"- {plural(depth.layers, 'layer')}: **shards differ** (mixtral-convert {ours} vs peer {peer})"
+            )
         sizes = ", ".join(f"{BY_KEY[k].label} {v:,} bytes" for k, v in depth.output_bytes.items())
         if sizes:
             lines.append(f"  - output sizes: {sizes}")
@@ -540,8 +582,9 @@ def plot(depths: list[Depth], path: Path) -> str | None:
         return None
     figure, (time_axis, rss_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     for contender in CONTENDERS:
-        points = [(d.layers, s) for d in depths for s in summarize(d) if s.contender == contender.key
-                  and s.failed < s.runs]
+        points = [
+            (d.layers, s) for d in depths for s in summarize(d) if s.contender == contender.key and s.failed < s.runs
+        ]
         if not points:
             continue
         xs = [x for x, _ in points]
@@ -552,10 +595,20 @@ def plot(depths: list[Depth], path: Path) -> str | None:
         rss_label = contender.label + (" (at most: the driver's own peak)" if at_floor else "")
         rss_axis.plot(xs, [s.rss / MIB for _, s in points], marker="o", label=rss_label)
     layers = sorted({d.layers for d in depths})
-    time_axis.set(xlabel="layers", ylabel="wall time incl. sync (s)", title="Time (median, bars = min..max)",
-                  xticks=layers, ylim=(0, None))
-    rss_axis.set(xlabel="layers", ylabel="peak RSS (MiB, log scale)", title="Peak resident memory (median)",
-                 xticks=layers, yscale="log")
+    time_axis.set(
+        xlabel="layers",
+        ylabel="wall time incl. sync (s)",
+        title="Time (median, bars = min..max)",
+        xticks=layers,
+        ylim=(0, None),
+    )
+    rss_axis.set(
+        xlabel="layers",
+        ylabel="peak RSS (MiB, log scale)",
+        title="Peak resident memory (median)",
+        xticks=layers,
+        yscale="log",
+    )
     for axis in (time_axis, rss_axis):
         axis.grid(alpha=0.3)
         axis.legend(loc="upper left", fontsize=8)
@@ -565,18 +618,35 @@ def plot(depths: list[Depth], path: Path) -> str | None:
     return path.name
 
 
-def report(depths: list[Depth], machine: Machine, dropped: bool, command: str, repeats: int,
-           plot_name: str | None, plot_note: str, started: datetime, elapsed: float, converter: Converter,
-           changed: bool) -> tuple[str, str]:
+def report(
+    depths: list[Depth],
+    machine: Machine,
+    dropped: bool,
+    command: str,
+    repeats: int,
+    plot_name: str | None,
+    plot_note: str,
+    started: datetime,
+    elapsed: float,
+    converter: Converter,
+    changed: bool,
+) -> tuple[str, str]:
     """The whole BENCHMARKS.md, and the part printed to stdout."""
     sw = ", ".join(f"{k} {v}" for k, v in machine.software.items())
-    cache_line = ("dropped before every run (`sync; echo 3 > /proc/sys/vm/drop_caches`): cold-cache numbers, "
-                  "every source byte comes from the disk" if dropped else
-                  "NOT dropped (not permitted here, or --warm): warm-cache numbers; the source may be partly in "
-                  "the page cache")
+    cache_line = (
+        "dropped before every run (`sync; echo 3 > /proc/sys/vm/drop_caches`): cold-cache numbers, "
+        "every source byte comes from the disk"
+        if dropped
+        else "NOT dropped (not permitted here, or --warm): warm-cache numbers; the source may be partly in "
+        "the page cache"
+    )
     busy = [r.other_cpu / r.wall for d in depths for r in d.runs if r.wall > 0]
-    neighbours = (f"during the runs, other work kept a median {statistics.median(busy):.2f} of the "
-                  f"{machine.usable_cpus} CPUs busy (max {max(busy):.2f})" if busy else "no runs")
+    neighbours = (
+        f"during the runs, other work kept a median {statistics.median(busy):.2f} of the "
+        f"{machine.usable_cpus} CPUs busy (max {max(busy):.2f})"
+        if busy
+        else "no runs"
+    )
     tables: list[str] = []
     for depth in depths:
         tables += [*depth_table(depth, machine.available_bytes), ""]
@@ -647,8 +717,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, help="PNG plot (default: results.png next to --out)")
     parser.add_argument("--warm", action="store_true", help="do not drop the page cache even where allowed")
     parser.add_argument("--no-verify", action="store_true", help="skip hashing the first outputs of each depth")
-    parser.add_argument("--rev", help="measure this commit's converter (exported with git archive) instead of the "
-                        "work tree, which may change during a long run")
+    parser.add_argument(
+        "--rev",
+        help="measure this commit's converter (exported with git archive) instead of the "
+        "work tree, which may change during a long run",
+    )
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.layers) or args.repeats < 1:
         parser.error("--layers and --repeats need positive numbers")
@@ -684,9 +757,11 @@ def main(argv: list[str] | None = None) -> int:
                 for contender in CONTENDERS:
                     run = bench.run(depth, contender, repeat, verify=not args.no_verify)
                     depth.runs.append(run)
-                    say(f"[{depth.layers} L, round {repeat + 1}/{args.repeats}] {contender.label:<30} "
+                    say(
+                        f"[{depth.layers} L, round {repeat + 1}/{args.repeats}] {contender.label:<30} "
                         f"{run.wall:7.1f} s (sync {run.sync_wall:.1f})  RSS {run.max_rss / MIB:8,.0f} MiB  "
-                        f"CPU {run.cpu:6.1f} s{'' if run.ok else '  FAILED'}")
+                        f"CPU {run.cpu:6.1f} s{'' if run.ok else '  FAILED'}"
+                    )
     except KeyboardInterrupt:
         bench.cleanup()
         say("interrupted: the running contender was stopped and its output removed; no report written")
@@ -705,8 +780,19 @@ def main(argv: list[str] | None = None) -> int:
     changed = converter.fingerprint() != fingerprint
     if changed:
         say("WARNING: convert/ or mappings/ changed while the bench ran: the numbers mix versions (see --rev)")
-    document, table = report(depths, machine, dropped, command, args.repeats, plot_name, plot_note, started,
-                             time.perf_counter() - clock, converter, changed)
+    document, table = report(
+        depths,
+        machine,
+        dropped,
+        command,
+        args.repeats,
+        plot_name,
+        plot_note,
+        started,
+        time.perf_counter() - clock,
+        converter,
+        changed,
+    )
     args.out.write_text(document + "\n")
     print(table)
     say(f"wrote {args.out}" + (f" and {plot_path}" if plot_name else ""))
