@@ -472,8 +472,8 @@ def test_deeply_nested_json(reader: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Optional: a short coverage-guided run with atheris (libFuzzer), when it is installed (it is not a test
-# dependency: CI skips this). Each target gets a few seconds from a valid seed.
+# A short coverage-guided run with atheris (libFuzzer), a test dependency (the test skips, saying so, only where
+# it is not installed). Each target gets a few seconds from a valid seed.
 
 _ATHERIS_TARGET = """
 import io, os, sys, tempfile, zipfile

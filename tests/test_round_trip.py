@@ -30,8 +30,10 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     for path in sorted(folder.iterdir()):
         if path.suffix == ".safetensors":
             loaded = load_file(path)
-        elif path.suffix in (".pt", ".pth"):
+        elif path.suffix in (".pt", ".pth"):  # torch reads our streamed zip mapped and not mapped alike
             loaded = torch.load(path, weights_only=True, mmap=True)
+            plain = torch.load(path, weights_only=True, mmap=False)
+            assert plain.keys() == loaded.keys() and all(torch.equal(plain[k], loaded[k]) for k in plain)
         else:
             continue
         assert not set(loaded) & set(tensors), path
