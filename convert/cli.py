@@ -16,7 +16,7 @@ from convert.destination import check_destination
 from convert.errors import ConvertError
 from convert.mapping import layout_names
 from convert.pipeline import convert_checkpoint
-from convert.plan import DEFAULT_MAX_SHARD_SIZE, build_plan, check_source
+from convert.plan import DEFAULT_MAX_SHARD_SIZE, PlanOptions, build_plan, check_source
 from convert.sample import write_sample
 from convert.sizes import parse_size
 from convert.source import open_source
@@ -105,17 +105,16 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ConvertError("--hash-input records hashes in manifest.json, which --no-checksums does not write")
     if args.resume and args.force:
         raise ConvertError("--resume continues a run and --force starts over: choose one")
+    options = PlanOptions(
+        max_shard_size=args.max_shard_size,
+        hash_input=args.hash_input,
+        instruct=args.instruct,
+        strict=args.strict,
+        checksums=args.checksums,
+    )
     if args.dry_run:
         with open_source(args.src, args.source_layout) as source:
-            plan = build_plan(
-                source,
-                args.to,
-                max_shard_size=args.max_shard_size,
-                hash_input=args.hash_input,
-                instruct=args.instruct,
-                strict=args.strict,
-                checksums=args.checksums,
-            )
+            plan = build_plan(source, args.to, options)
             description = plan.describe()
         if args.json:
             print(json.dumps(description, indent=2))
@@ -134,14 +133,10 @@ def run_convert(args: argparse.Namespace) -> int:
         args.src,
         args.dst,
         args.to,
+        options,
         source_layout=args.source_layout,
-        max_shard_size=args.max_shard_size,
         force=args.force,
         resume=args.resume,
-        hash_input=args.hash_input,
-        instruct=args.instruct,
-        strict=args.strict,
-        checksums=args.checksums,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     log.info("wrote %d files to %s", len(plan.files), args.dst)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from convert.destination import check_destination, prepare_destination
-from convert.plan import DEFAULT_MAX_SHARD_SIZE, Plan, build_plan
+from convert.plan import DEFAULT_OPTIONS, Plan, PlanOptions, build_plan
 from convert.resume import Journal
 from convert.source import open_source
 from convert.stream import execute
@@ -15,35 +15,23 @@ def convert_checkpoint(
     source: Path,
     destination: Path,
     target: str,
+    options: PlanOptions = DEFAULT_OPTIONS,
     *,
     source_layout: str | None = None,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
     resume: bool = False,
-    hash_input: bool = False,
-    instruct: bool = False,
-    strict: bool = False,
-    checksums: bool = True,
     progress: bool = False,
 ) -> Plan:
     """Convert the checkpoint folder source into destination in the target layout; returns the plan it ran.
     With resume, an interrupted conversion into destination continues where it stopped."""
     check_destination(destination, source)
     with open_source(source, source_layout) as opened:
-        plan = build_plan(
-            opened,
-            target,
-            max_shard_size=max_shard_size,
-            hash_input=hash_input,
-            instruct=instruct,
-            strict=strict,
-            checksums=checksums,
-        )
+        plan = build_plan(opened, target, options)
         if resume:
             journal = Journal.resume(destination, plan)
         else:
             prepare_destination(destination, plan, force=force)
             journal = Journal.start(destination, plan)
-        execute(plan, destination, journal, progress=progress, hash_input=hash_input, strict=strict)
+        execute(plan, destination, journal, progress=progress, hash_input=options.hash_input, strict=options.strict)
         journal.close()
     return plan

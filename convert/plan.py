@@ -304,16 +304,21 @@ def _params_files(target: LayoutTable, params: ModelParams, dtype: str) -> list[
     raise ValueError(f"unknown params style {target.params_style!r}")
 
 
-def build_plan(
-    source: Source,
-    target_name: str,
-    *,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-    hash_input: bool = False,
-    instruct: bool = False,
-    strict: bool = False,
-    checksums: bool = True,
-) -> Plan:
+@dataclass(frozen=True)
+class PlanOptions:
+    """How a conversion is planned, as the command line sets it."""
+
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    hash_input: bool = False  # record each source file's SHA-256 in the manifest
+    instruct: bool = False  # add the chat template (hf)
+    strict: bool = False  # warnings about tensors are errors
+    checksums: bool = True  # SHA256SUMS and manifest.json
+
+
+DEFAULT_OPTIONS = PlanOptions()
+
+
+def build_plan(source: Source, target_name: str, options: PlanOptions = DEFAULT_OPTIONS) -> Plan:
     """Weights first, then the tokenizer and the parameters; the last file (the HF index, or params.json)
     is what makes the folder a loadable checkpoint, so it is written last."""
     problems = check_source(source)
@@ -327,12 +332,12 @@ def build_plan(
             )
         raise first
     target = layout(target_name)
-    dtype = main_dtype(source, strict=strict)
+    dtype = main_dtype(source, strict=options.strict)
     tensors = target_tensors(source, target)
-    weights, index = _WEIGHT_WRITERS[target.container](tensors, max_shard_size)
+    weights, index = _WEIGHT_WRITERS[target.container](tensors, options.max_shard_size)
     files = [
         *weights,
-        *_tokenizer_files(source, target, instruct=instruct),
+        *_tokenizer_files(source, target, instruct=options.instruct),
         *_params_files(target, source.params, dtype),
     ]
     if index is not None:
@@ -347,9 +352,9 @@ def build_plan(
             "target": target.name,
         },
         _placements(tensors, weights),
-        [(p.name, p.stat().st_size) for p in source.input_files] if hash_input else None,
+        [(p.name, p.stat().st_size) for p in source.input_files] if options.hash_input else None,
     )
-    if not checksums:
+    if not options.checksums:
         return Plan(source, target, source.params, dtype, (*body, marker), checksums=False)
     sums = integrity.sums_file([*body, manifest, marker])
     return Plan(source, target, source.params, dtype, (*body, manifest, sums, marker))
