@@ -2,10 +2,11 @@
 renamed; the plan's last file (the index, or params.json) goes last, so an interrupted run never leaves a folder
 that looks complete.
 
-Three threads overlap the work: a reader turns the file's parts (known bytes, source pieces read and
-transformed, deferred bytes) into chunks in file order; the writer writes them; two hashers compute each file's
-and each tensor's SHA-256 from the same chunks, so nothing is read twice. Queues are short, so memory is bounded by
-scheduling: a few chunks in flight, and at most one transformed piece (a q/k matrix, a transposed expert block).
+Four threads overlap the work: a reader turns the file's parts (known bytes, source pieces read and transformed,
+deferred bytes) into chunks in file order; the main thread writes them; two hashers compute each file's and each
+tensor's SHA-256 (and check floats for NaN/Inf) from the same chunks, so nothing is read twice. Chunks come from a
+fixed pool and queues are short, so memory is bounded by scheduling: a few chunks in flight, and at most one
+transformed piece (a q/k matrix, a transposed expert block).
 """
 
 from __future__ import annotations
