@@ -224,30 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"convert": run_convert, "inspect": run_inspect, "verify": run_verify, "sample": run_sample}
     try:
         return commands[args.command](args)
-    except ConvertError as exc:
-        if args.debug:
-            raise
-        print(f"mixtral-convert: error: {exc.line()}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:
-        if args.debug:
-            raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"mixtral-convert: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except RecursionError:
-        if args.debug:
-            raise
-        print("mixtral-convert: error: input nested too deeply to read", file=sys.stderr)
-        return EXIT_ERROR
-    except Exception as exc:  # a bug, not bad input: still one line, and the way to the traceback
-        if args.debug:
-            raise
-        print(
-            f"mixtral-convert: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
     except KeyboardInterrupt:
         how = ""
         if args.command == "convert" and not args.dry_run:
@@ -256,6 +232,25 @@ def main(argv: list[str] | None = None) -> int:
             f"mixtral-convert: interrupted; the output is incomplete (no index or params written){how}", file=sys.stderr
         )
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        if args.debug:
+            raise
+        line, code = _one_line(exc)
+        print(line, file=sys.stderr)
+        return code
+
+
+def _one_line(exc: Exception) -> tuple[str, int]:
+    """The one stderr line and the exit status for a failure: bad input is an error, anything else a bug."""
+    if isinstance(exc, ConvertError):
+        return f"mixtral-convert: error: {exc.line()}", EXIT_ERROR
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"mixtral-convert: error: {where}{exc.strerror or exc}", EXIT_ERROR
+    if isinstance(exc, RecursionError):
+        return "mixtral-convert: error: input nested too deeply to read", EXIT_ERROR
+    detail = f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+    return f"mixtral-convert: internal error: {detail}", EXIT_INTERNAL
 
 
 def _terminate(signum: int, _frame: object) -> None:

@@ -32,6 +32,6 @@ def convert_checkpoint(
         else:
             prepare_destination(destination, plan, force=force)
             journal = Journal.start(destination, plan)
-        execute(plan, destination, journal, progress=progress, hash_input=options.hash_input, strict=options.strict)
+        execute(plan, destination, journal, progress=progress)
         journal.close()
     return plan

@@ -45,13 +45,27 @@ class TargetTensor:
 
 
 @dataclass(frozen=True)
+class PlanOptions:
+    """How a conversion is planned, as the command line sets it."""
+
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    hash_input: bool = False  # record each source file's SHA-256 in the manifest
+    instruct: bool = False  # add the chat template (hf)
+    strict: bool = False  # warnings about tensors are errors
+    checksums: bool = True  # SHA256SUMS and manifest.json
+
+
+DEFAULT_OPTIONS = PlanOptions()
+
+
+@dataclass(frozen=True)
 class Plan:
     source: Source
     target: LayoutTable
     params: ModelParams
     dtype: str
     files: tuple[OutputFile, ...]  # in write order; the last one marks the output complete
-    checksums: bool = True  # SHA256SUMS and manifest.json written, every byte hashed
+    options: PlanOptions = DEFAULT_OPTIONS  # what the run does beyond the files: hashing, strictness
 
     @property
     def total_bytes(self) -> int:
@@ -304,20 +318,6 @@ def _params_files(target: LayoutTable, params: ModelParams, dtype: str) -> list[
     raise ValueError(f"unknown params style {target.params_style!r}")
 
 
-@dataclass(frozen=True)
-class PlanOptions:
-    """How a conversion is planned, as the command line sets it."""
-
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
-    hash_input: bool = False  # record each source file's SHA-256 in the manifest
-    instruct: bool = False  # add the chat template (hf)
-    strict: bool = False  # warnings about tensors are errors
-    checksums: bool = True  # SHA256SUMS and manifest.json
-
-
-DEFAULT_OPTIONS = PlanOptions()
-
-
 def build_plan(source: Source, target_name: str, options: PlanOptions = DEFAULT_OPTIONS) -> Plan:
     """Weights first, then the tokenizer and the parameters; the last file (the HF index, or params.json)
     is what makes the folder a loadable checkpoint, so it is written last."""
@@ -355,9 +355,9 @@ def build_plan(source: Source, target_name: str, options: PlanOptions = DEFAULT_
         [(p.name, p.stat().st_size) for p in source.input_files] if options.hash_input else None,
     )
     if not options.checksums:
-        return Plan(source, target, source.params, dtype, (*body, marker), checksums=False)
+        return Plan(source, target, source.params, dtype, (*body, marker), options)
     sums = integrity.sums_file([*body, manifest, marker])
-    return Plan(source, target, source.params, dtype, (*body, manifest, sums, marker))
+    return Plan(source, target, source.params, dtype, (*body, manifest, sums, marker), options)
 
 
 def _placements(tensors: list[TargetTensor], weights: list[OutputFile]) -> list[integrity.TensorEntry]:

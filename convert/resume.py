@@ -55,14 +55,13 @@ class Journal:
             reason = "it is already complete" if complete else "it holds no journal of an interrupted conversion"
             raise ConvertError(f"nothing to resume: {reason}", file=destination)
         lines = path.read_text().splitlines()
-        if not lines or not _entry(lines[0]).get("fingerprint"):
+        recorded = _entry(lines[0]).get("fingerprint") if lines else None
+        if not recorded:
             # The run died (a full disk, a kill) before its journal said anything: nothing is finished; start over.
             return cls.start(destination, plan)
-        try:
-            recorded = json.loads(lines[0])["fingerprint"]
-            entries = [_entry(line) for line in lines[1:] if line.strip()]
-        except (ValueError, KeyError, IndexError):
-            raise ConvertError("the resume journal is damaged; start over with --force", file=path) from None
+        if not isinstance(recorded, dict):
+            raise ConvertError("the resume journal is damaged; start over with --force", file=path)
+        entries = [_entry(line) for line in lines[1:] if line.strip()]
         _refuse_other_plan(recorded, fingerprint(plan), path)
         journal = cls(path)
         planned = {f.name: f.size for f in plan.files}

@@ -196,12 +196,11 @@ def _read_safetensors_sharded(folder: Path, streams: list[ByteStream]) -> tuple[
     unlisted = sorted(p.name for p in folder.glob("model-*.safetensors") if p.name not in shards)
     if unlisted:
         raise ConvertError(f"shard {unlisted[0]} is not listed in the index", file=index_path)
-    total = index.get("metadata", {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
-    if total is not None and total != sum(r.nbytes for r in records):
-        raise ConvertError(
-            f"metadata.total_size {total} is not the {sum(r.nbytes for r in records)} bytes the shards hold",
-            file=index_path,
-        )
+    metadata = index.get("metadata")
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
+    held = sum(r.nbytes for r in records)
+    if total is not None and total != held:
+        raise ConvertError(f"metadata.total_size {total} is not the {held} bytes the shards hold", file=index_path)
     return records, [folder / s for s in shards]
 
 

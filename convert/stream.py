@@ -367,17 +367,16 @@ def progress_bar(total: int, enabled: bool) -> Iterator[tqdm]:
         bar.close()
 
 
-def execute(
-    plan: Plan, destination: Path, journal: Journal, *, progress: bool, hash_input: bool = False, strict: bool = False
-) -> Digests:
+def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool) -> Digests:
     """Write every planned file into destination, skipping those the journal holds as finished; the last one
     only once all others are durable. The source is checked for changes after every file.
 
-    hash_input: a thread reads each source file front to back and hashes it while the conversion runs. The
+    With --hash-input a thread reads each source file front to back and hashes it while the conversion runs. The
     conversion reads tensors in output order, which is not the source's, so the two reads share the page cache
     rather than being one read: single-pass hashing of both sides would need the whole model in memory."""
     digests = Digests()
-    hasher = ThreadPoolExecutor(1, thread_name_prefix="input-hasher") if hash_input else None
+    options = plan.options
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="input-hasher") if options.hash_input else None
     if hasher is not None:
         future = hasher.submit(lambda: {p.name: file_digest(p, "sha256") for p in plan.source.input_files})
         digests.input_sha256 = future.result
@@ -395,7 +394,7 @@ def execute(
     *body, marker = plan.files
     remaining = sum(f.size for f in plan.files if f.name not in journal.finished)
     with progress_bar(remaining, progress) as bar:
-        writer = _Writer(destination, bar, digests, strict=strict, checksums=plan.checksums)
+        writer = _Writer(destination, bar, digests, strict=options.strict, checksums=options.checksums)
         try:
             for output in [*body, marker]:
                 if output is marker:
@@ -407,7 +406,7 @@ def execute(
                     digests.tensor_sha256.update(finished.tensors)
                     continue
                 writer.write(output, before_commit=source_unchanged)
-                tensors = {p.tensor: digests.tensor_sha256[p.tensor] for p in output.pieces if plan.checksums}
+                tensors = {p.tensor: digests.tensor_sha256[p.tensor] for p in output.pieces if options.checksums}
                 journal.record(output.name, digests.file_sha256.get(output.name), tensors)
             fsync_folder(destination)
         finally:
