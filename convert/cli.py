@@ -17,7 +17,6 @@ from convert.errors import ConvertError
 from convert.mapping import layout_names
 from convert.pipeline import convert_checkpoint
 from convert.plan import DEFAULT_MAX_SHARD_SIZE, PlanOptions, build_plan, check_source
-from convert.sample import write_sample
 from convert.sizes import parse_size
 from convert.source import open_source
 from convert.verify import Report, check_pins, resolve_pins, verify_folder
@@ -201,6 +200,8 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    from convert.sample import write_sample  # imports torch (~1 s), which no other command needs
+
     check_destination(args.dst, None)
     if args.dst.exists() and any(args.dst.iterdir()):
         raise ConvertError("the output folder is not empty", file=args.dst)

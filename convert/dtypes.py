@@ -1,10 +1,10 @@
-"""Element types: safetensors' dtype names, their sizes, torch's dtypes and torch's legacy storage classes."""
+"""Element types: safetensors' dtype names, their sizes and write order, and torch's legacy storage classes."""
 
 from __future__ import annotations
 
 from types import MappingProxyType
 
-import torch
+import numpy as np
 
 ITEM_SIZE = MappingProxyType(
     {
@@ -42,15 +42,6 @@ WRITE_RANK = MappingProxyType(
     }
 )
 
-TORCH_DTYPE = MappingProxyType(
-    {
-        "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
-        "F8_E4M3": torch.float8_e4m3fn, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
-        "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
-        "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
-    }
-)  # fmt: skip
-
 # config.json's torch_dtype spelling.
 CONFIG_NAME = MappingProxyType({"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"})
 
@@ -70,3 +61,8 @@ def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
     for dim in shape:
         count *= dim
     return count * ITEM_SIZE[dtype]
+
+
+def word_dtype(dtype: str) -> np.dtype:
+    """Unsigned integers as wide as the element: the transforms move elements as such words, whatever the format."""
+    return np.dtype(f"u{ITEM_SIZE[dtype]}")

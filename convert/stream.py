@@ -27,11 +27,10 @@ from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from convert.digests import Digests
-from convert.dtypes import TORCH_DTYPE
+from convert.dtypes import word_dtype
 from convert.errors import ConvertError
 from convert.formats.streams import ByteStream
 from convert.integrity import file_digest
@@ -141,11 +140,10 @@ def piece_chunks(
     if piece.steps:
         data = bytearray(piece.nbytes)
         piece.record.stream.readinto(data, piece.src_offset)
-        tensor = torch.frombuffer(data, dtype=TORCH_DTYPE[piece.record.dtype]).view(piece.shape)
-        result = run_steps(tensor, piece.steps, piece.tensor).contiguous()
+        tensor = np.frombuffer(data, dtype=word_dtype(piece.record.dtype)).reshape(piece.shape)
+        result = np.ascontiguousarray(run_steps(tensor, piece.steps, piece.tensor))
         del data, tensor  # only the transformed copy stays in flight
-        # Flattened first: a contiguous tensor with a dimension of size 1 may keep an odd stride there.
-        view = memoryview(result.reshape(-1).view(torch.uint8).numpy())
+        view = memoryview(result.reshape(-1).view(np.uint8))
         if crc:
             digests.tensor_crc32[piece.tensor] = zlib.crc32(view, running)
         for start in range(0, piece.nbytes, CHUNK):

@@ -3,6 +3,9 @@
 rotary_half_split: q/k rows from the original interleaved rotary order (pairs (0,1), (2,3)... of each head
 are complex numbers) to the half-split order rotate_half expects; heads = all heads for q, KV heads for k.
 It is not its own inverse. transpose: [out, in] to [in, out] (megablocks' w2 blocks); its own inverse.
+
+They only move elements, never compute with them, so they run on arrays of unsigned words as wide as the element
+(bf16 as uint16): numpy does it without knowing the float format, and the conversion never imports torch.
 """
 
 from __future__ import annotations
@@ -11,14 +14,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-import torch
+import numpy as np
 
 from convert.errors import ConvertError
 from convert.mapping import ATTRIBUTES, KindLayout, canonical
 
 
-def _rows_by_head(tensor: torch.Tensor, heads: int) -> tuple[int, int, int]:
-    if tensor.dim() != 2:
+def _rows_by_head(tensor: np.ndarray, heads: int) -> tuple[int, int, int]:
+    if tensor.ndim != 2:
         raise ValueError(f"expects a matrix, got shape {list(tensor.shape)}")
     rows, cols = tensor.shape
     if heads <= 0 or rows % heads or (rows // heads) % 2:
@@ -26,27 +29,27 @@ def _rows_by_head(tensor: torch.Tensor, heads: int) -> tuple[int, int, int]:
     return rows, cols, rows // heads
 
 
-def _to_half_split(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+def _to_half_split(tensor: np.ndarray, heads: int) -> np.ndarray:
     rows, cols, head_dim = _rows_by_head(tensor, heads)
-    return tensor.view(heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    return tensor.reshape(heads, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def _to_interleaved(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+def _to_interleaved(tensor: np.ndarray, heads: int) -> np.ndarray:
     rows, cols, head_dim = _rows_by_head(tensor, heads)
-    return tensor.view(heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+    return tensor.reshape(heads, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def _transpose(tensor: torch.Tensor, _heads: int) -> torch.Tensor:
-    if tensor.dim() != 2:
+def _transpose(tensor: np.ndarray, _heads: int) -> np.ndarray:
+    if tensor.ndim != 2:
         raise ValueError(f"expects a matrix, got shape {list(tensor.shape)}")
-    return tensor.t().contiguous()
+    return np.ascontiguousarray(tensor.T)
 
 
 @dataclass(frozen=True)
 class Transform:
     name: str
     inverse_name: str
-    function: Callable[[torch.Tensor, int], torch.Tensor]
+    function: Callable[[np.ndarray, int], np.ndarray]
 
     @property
     def inverse(self) -> Transform:
@@ -93,10 +96,10 @@ def steps_between(source: KindLayout, target: KindLayout, env: Mapping[str, int]
     return (*undo, *apply)
 
 
-def run_steps(tensor: torch.Tensor, steps: tuple[Step, ...], name: str) -> torch.Tensor:
+def run_steps(tensor: np.ndarray, steps: tuple[Step, ...], name: str) -> np.ndarray:
     for step in steps:
         try:
             tensor = step.transform.function(tensor, step.heads)
-        except (ValueError, RuntimeError) as exc:
+        except ValueError as exc:
             raise ConvertError(f"transform {step} failed: {exc}", tensor=name) from None
     return tensor

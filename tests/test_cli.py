@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line_error, run_cli
+from helpers import REPO, assert_one_line_error, run_cli
 
 from convert.sizes import parse_size
 
@@ -188,3 +190,10 @@ def test_inspect_recognises_every_layout(sample: Path, tmp_path: Path) -> None:
         assert report["layout"] == target
         assert report["problems"] == []
         assert report["params"]["vocab_size"] == 1003 and report["dtypes"] == {"BF16": report["tensors"]}
+
+
+def test_convert_and_verify_do_not_import_torch() -> None:
+    """Importing torch costs about a second a run, a quarter of copying a 1-layer model here; only `sample`
+    (torch.save) needs it, so it must not creep back into the conversion path."""
+    code = "import sys, convert.cli, convert.stream, convert.verify; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False).returncode == 0

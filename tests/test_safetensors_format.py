@@ -11,9 +11,23 @@ import torch
 from helpers import run_cli
 from safetensors.torch import load_file, save_file
 
-from convert.dtypes import TORCH_DTYPE
+from convert.dtypes import ITEM_SIZE
 from convert.errors import ConvertError
 from convert.formats.safetensors import layout_header, open_safetensors
+
+
+TORCH_DTYPE = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
+    "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+    "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
+}  # fmt: skip
+
+
+def test_every_dtype_is_known_with_torchs_element_size() -> None:
+    assert set(TORCH_DTYPE) == set(ITEM_SIZE)
+    for code, dtype in TORCH_DTYPE.items():
+        assert torch.empty((), dtype=dtype).element_size() == ITEM_SIZE[code], code
 
 
 def test_header_layout_matches_save_file_for_every_dtype(tmp_path: Path) -> None:
