@@ -2,17 +2,20 @@
 renamed; the plan's last file (the index, or params.json) goes last, so an interrupted run never leaves a folder
 that looks complete.
 
-Four threads overlap the work: a reader turns the file's parts (known bytes, source pieces read and transformed,
+Threads overlap the work: a reader turns the file's parts (known bytes, source pieces read and transformed,
 deferred bytes) into chunks in file order; the main thread writes them; two hashers compute each file's and each
-tensor's SHA-256 (and check floats for NaN/Inf) from the same chunks, so nothing is read twice. Chunks come from a
-fixed pool and queues are short, so memory is bounded by scheduling: a few chunks in flight, and at most one
-transformed piece (a q/k matrix, a transposed expert block).
+tensor's SHA-256 (and check floats for NaN/Inf) from the same chunks, so nothing is read twice. Large files
+bypass the page cache both ways (convert/direct_io.py): the reader reads into the pool's aligned buffers and a
+disk-writer thread writes aligned staging blocks. Chunks come from a fixed pool and queues are short, so memory
+is bounded by scheduling: a few chunks in flight, and at most one transformed piece (a q/k matrix, a transposed
+expert block).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 import queue
 import sys
@@ -30,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from convert.digests import Digests
+from convert.direct_io import ALIGN, StagedWriter, aligned_buffer, open_direct
 from convert.dtypes import word_dtype
 from convert.errors import ConvertError
 from convert.formats.streams import ByteStream
@@ -44,6 +48,7 @@ from convert.writeback import EarlyWriteback
 log = logging.getLogger("mixtral-convert")
 
 CHUNK = 8 * 2**20
+DIRECT_MIN = 64 * 2**20  # smaller files (metadata, tiny models) are not worth the staging
 QUEUE_DEPTH = 4
 PARTIAL_SUFFIX = ".partial"
 # Fault injection for the resume tests: stall for good after the first chunk of the named file, so that a test
@@ -92,7 +97,7 @@ class _Worker:
 class _Lease:
     """A pooled buffer shared by the writer and the hashers; the last one done returns it to the pool."""
 
-    def __init__(self, pool: _BufferPool, buffer: bytearray, holders: int) -> None:
+    def __init__(self, pool: _BufferPool, buffer: mmap.mmap, holders: int) -> None:
         self._pool, self.buffer, self._holders = pool, buffer, holders
         self._lock = threading.Lock()
 
@@ -105,14 +110,15 @@ class _Lease:
 
 
 class _BufferPool:
-    """A fixed set of CHUNK buffers, reused: no fresh pages to fault in for every chunk, and a hard memory bound."""
+    """A fixed set of CHUNK buffers, reused: no fresh pages to fault in for every chunk, and a hard memory bound.
+    Page-aligned with room for the aligned range around a chunk, so direct reads land in them."""
 
     def __init__(self, count: int) -> None:
-        self._free: queue.Queue[bytearray] = queue.Queue()
+        self._free: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(count):
-            self._free.put(bytearray(CHUNK))
+            self._free.put(aligned_buffer(CHUNK + 2 * ALIGN))
 
-    def take(self, stop: threading.Event) -> bytearray:
+    def take(self, stop: threading.Event) -> mmap.mmap:
         while not stop.is_set():
             try:
                 return self._free.get(timeout=0.1)
@@ -120,7 +126,7 @@ class _BufferPool:
                 continue
         raise _Stopped
 
-    def give_back(self, buffer: bytearray) -> None:
+    def give_back(self, buffer: mmap.mmap) -> None:
         self._free.put(buffer)
 
 
@@ -139,11 +145,11 @@ def piece_chunks(
     crc: accumulate the tensor's CRC-32 (a zip needs it); pool: reuse its buffers (else fresh ones)."""
     running = digests.tensor_crc32.get(piece.tensor, 0)
     if piece.steps:
-        data = bytearray(piece.nbytes)
-        piece.record.stream.readinto(data, piece.src_offset)
+        buffer = aligned_buffer(piece.nbytes + 2 * ALIGN)
+        data = _read(piece.record.stream, buffer, piece.src_offset, piece.nbytes)
         tensor = np.frombuffer(data, dtype=word_dtype(piece.record.dtype)).reshape(piece.shape)
         result = np.ascontiguousarray(run_steps(tensor, piece.steps, piece.tensor))
-        del data, tensor  # only the transformed copy stays in flight
+        del data, tensor, buffer  # only the transformed copy stays in flight
         view = memoryview(result.reshape(-1).view(np.uint8))
         if crc:
             digests.tensor_crc32[piece.tensor] = zlib.crc32(view, running)
@@ -155,14 +161,24 @@ def piece_chunks(
         lease = None
         if pool is not None and stop is not None:
             lease = _Lease(pool, pool.take(stop), 3)  # the writer, the file hasher, the tensor hasher
-            chunk = memoryview(lease.buffer)[:size]
+            chunk = _read(piece.record.stream, lease.buffer, piece.src_offset + start, size)
         else:
             chunk = memoryview(bytearray(size))
-        piece.record.stream.readinto(chunk, piece.src_offset + start)
+            piece.record.stream.readinto(chunk, piece.src_offset + start)
         if crc:
             running = zlib.crc32(chunk, running)
             digests.tensor_crc32[piece.tensor] = running
         yield piece.dst_offset + start, chunk, piece.tensor, lease
+
+
+def _read(stream: ByteStream, buffer: mmap.mmap, offset: int, size: int) -> memoryview:
+    """Bytes into an aligned buffer: around the page cache where possible, through it otherwise."""
+    direct = stream.read_direct(buffer, offset, size)
+    if direct is not None:
+        return direct
+    view = memoryview(buffer)[:size]
+    stream.readinto(view, offset)
+    return view
 
 
 def _file_chunks(output: OutputFile, digests: Digests, pool: _BufferPool, stop: threading.Event) -> Iterator[Chunk]:
@@ -251,15 +267,24 @@ class _Writer:
         tensor_hashes: dict[str, hashlib._Hash] = {}
         dtypes = {p.tensor: p.record.dtype for p in output.pieces}
         non_finite: set[str] = set()
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        if output.size >= DIRECT_MIN:
+            fd, direct = open_direct(temporary, flags)
+        else:
+            fd, direct = os.open(temporary, flags, 0o644), False
+        staged = StagedWriter(fd, temporary) if direct else None
         reader = _Reader(output, self.digests, self.pool)
-        writeback = EarlyWriteback(fd)
+        writeback = EarlyWriteback(fd)  # for the page-cache path
         try:
             position = 0
             for offset, data, tensor, lease in reader:
                 if offset != position:
                     raise ConvertError(f"internal: plan has a gap or overlap at byte {position}", file=temporary)
-                _pwrite_all(fd, data, offset, temporary)
+                if staged is not None:
+                    staged.write(data)
+                else:
+                    _pwrite_all(fd, data, offset, temporary)
+                    writeback.written_up_to(offset + len(data))
                 if offset == 0 and os.environ.get(STALL_AT_ENV) == output.name:
                     _stall()
                 self.file_hasher.submit(partial(_hash_and_release, file_hash if self.checksums else None, data, lease))
@@ -272,15 +297,18 @@ class _Writer:
                 if lease is not None:
                     lease.release()
                 position += len(data)
-                writeback.written_up_to(position)
                 self.progress.update(len(data))
             if position != output.size:
                 raise ConvertError(f"wrote {position} bytes but the plan says {output.size}", file=temporary)
+            if staged is not None:
+                staged.finish(output.size)
             self.file_hasher.join()
             self.tensor_hasher.join()
             os.fsync(fd)
         finally:
             reader.stop()
+            if staged is not None:
+                staged.close()
             os.close(fd)
         if self.checksums:
             self.digests.file_sha256[output.name] = file_hash.hexdigest()

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,3 +37,33 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     return errors[0]
+
+
+def _have_root_mounts() -> str | None:
+    """None if this process may mount a tmpfs, else why not."""
+    if sys.platform != "linux":
+        return "tmpfs mounts need Linux"
+    if os.geteuid() != 0:
+        return "mounting a tmpfs needs root (or CAP_SYS_ADMIN)"
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        return "no mount/umount binaries"
+    return None
+
+
+@contextmanager
+def tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at folder for the duration; skips the test when the machine allows none."""
+    reason = _have_root_mounts()
+    if reason:
+        pytest.skip(reason)
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -27,13 +27,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, assert_one_line_error, run_cli
+from helpers import REPO, assert_one_line_error, run_cli, tmpfs
 from safetensors.torch import load_file, save_file
 from test_tokenizer import train as train_tokenizer
 
@@ -829,36 +828,6 @@ def test_non_empty_destination_is_left_untouched(base: Path, tmp_path: Path) -> 
     before = snapshot(src)
     result = run_cli("convert", src, dst, "--to", "hf", "--max-shard-size", SHARD_SIZE, check=False)
     assert_contract(result, src, before, dst, "hf", str(dst), "not empty", "--force", dst_before=dst_before)
-
-
-def _have_root_mounts() -> str | None:
-    """None if this process may mount a tmpfs, else why not."""
-    if sys.platform != "linux":
-        return "tmpfs mounts need Linux"
-    if os.geteuid() != 0:
-        return "mounting a tmpfs needs root (or CAP_SYS_ADMIN)"
-    if shutil.which("mount") is None or shutil.which("umount") is None:
-        return "no mount/umount binaries"
-    return None
-
-
-@contextmanager
-def tmpfs(folder: Path, options: str) -> Iterator[Path]:
-    """A tmpfs mounted at folder for the duration; skips the test when the machine allows none."""
-    reason = _have_root_mounts()
-    if reason:
-        pytest.skip(reason)
-    folder.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def test_destination_on_a_read_only_mount(base: Path, tmp_path: Path) -> None:

@@ -1,17 +1,22 @@
 """Positional reads from a source: one file, or split parts read as one byte stream.
 
 No mapping at all: the kernel refuses a private mapping of a 93 GB file on a 24 GiB machine, and positional
-reads keep resident memory to the buffers the caller owns (the page cache is not ours).
+reads keep resident memory to the buffers the caller owns (the page cache is not ours). Bulk reads can bypass
+the page cache (read_direct, see convert/direct_io.py); small reads (headers, pickles) go through it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
+import mmap
 import os
 import re
 from bisect import bisect_right
 from pathlib import Path
 
+from convert.direct_io import O_DIRECT, read_aligned
 from convert.errors import ConvertError
 
 
@@ -24,6 +29,8 @@ class ByteStream:
         self.paths = paths
         self.label = str(paths[0]) if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} parts)"
         self._fds = [os.open(p, os.O_RDONLY) for p in paths]
+        self._direct_fds: list[int | None] = [None] * len(paths)  # opened on first use
+        self._direct_tried = [False] * len(paths)
         sizes = [os.fstat(fd).st_size for fd in self._fds]
         self._starts = [0]
         for size in sizes:
@@ -31,18 +38,51 @@ class ByteStream:
         self.size = self._starts[-1]
 
     def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        for fd in [*self._fds, *self._direct_fds]:
+            if fd is not None:
+                os.close(fd)
+        self._fds, self._direct_fds = [], []
+
+    def _check_range(self, offset: int, size: int) -> None:
+        if offset < 0 or offset + size > self.size:
+            raise ConvertError(
+                f"needs bytes {offset}..{offset + size} but the file has {self.size} (truncated download?)",
+                file=self.label,
+            )
+
+    def _direct_fd(self, part: int) -> int | None:
+        if not self._direct_tried[part] and O_DIRECT:
+            self._direct_tried[part] = True
+            with contextlib.suppress(OSError):  # else this file system reads through the page cache only
+                self._direct_fds[part] = os.open(self.paths[part], os.O_RDONLY | O_DIRECT)
+        return self._direct_fds[part]
+
+    def read_direct(self, buffer: mmap.mmap, offset: int, size: int) -> memoryview | None:
+        """The bytes at offset, read around the page cache into buffer (page-aligned, size + 8 KiB or more);
+        None where that is not possible (a range across two split parts, a file system without O_DIRECT):
+        the caller then uses readinto."""
+        self._check_range(offset, size)
+        part = bisect_right(self._starts, offset) - 1
+        local = offset - self._starts[part]
+        fd = self._direct_fd(part)
+        if fd is None or offset + size > self._starts[part + 1]:
+            return None
+        try:
+            view, got = read_aligned(fd, buffer, local, size)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise ConvertError(f"cannot read: {exc.strerror}", file=self.paths[part]) from None
+            os.close(fd)  # the open was accepted, the I/O is not: page cache from here on
+            self._direct_fds[part] = None
+            return None
+        if got < size:
+            raise ConvertError(f"unexpected end of file at byte {local + max(got, 0)}", file=self.paths[part])
+        return view[:size]
 
     def readinto(self, buffer: memoryview | bytearray, offset: int) -> None:
         """Fill buffer with the bytes at offset; a stream that ends early is a truncated file."""
         view = memoryview(buffer).cast("B")
-        if offset < 0 or offset + len(view) > self.size:
-            raise ConvertError(
-                f"needs bytes {offset}..{offset + len(view)} but the file has {self.size} (truncated download?)",
-                file=self.label,
-            )
+        self._check_range(offset, len(view))
         done = 0
         while done < len(view):
             part = bisect_right(self._starts, offset + done) - 1

@@ -1,0 +1,139 @@
+"""Direct I/O: aligned reads of unaligned ranges, the staged writer's tail and errors, and a conversion large
+enough to go through both, proven by verify re-reading the output from the disk."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from pathlib import Path
+
+import pytest
+from helpers import assert_one_line_error, run_cli, tmpfs
+from synthetic import DEFAULT, make_weights, write_torrent
+
+from convert import stream
+from convert.direct_io import ALIGN, STAGE, StagedWriter, aligned_buffer, open_direct
+from convert.errors import ConvertError
+from convert.formats.streams import ByteStream
+
+# 2 layers of 8 experts at dim 256, FFN 2048 and a 32003 vocab: about 84 MB, so the weights file is written
+# through the staged writer (stream.DIRECT_MIN) in more than one STAGE.
+MEDIUM = dataclasses.replace(DEFAULT, dim=256, head_dim=64, hidden_dim=2048, n_experts=8, vocab=32003)
+
+
+def _payload(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "page-cache"])
+def test_staged_writer_writes_odd_chunks_and_cuts_the_tail(tmp_path: Path, direct: bool) -> None:
+    path = tmp_path / "out"
+    payload = _payload(2 * STAGE + 3 * ALIGN + 17, seed=1)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd, is_open_direct = open_direct(path, flags) if direct else (os.open(path, flags, 0o644), False)
+    if direct and not is_open_direct:
+        pytest.skip("this file system refuses O_DIRECT")
+    try:
+        writer = StagedWriter(fd, path)
+        rng = random.Random(2)
+        start = 0
+        while start < len(payload):
+            size = rng.choice([1, 7, ALIGN - 1, ALIGN + 1, STAGE - 5, STAGE + 3])
+            writer.write(memoryview(payload[start : start + size]))
+            start += size
+        writer.finish(len(payload))
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == payload
+
+
+def test_staged_writer_refuses_a_size_it_was_not_given(tmp_path: Path) -> None:
+    path = tmp_path / "out"
+    fd, _ = open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        writer = StagedWriter(fd, path)
+        writer.write(memoryview(b"x" * 100))
+        with pytest.raises(ConvertError, match="staged 100 bytes but the file has 101"):
+            writer.finish(101)
+    finally:
+        writer.close()
+        os.close(fd)
+
+
+def test_staged_writer_reports_a_full_disk_naming_the_file(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "small", "size=20m") as mount:
+        path = mount / "out.partial"
+        fd, _ = open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            writer = StagedWriter(fd, path)
+            with pytest.raises(ConvertError, match="cannot write: No space left on device") as caught:
+                for _ in range(8):
+                    writer.write(memoryview(bytes(STAGE)))
+                writer.finish(8 * STAGE)
+            assert caught.value.line().startswith(str(path))
+        finally:
+            writer.close()
+            os.close(fd)
+
+
+def test_direct_reads_return_exactly_the_bytes_asked_for(tmp_path: Path) -> None:
+    payload = _payload(5 * ALIGN + 1234, seed=3)
+    (tmp_path / "f").write_bytes(payload)
+    source = ByteStream([tmp_path / "f"])
+    buffer = aligned_buffer(len(payload) + 2 * ALIGN)
+    rng = random.Random(4)
+    ranges = [(0, len(payload)), (len(payload) - 1, 1), (ALIGN - 1, 2), (1, 0)]
+    ranges += [(offset, rng.randrange(len(payload) - offset + 1)) for offset in rng.sample(range(len(payload)), 40)]
+    try:
+        for offset, size in ranges:
+            view = source.read_direct(buffer, offset, size)
+            if view is None:
+                pytest.skip("this file system refuses O_DIRECT")
+            assert bytes(view) == payload[offset : offset + size], (offset, size)
+    finally:
+        source.close()
+
+
+def test_direct_reads_fall_back_across_split_parts_and_notice_truncation(tmp_path: Path) -> None:
+    first, second = _payload(3 * ALIGN + 5, seed=5), _payload(2 * ALIGN, seed=6)
+    (tmp_path / "a").write_bytes(first)
+    (tmp_path / "b").write_bytes(second)
+    source = ByteStream([tmp_path / "a", tmp_path / "b"])
+    buffer = aligned_buffer(8 * ALIGN)
+    try:
+        assert source.read_direct(buffer, len(first) - 10, 20) is None  # the caller reads it through the cache
+        if source.read_direct(buffer, 0, 10) is None:
+            pytest.skip("this file system refuses O_DIRECT")
+        os.truncate(tmp_path / "a", ALIGN)  # shorter than when the stream was opened
+        with pytest.raises(ConvertError, match="unexpected end of file"):
+            source.read_direct(buffer, 2 * ALIGN, 100)
+    finally:
+        source.close()
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("medium")
+    write_torrent(folder, MEDIUM, make_weights(MEDIUM, seed=7))
+    assert (folder / "consolidated.00.pth").stat().st_size > stream.DIRECT_MIN
+    return folder
+
+
+def test_a_large_conversion_written_directly_verifies_from_disk(medium: Path, tmp_path: Path) -> None:
+    """verify re-reads every byte from the disk and compares it with the hashes taken from the stream, then
+    with the mapped source: a wrong tail, stage or offset in the staged writer fails here."""
+    hf, back = tmp_path / "hf", tmp_path / "torrent"
+    run_cli("convert", medium, hf, "--to", "hf", "--no-progress")
+    (shard,) = hf.glob("model-*.safetensors")
+    assert shard.stat().st_size > stream.DIRECT_MIN  # so it went through the staged writer
+    run_cli("verify", hf, "--against", medium)
+    run_cli("convert", hf, back, "--to", "torrent", "--no-progress")
+    run_cli("verify", back, "--against", medium)
+
+
+def test_a_full_disk_during_a_direct_write_is_one_line(medium: Path, tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "small", "size=40m") as mount:
+        result = run_cli("convert", medium, mount / "out", "--to", "hf", "--no-progress", check=False)
+        assert_one_line_error(result, "model-00001-of-00001.safetensors.partial", "No space left on device")
+        assert not (mount / "out" / "model.safetensors.index.json").exists()
