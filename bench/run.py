@@ -54,6 +54,8 @@ class Contender:
     command: Callable[[Path, Path], list[str]]
     needs_out_folder: bool = False  # cp copies into an existing folder
     in_converter_root: bool = False  # `python -m convert` must start where the measured convert/ sits
+    direction: str = "torrent-hf"  # which source it reads: the torrent checkpoint, or its hf conversion
+    limit: str = "cp"  # the copy of the same bytes its time is compared with
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,18 @@ CONTENDERS = (
     ),
     Contender("peer", "peer: torch.load + save_file",
               lambda src, out: [sys.executable, str(BENCH / "peer_baseline.py"), str(src), str(out)]),
+    Contender("cp-hf", "cp + sync of the hf shards (limit)",
+              lambda src, out: ["cp", *sorted(str(p) for p in src.glob("*.safetensors")), f"{out}/"], True,
+              direction="hf-torrent", limit="cp-hf"),
+    Contender(
+        "to-torrent",
+        "mixtral-convert hf -> torrent",
+        lambda src, out: [sys.executable, "-m", "convert", "convert", str(src), str(out),
+                          "--to", "torrent", "--no-progress", "--force"],
+        in_converter_root=True, direction="hf-torrent", limit="cp-hf",
+    ),
 )  # fmt: skip
+DIRECTIONS = ("torrent-hf", "hf-torrent")
 BY_KEY = {c.key: c for c in CONTENDERS}
 
 
@@ -151,6 +164,8 @@ class Depth:
     layers: int
     source: Path
     input_bytes: int
+    hf_source: Path | None = None  # the torrent checkpoint converted to hf, for the hf -> torrent direction
+    hf_bytes: int = 0  # its .safetensors shards
     runs: list[Run] = field(default_factory=list)
     output_bytes: dict[str, int] = field(default_factory=dict)
     digests: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
@@ -231,7 +246,25 @@ class Bench:
         say(f"generated {folder} in {time.perf_counter() - start:.0f} s")
         return folder
 
+    def ensure_hf(self, depth: Depth) -> None:
+        """The hf -> torrent source: this depth's torrent checkpoint converted by the measured converter (untimed,
+        kept in the cache; the index is written last, so its presence means complete)."""
+        folder = self.work / f"hf-{depth.layers}L"
+        if not (folder / "model.safetensors.index.json").is_file():
+            say(f"converting {depth.source} to {folder} (the source of the hf -> torrent runs)")
+            shutil.rmtree(folder, ignore_errors=True)
+            self.partial = folder
+            command = [sys.executable, "-m", "convert", "convert", str(depth.source), str(folder), "--to", "hf"]
+            code = subprocess.run([*command, "--no-progress"], cwd=self.converter.root, check=False).returncode
+            if code != 0:
+                raise SystemExit(f"converting {depth.source} to {folder} failed (exit {code})")
+            self.partial = None
+        depth.hf_source = folder
+        depth.hf_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
     def run(self, depth: Depth, contender: Contender, repeat: int, verify: bool) -> Run:
+        source = depth.hf_source if contender.direction == "hf-torrent" else depth.source
+        assert source is not None, "ensure_hf first"
         out = self.out_folder()
         shutil.rmtree(out, ignore_errors=True)
         if contender.needs_out_folder:
@@ -244,7 +277,7 @@ class Bench:
             start = time.perf_counter()
             cwd = self.converter.root if contender.in_converter_root else REPO
             self.child = subprocess.Popen(
-                contender.command(depth.source, out),
+                contender.command(source, out),
                 cwd=cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -276,15 +309,13 @@ class Bench:
         if code != 0:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
             killed = " (SIGKILL: look for the OOM killer in dmesg)" if code == -signal.SIGKILL else ""
-            say(
-                f"  {contender.label} FAILED with exit {code}{killed}: {' '.join(contender.command(depth.source, out))}"
-            )
+            say(f"  {contender.label} FAILED with exit {code}{killed}: {' '.join(contender.command(source, out))}")
             for line in tail:
                 say(f"    | {line}")
         elif repeat == 0:
             files = sorted(p for p in out.iterdir() if p.is_file())
             depth.output_bytes[contender.key] = sum(p.stat().st_size for p in files)
-            if verify and contender.key != "cp":
+            if verify and contender.key not in ("cp", "cp-hf"):
                 depth.digests[contender.key] = [
                     (p.stat().st_size, sha256(p)) for p in files if p.name.endswith(".safetensors")
                 ]
@@ -397,6 +428,8 @@ def summarize(depth: Depth) -> list[Summary]:
     rows = []
     for contender in CONTENDERS:
         runs = [r for r in depth.runs if r.contender == contender.key]
+        if not runs:  # a direction not asked for
+            continue
         good = [r for r in runs if r.ok]
         if not good:
             rows.append(
@@ -407,13 +440,22 @@ def summarize(depth: Depth) -> list[Summary]:
         medians[contender.key] = statistics.median(walls)
         rows.append(Summary(
             contender.key, len(runs), len(runs) - len(good), statistics.median(walls), min(walls), max(walls), None,
-            depth.input_bytes / 1e9 / statistics.median(walls), statistics.median(r.max_rss for r in good),
+            source_bytes(depth, contender) / 1e9 / statistics.median(walls),
+            statistics.median(r.max_rss for r in good),
             statistics.median(r.cpu for r in good), statistics.median(r.process_wall for r in good),
             statistics.median(r.disk_read for r in good), statistics.median(r.disk_written for r in good),
             max(r.floor for r in good), statistics.median(r.other_cpu for r in good),
         ))  # fmt: skip
-    limit = medians.get("cp")
-    return [Summary(**{**vars(s), "ratio": s.wall / limit if limit and s.contender in medians else None}) for s in rows]
+
+    def ratio(summary: Summary) -> float | None:
+        limit = medians.get(BY_KEY[summary.contender].limit)
+        return summary.wall / limit if limit and summary.contender in medians else None
+
+    return [Summary(**{**vars(s), "ratio": ratio(s)}) for s in rows]
+
+
+def source_bytes(depth: Depth, contender: Contender) -> int:
+    return depth.hf_bytes if contender.direction == "hf-torrent" else depth.input_bytes
 
 
 def rss_text(rss: float, floor: float) -> str:
@@ -434,8 +476,15 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
 
 def depth_table(depth: Depth, available_bytes: int) -> list[str]:
     gb = depth.input_bytes / 1e9
+    hf_line = (
+        f" The hf -> torrent runs read its conversion to hf ({depth.hf_bytes:,} bytes of shards)."
+        if depth.hf_source is not None
+        else ""
+    )
     lines = [
         f"### {plural(depth.layers, 'layer')}: {gb:.2f} GB source (`consolidated.00.pth`, {depth.input_bytes:,} bytes)",
+        "",
+        f"'vs limit' is each contender's median over the median of the copy of the same bytes.{hf_line}",
         "",
         f"Source + output = {2 * depth.input_bytes / GIB:.1f} GiB, {2 * depth.input_bytes / available_bytes:.0%} of "
         "the memory available at the start"
@@ -445,7 +494,7 @@ def depth_table(depth: Depth, available_bytes: int) -> list[str]:
             else "."
         ),
         "",
-        "| contender | runs | wall median (s) | spread min..max (s) | vs cp+sync | GB/s | peak RSS (MiB) "
+        "| contender | runs | wall median (s) | spread min..max (s) | vs limit | GB/s | peak RSS (MiB) "
         "| CPU user+sys (s) | CPU / process wall | disk read / written (GB) | other CPU on the machine (s) |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
@@ -651,7 +700,7 @@ def report(
     for depth in depths:
         tables += [*depth_table(depth, machine.available_bytes), ""]
     text = [
-        "# Benchmarks: Mixtral torrent checkpoint → Hugging Face layout",
+        "# Benchmarks: Mixtral torrent checkpoint → Hugging Face layout, and back",
         "",
         f"Written by `{command}` on {started:%Y-%m-%d %H:%M} UTC ({elapsed / 60:.0f} min in all). "
         "Do not edit by hand: rerun the command.",
@@ -683,13 +732,21 @@ def report(
         "rotary permutation in RAM, `safetensors.torch.save_file` per 5e9-byte shard "
         "(`huggingface_hub.split_torch_state_dict_into_shards`, as `save_pretrained`), then sync.",
         "",
+        "The other direction (`--directions hf-torrent`, on by default) reads the hf conversion of the same "
+        "checkpoint, made once by the measured converter and cached:",
+        "",
+        "- **cp + sync of the hf shards (limit)**: `cp SRC/*.safetensors OUT/` then sync.",
+        "- **mixtral-convert hf -> torrent**: `python -m convert convert SRC OUT --to torrent --no-progress "
+        "--force`, then sync (the planned torch zip that replaces torch.save).",
+        "",
         "Wall time runs from process start to the end of the following `sync()` (so data is on disk for all "
         "three). Peak RSS, CPU and disk blocks come from `os.wait4` on the child itself (`ru_maxrss`, "
         "`ru_utime + ru_stime`, `ru_inblock`/`ru_oublock`); the kernel's own writeback threads are not charged to "
         "anyone. Linux charges the memory an exec replaces to the new program's `ru_maxrss`, so no child can read "
         "below this driver's own peak (kept small: the driver never imports torch); such values are shown as "
-        "'≤ driver peak'. GB/s is source bytes / median wall. 'vs cp+sync' is median wall over cp+sync's median "
-        "at the same depth. OUT is deleted after every run (untimed) and the disk flushed before the next one.",
+        "'≤ driver peak'. GB/s is source bytes / median wall. 'vs limit' is median wall over cp+sync's median "
+        "(or of the hf shards) at the same depth. OUT is deleted after every run (untimed) and the disk flushed "
+        "before the next one.",
         "",
         "## Results",
         "",
@@ -712,6 +769,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Time mixtral-convert against cp+sync and a load-everything peer.")
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4], help="depths to generate and convert")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per depth (contenders alternate)")
+    parser.add_argument(
+        "--directions",
+        nargs="+",
+        choices=DIRECTIONS,
+        default=list(DIRECTIONS),
+        help="torrent-hf: cp, mixtral-convert and the peer on the torrent checkpoint; hf-torrent: cp and "
+        "mixtral-convert on its hf conversion (made once and cached)",
+    )
     parser.add_argument("--cache", type=Path, default=BENCH / "cache", help="where sources are kept between runs")
     parser.add_argument("--out", type=Path, default=BENCH / "BENCHMARKS.md", help="the report (markdown)")
     parser.add_argument("--plot", type=Path, help="PNG plot (default: results.png next to --out)")
@@ -752,9 +817,12 @@ def main(argv: list[str] | None = None) -> int:
         for layers in args.layers:
             source = bench.ensure_checkpoint(layers)
             depths.append(Depth(layers, source, (source / checkpoint.WEIGHTS).stat().st_size))
+            if "hf-torrent" in args.directions:
+                bench.ensure_hf(depths[-1])
+        contenders = [c for c in CONTENDERS if c.direction in args.directions]
         for depth in depths:
             for repeat in range(args.repeats):
-                for contender in CONTENDERS:
+                for contender in contenders:
                     run = bench.run(depth, contender, repeat, verify=not args.no_verify)
                     depth.runs.append(run)
                     say(
