@@ -35,7 +35,7 @@ test: lint
 
 # Real-dimension checkpoints (3.4 / 6.3 / 12 GB, cached in bench/cache), cold cache, several minutes a depth.
 bench: $(VENV)/.runtime
-	$(PY) -m pip install --quiet matplotlib
+	$(PY) -m pip install --quiet -c constraints.txt matplotlib huggingface_hub  # the plot; the peer shards as save_pretrained
 	$(PY) bench/run.py --layers 1 2 4 --repeats 3 --rev HEAD
 
 clean:
