@@ -107,12 +107,8 @@ def file_digest(path: Path, algorithm: str) -> str:
     digest = hashlib.new(algorithm)
     stream = ByteStream([path])
     try:
-        buffer = bytearray(_READ_CHUNK)
-        view = memoryview(buffer)
-        for start in range(0, stream.size, _READ_CHUNK):
-            size = min(_READ_CHUNK, stream.size - start)
-            stream.readinto(view[:size], start)
-            digest.update(view[:size])
+        for piece in stream.chunks(_READ_CHUNK):
+            digest.update(piece)
     finally:
         stream.close()
     return digest.hexdigest()

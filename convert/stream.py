@@ -22,8 +22,9 @@ import sys
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -135,18 +136,29 @@ class _Stopped(Exception):
 
 
 Chunk = tuple[int, memoryview, str | None, _Lease | None]  # offset in the file, bytes, their tensor, their lease
-POOL_BUFFERS = 3 * QUEUE_DEPTH + 2  # every queue full, plus one being read and one being written
+# Reads in flight at once: direct reads have no kernel readahead, and one at a time left the disk idle while the
+# reader computed a zip's CRC-32.
+READ_AHEAD = 2
+# Every queue full, plus the reads in flight, one being written and one spare.
+POOL_BUFFERS = 3 * QUEUE_DEPTH + READ_AHEAD + 2
 
 
 def piece_chunks(
-    piece: Piece, digests: Digests, *, crc: bool, pool: _BufferPool | None = None, stop: threading.Event | None = None
+    piece: Piece,
+    digests: Digests,
+    *,
+    crc: bool,
+    pool: _BufferPool | None = None,
+    stop: threading.Event | None = None,
+    reads: Executor | None = None,
 ) -> Iterator[Chunk]:
     """A piece's bytes as chunks; a pure rename is copied in CHUNK slices without building a tensor.
-    crc: accumulate the tensor's CRC-32 (a zip needs it); pool: reuse its buffers (else fresh ones)."""
+    crc: accumulate the tensor's CRC-32 (a zip needs it); pool, stop and reads: read into the pool's buffers,
+    READ_AHEAD chunks at once on the reads executor (else one fresh buffer after another)."""
     running = digests.tensor_crc32.get(piece.tensor, 0)
     if piece.steps:
         buffer = aligned_buffer(piece.nbytes + 2 * ALIGN)
-        data = _read(piece.record.stream, buffer, piece.src_offset, piece.nbytes)
+        data = piece.record.stream.read_bulk(buffer, piece.src_offset, piece.nbytes)
         tensor = np.frombuffer(data, dtype=word_dtype(piece.record.dtype)).reshape(piece.shape)
         result = np.ascontiguousarray(run_steps(tensor, piece.steps, piece.tensor))
         del data, tensor, buffer  # only the transformed copy stays in flight
@@ -156,39 +168,47 @@ def piece_chunks(
         for start in range(0, piece.nbytes, CHUNK):
             yield piece.dst_offset + start, view[start : start + CHUNK], piece.tensor, None
         return
-    for start in range(0, piece.nbytes, CHUNK):
-        size = min(CHUNK, piece.nbytes - start)
-        lease = None
-        if pool is not None and stop is not None:
-            lease = _Lease(pool, pool.take(stop), 3)  # the writer, the file hasher, the tensor hasher
-            chunk = _read(piece.record.stream, lease.buffer, piece.src_offset + start, size)
-        else:
-            chunk = memoryview(bytearray(size))
+    if pool is None or stop is None or reads is None:
+        for start in range(0, piece.nbytes, CHUNK):
+            chunk = memoryview(bytearray(min(CHUNK, piece.nbytes - start)))
             piece.record.stream.readinto(chunk, piece.src_offset + start)
-        if crc:
+            if crc:
+                running = zlib.crc32(chunk, running)
+                digests.tensor_crc32[piece.tensor] = running
+            yield piece.dst_offset + start, chunk, piece.tensor, None
+        return
+    pending: deque[tuple[int, _Lease, Future[memoryview]]] = deque()
+
+    def arrived() -> Chunk:
+        nonlocal running
+        start, lease, future = pending.popleft()
+        chunk = future.result()
+        if crc:  # in file order, while the next reads are under way
             running = zlib.crc32(chunk, running)
             digests.tensor_crc32[piece.tensor] = running
-        yield piece.dst_offset + start, chunk, piece.tensor, lease
+        return piece.dst_offset + start, chunk, piece.tensor, lease
+
+    for start in range(0, piece.nbytes, CHUNK):
+        size = min(CHUNK, piece.nbytes - start)
+        lease = _Lease(pool, pool.take(stop), 3)  # the writer, the file hasher, the tensor hasher
+        read = reads.submit(piece.record.stream.read_bulk, lease.buffer, piece.src_offset + start, size)
+        pending.append((start, lease, read))
+        if len(pending) == READ_AHEAD:
+            yield arrived()
+    while pending:
+        yield arrived()
 
 
-def _read(stream: ByteStream, buffer: mmap.mmap, offset: int, size: int) -> memoryview:
-    """Bytes into an aligned buffer: around the page cache where possible, through it otherwise."""
-    direct = stream.read_direct(buffer, offset, size)
-    if direct is not None:
-        return direct
-    view = memoryview(buffer)[:size]
-    stream.readinto(view, offset)
-    return view
-
-
-def _file_chunks(output: OutputFile, digests: Digests, pool: _BufferPool, stop: threading.Event) -> Iterator[Chunk]:
+def _file_chunks(
+    output: OutputFile, digests: Digests, pool: _BufferPool, stop: threading.Event, reads: Executor
+) -> Iterator[Chunk]:
     """Everything of one output file in offset order. Deferred bytes are made when reached, once the tensors
     before them have been read (the reader computes the CRCs a zip needs as it goes)."""
     items: list[tuple[int, object]] = [*output.blobs, *output.deferred, *((p.dst_offset, p) for p in output.pieces)]
     crc = bool(output.deferred) and bool(output.pieces)
     for offset, item in sorted(items, key=lambda entry: entry[0]):
         if isinstance(item, Piece):
-            yield from piece_chunks(item, digests, crc=crc, pool=pool, stop=stop)
+            yield from piece_chunks(item, digests, crc=crc, pool=pool, stop=stop, reads=reads)
         elif isinstance(item, bytes):
             yield offset, memoryview(item), None, None
         else:
@@ -217,20 +237,23 @@ class _Reader:
 
     def _run(self, output: OutputFile, digests: Digests, pool: _BufferPool) -> None:
         try:
-            for chunk in _file_chunks(output, digests, pool, self._stop):
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(chunk, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
+            with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="read") as reads:
+                for chunk in _file_chunks(output, digests, pool, self._stop, reads):
+                    self._put(chunk)
             self._queue.put(self._DONE)
         except _Stopped:
             return
         except BaseException as exc:
             self._queue.put(exc)
+
+    def _put(self, chunk: Chunk) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(chunk, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
 
     def __iter__(self) -> Iterator[Chunk]:
         while (item := self._queue.get()) is not self._DONE:

@@ -137,3 +137,16 @@ def test_a_full_disk_during_a_direct_write_is_one_line(medium: Path, tmp_path: P
         result = run_cli("convert", medium, mount / "out", "--to", "hf", "--no-progress", check=False)
         assert_one_line_error(result, "model-00001-of-00001.safetensors.partial", "No space left on device")
         assert not (mount / "out" / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("length", [0, 1, ALIGN, 3 * ALIGN, 3 * ALIGN + 1])
+def test_chunks_read_ahead_covers_the_file_in_order(tmp_path: Path, length: int) -> None:
+    payload = _payload(length, seed=length)
+    (tmp_path / "f").write_bytes(payload)
+    source = ByteStream([tmp_path / "f"])
+    try:
+        pieces = [bytes(piece) for piece in source.chunks(ALIGN)]
+    finally:
+        source.close()
+    assert b"".join(pieces) == payload
+    assert all(len(piece) == ALIGN for piece in pieces[:-1])

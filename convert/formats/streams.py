@@ -13,10 +13,13 @@ import io
 import mmap
 import os
 import re
+import threading
 from bisect import bisect_right
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from convert.direct_io import O_DIRECT, read_aligned
+from convert.direct_io import ALIGN, O_DIRECT, aligned_buffer, read_aligned
 from convert.errors import ConvertError
 
 
@@ -29,8 +32,12 @@ class ByteStream:
         self.paths = paths
         self.label = str(paths[0]) if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} parts)"
         self._fds = [os.open(p, os.O_RDONLY) for p in paths]
-        self._direct_fds: list[int | None] = [None] * len(paths)  # opened on first use
+        # O_DIRECT twins, opened on first use; reads may run on several threads at once, hence the lock. A twin
+        # the file system turns out to refuse is retired, not closed, so no other read can hit a reused fd.
+        self._direct_fds: list[int | None] = [None] * len(paths)
         self._direct_tried = [False] * len(paths)
+        self._retired: list[int] = []
+        self._direct_lock = threading.Lock()
         sizes = [os.fstat(fd).st_size for fd in self._fds]
         self._starts = [0]
         for size in sizes:
@@ -38,10 +45,10 @@ class ByteStream:
         self.size = self._starts[-1]
 
     def close(self) -> None:
-        for fd in [*self._fds, *self._direct_fds]:
+        for fd in [*self._fds, *self._direct_fds, *self._retired]:
             if fd is not None:
                 os.close(fd)
-        self._fds, self._direct_fds = [], []
+        self._fds, self._direct_fds, self._retired = [], [], []
 
     def _check_range(self, offset: int, size: int) -> None:
         if offset < 0 or offset + size > self.size:
@@ -51,11 +58,12 @@ class ByteStream:
             )
 
     def _direct_fd(self, part: int) -> int | None:
-        if not self._direct_tried[part] and O_DIRECT:
-            self._direct_tried[part] = True
-            with contextlib.suppress(OSError):  # else this file system reads through the page cache only
-                self._direct_fds[part] = os.open(self.paths[part], os.O_RDONLY | O_DIRECT)
-        return self._direct_fds[part]
+        with self._direct_lock:
+            if not self._direct_tried[part] and O_DIRECT:
+                self._direct_tried[part] = True
+                with contextlib.suppress(OSError):  # else this file system reads through the page cache only
+                    self._direct_fds[part] = os.open(self.paths[part], os.O_RDONLY | O_DIRECT)
+            return self._direct_fds[part]
 
     def read_direct(self, buffer: mmap.mmap, offset: int, size: int) -> memoryview | None:
         """The bytes at offset, read around the page cache into buffer (page-aligned, size + 8 KiB or more);
@@ -72,8 +80,10 @@ class ByteStream:
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise ConvertError(f"cannot read: {exc.strerror}", file=self.paths[part]) from None
-            os.close(fd)  # the open was accepted, the I/O is not: page cache from here on
-            self._direct_fds[part] = None
+            with self._direct_lock:  # the open was accepted, the I/O is not: page cache from here on
+                if self._direct_fds[part] == fd:
+                    self._direct_fds[part] = None
+                    self._retired.append(fd)
             return None
         if got < size:
             raise ConvertError(f"unexpected end of file at byte {local + max(got, 0)}", file=self.paths[part])
@@ -92,6 +102,33 @@ class ByteStream:
             if got <= 0:
                 raise ConvertError(f"unexpected end of file at byte {local}", file=self.paths[part])
             done += got
+
+    def read_bulk(self, buffer: mmap.mmap, offset: int, size: int) -> memoryview:
+        """The bytes at offset, in buffer (page-aligned, size + 8 KiB or more): around the page cache where
+        possible, through it otherwise."""
+        direct = self.read_direct(buffer, offset, size)
+        if direct is not None:
+            return direct
+        view = memoryview(buffer)[:size]
+        self.readinto(view, offset)
+        return view
+
+    def chunks(self, size: int) -> Iterator[memoryview]:
+        """The whole stream front to back in size pieces; a thread reads the next one while the caller uses
+        this one (direct reads have no kernel readahead to overlap them). A piece is valid until the next."""
+        buffers = [aligned_buffer(size + 2 * ALIGN) for _ in range(2)]
+        starts = range(0, self.size, size)
+
+        def read(index: int) -> memoryview:
+            return self.read_bulk(buffers[index % 2], starts[index], min(size, self.size - starts[index]))
+
+        with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
+            pending = reader.submit(read, 0) if starts else None
+            for index in range(len(starts)):
+                assert pending is not None
+                piece = pending.result()
+                pending = reader.submit(read, index + 1) if index + 1 < len(starts) else None
+                yield piece
 
     def read(self, size: int, offset: int) -> bytes:
         buffer = bytearray(size)
