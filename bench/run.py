@@ -602,6 +602,15 @@ def verification_lines(depths: list[Depth]) -> list[str]:
     return [*lines, ""]
 
 
+def profile_lines() -> list[str]:
+    """Where the time goes: written by hand in bench/profiles.md (profiles need a profiler and judgement, not
+    a rerun), carried into every report so it sits next to the numbers."""
+    path = BENCH / "profiles.md"
+    if not path.is_file():
+        return []
+    return [path.read_text().strip(), ""]
+
+
 def all_runs_table(depths: list[Depth]) -> list[str]:
     lines = [
         "## Every run, in the order run",
@@ -753,6 +762,7 @@ def report(
         *tables,
         *extrapolation(depths, machine.ram_bytes, machine.available_bytes),
         *verification_lines(depths),
+        *profile_lines(),
         "## Plot",
         "",
         f"![wall time and peak RSS against depth]({plot_name})" if plot_name else plot_note,
