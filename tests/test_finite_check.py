@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convert.stream import CHUNK, _FiniteCheck
+from convert.finite import FiniteCheck
+from convert.workers import CHUNK
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
@@ -14,7 +15,7 @@ def _flags(values: torch.Tensor, code: str) -> bool:
     chunk = torch.zeros(CHUNK // values.element_size(), dtype=values.dtype)
     chunk[-len(values) :] = values  # at the end: the whole chunk is looked at
     found: set[str] = set()
-    _FiniteCheck()(memoryview(chunk.view(torch.uint8).numpy()), code, "t", found)
+    FiniteCheck()(memoryview(chunk.view(torch.uint8).numpy()), code, "t", found)
     return bool(found)
 
 
@@ -33,7 +34,7 @@ def test_extreme_finite_values_are_not(code: str) -> None:
 
 def test_other_dtypes_and_empty_chunks_are_skipped() -> None:
     found: set[str] = set()
-    check = _FiniteCheck()
+    check = FiniteCheck()
     check(memoryview(b"\xff" * 16), "I32", "t", found)
     check(memoryview(b""), "BF16", "t", found)
     assert not found
