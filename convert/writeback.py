@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
+import sys
 from collections.abc import Callable
 
 # Enough to keep the disk's queue full, small enough that a finished stretch goes out while the next is made.
@@ -20,7 +20,7 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 
 def _load() -> Callable[[int, int, int], None] | None:
-    if not hasattr(os, "posix_fadvise"):  # not a POSIX system with the Linux-era file calls
+    if not sys.platform.startswith("linux"):  # sync_file_range is Linux's own
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
