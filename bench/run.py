@@ -25,6 +25,7 @@ import hashlib
 import importlib.metadata
 import os
 import platform
+import random
 import resource
 import shutil
 import signal
@@ -730,8 +731,11 @@ def report(
         "## What is measured",
         "",
         "Sources are generated real-dimension Mixtral-8x7B checkpoints in the torrent layout (every tensor name "
-        "and shape of the published `consolidated.00.pth`, bf16, only fewer layers). For each depth the three "
-        f"contenders run in turn, {plural(repeats, 'round')}, in the same session:",
+        "and shape of the published `consolidated.00.pth`, bf16, only fewer layers). For each depth the "
+        f"contenders run in turn, {plural(repeats, 'round')}, in the same session, in an order shuffled each round "
+        "(seeded by the round; the table of every run shows it): a run changes the machine for the next one (on a "
+        "VM whose host reclaims free guest memory, cp right after a process freed gigabytes was 3-5x faster), so "
+        "a fixed order would favour whoever follows the peer:",
         "",
         "- **cp + sync (limit)**: `cp SRC/consolidated.00.pth OUT/` then sync: the same bytes, no work.",
         "- **mixtral-convert**: `python -m convert convert SRC OUT --to hf --no-progress --force` "
@@ -832,7 +836,10 @@ def main(argv: list[str] | None = None) -> int:
         contenders = [c for c in CONTENDERS if c.direction in args.directions]
         for depth in depths:
             for repeat in range(args.repeats):
-                for contender in contenders:
+                # Shuffled each round (seeded: a rerun uses the same orders). A run changes the machine for the
+                # next one: here cp right after a process that freed gigabytes ran 3-5x faster than otherwise
+                # (a VM whose host reclaims free guest memory), so a fixed order favours whoever follows the peer.
+                for contender in random.Random(repeat).sample(contenders, len(contenders)):
                     run = bench.run(depth, contender, repeat, verify=not args.no_verify)
                     depth.runs.append(run)
                     say(
