@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO, assert_one_line_error, run_cli, tmpfs
+from pickle_ops import call, glob, num, tup, uni
 from safetensors.torch import load_file, save_file
 from test_tokenizer import train as train_tokenizer
 
@@ -145,35 +146,9 @@ def copy_source(base: Path, layout: str, tmp_path: Path) -> Path:
 # Pickles in a torch zip
 
 
-def _bu(text: str) -> bytes:
-    """BINUNICODE."""
-    data = text.encode()
-    return b"X" + struct.pack("<I", len(data)) + data
-
-
-def _global(module: str, name: str) -> bytes:
-    return b"c" + f"{module}\n{name}\n".encode()
-
-
-def _int(value: int) -> bytes:
-    if 0 <= value < 2**31:
-        return b"J" + struct.pack("<i", value)
-    data = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
-    return b"\x8a" + bytes([len(data)]) + data  # LONG1
-
-
-def _tuple(values: tuple[int, ...]) -> bytes:
-    return b"(" + b"".join(_int(v) for v in values) + b"t"
-
-
-def _call(module: str, name: str, *args: bytes) -> bytes:
-    """module.name(*args) as GLOBAL, MARK, args, TUPLE, REDUCE."""
-    return _global(module, name) + b"(" + b"".join(args) + b"tR"
-
-
 def _one_entry_state(value: bytes) -> bytes:
     """A protocol-2 pickle of {"tok_embeddings.weight": <value>}."""
-    return b"\x80\x02}(" + _bu("tok_embeddings.weight") + value + b"u."
+    return b"\x80\x02}(" + uni("tok_embeddings.weight") + value + b"u."
 
 
 class _Capture(pickle.Unpickler):
@@ -203,9 +178,9 @@ def state_pickle(state: dict[str, list]) -> bytes:
     out = [b"\x80\x02}("]
     for name, (pid, offset, size, stride) in state.items():
         _, cls, key, location, numel = pid
-        persistent = b"(" + _bu("storage") + _global("torch", cls) + _bu(key) + _bu(location) + _int(numel) + b"tQ"
-        args = persistent + _int(offset) + _tuple(size) + _tuple(stride) + b"\x89" + _call("collections", "OrderedDict")
-        out.append(_bu(name) + _global("torch._utils", "_rebuild_tensor_v2") + b"(" + args + b"tR")
+        persistent = b"(" + uni("storage") + glob("torch", cls) + uni(key) + uni(location) + num(numel) + b"tQ"
+        args = persistent + num(offset) + tup(size) + tup(stride) + b"\x89" + call("collections", "OrderedDict")
+        out.append(uni(name) + glob("torch._utils", "_rebuild_tensor_v2") + b"(" + args + b"tR")
     out.append(b"u.")
     return b"".join(out)
 
@@ -239,18 +214,18 @@ def _payloads(marker: Path) -> dict[str, tuple[bytes, str]]:
     """case -> (data.pkl bytes that would create marker if executed, the global the refusal must name)."""
     create = f"open({str(marker)!r}, 'w').close()"
     return {
-        "os.system": (_one_entry_state(_call("os", "system", _bu(f"touch {marker}"))), "os.system"),
-        "builtins.eval": (_one_entry_state(_call("builtins", "eval", _bu(create))), "builtins.eval"),
+        "os.system": (_one_entry_state(call("os", "system", uni(f"touch {marker}"))), "os.system"),
+        "builtins.eval": (_one_entry_state(call("builtins", "eval", uni(create))), "builtins.eval"),
         "subprocess.Popen": (
-            _one_entry_state(_call("subprocess", "Popen", b"](" + _bu("touch") + _bu(str(marker)) + b"e")),
+            _one_entry_state(call("subprocess", "Popen", b"](" + uni("touch") + uni(str(marker)) + b"e")),
             "subprocess.Popen",
         ),
         "nested reduce of builtins.exec in a tuple": (
-            _one_entry_state(b"(" + _int(1) + b"(" + _call("builtins", "exec", _bu(create)) + b"tt"),
+            _one_entry_state(b"(" + num(1) + b"(" + call("builtins", "exec", uni(create)) + b"tt"),
             "builtins.exec",
         ),
         "os.system via STACK_GLOBAL (protocol 4)": (
-            b"\x80\x04}(" + _bu("w") + _bu("os") + _bu("system") + b"\x93(" + _bu(f"touch {marker}") + b"tRu.",
+            b"\x80\x04}(" + uni("w") + uni("os") + uni("system") + b"\x93(" + uni(f"touch {marker}") + b"tRu.",
             "os.system",
         ),
     }
@@ -283,7 +258,7 @@ def test_pickle_build_on_an_allow_listed_global(base: Path, tmp_path: Path, dtyp
     not crash (unknown dtype) and not silently reinterpret the bytes (F16)."""
     src = copy_source(base, "torrent", tmp_path)
     entries = archive_entries(src / CHECKPOINT)
-    build = _global("torch", "BFloat16Storage") + b"}" + _bu("dtype") + _bu(dtype) + b"sb0"  # BUILD, then POP
+    build = glob("torch", "BFloat16Storage") + b"}" + uni("dtype") + uni(dtype) + b"sb0"  # BUILD, then POP
     entries[PKL] = b"\x80\x02" + build + entries[PKL][2:]
     write_archive(src / CHECKPOINT, entries)
     refused(src, tmp_path / "out", str(src / CHECKPOINT), "data.pkl")

@@ -28,6 +28,7 @@ import torch
 from helpers import REPO
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+from pickle_ops import glob, uni
 
 from convert.dtypes import ITEM_SIZE
 from convert.errors import ConvertError
@@ -313,31 +314,22 @@ def test_real_archive_is_accepted() -> None:
         stream.close()
 
 
-def _bu(text: str) -> bytes:
-    data = text.encode()
-    return b"X" + struct.pack("<I", len(data)) + data
-
-
-def _global(module: str, name: str) -> bytes:
-    return b"c" + f"{module}\n{name}\n".encode()
-
-
 # Pickle program tokens: stack and container opcodes, the allow-listed globals, harmless globals that are not on the
 # list, the pieces of a storage persistent id. Nothing here does harm if the unpickler were to let it through.
 TOKENS = [
     b"(", b"t", b")", b"R", b"b", b"Q", b"}", b"]", b"s", b"u", b"e", b"a", b"0", b"2", b"1", b"N",
     b"\x88", b"\x89", b"\x85", b"\x86", b"\x87", b"\x81", b"o", b"\x93", b"q\x00", b"h\x00", b"K\x00", b"K\x02",
     b"K\x06", b"J\xff\xff\xff\xff", b"\x8a\x09" + b"\x00" * 8 + b"\x01", b"G" + struct.pack(">d", 1.5),
-    _bu("storage"), _bu("0"), _bu("1"), _bu("cpu"), _bu("a"), _bu("dtype"), _bu("BF16"), _bu("evil"),
-    _bu("torch"), _bu("BFloat16Storage"),
-    _global("torch", "BFloat16Storage"), _global("torch", "FloatStorage"), _global("torch", "HalfStorage"),
-    _global("torch._utils", "_rebuild_tensor_v2"), _global("torch._utils", "_rebuild_parameter"),
-    _global("collections", "OrderedDict"), _global("builtins", "len"), _global("builtins", "getattr"),
+    uni("storage"), uni("0"), uni("1"), uni("cpu"), uni("a"), uni("dtype"), uni("BF16"), uni("evil"),
+    uni("torch"), uni("BFloat16Storage"),
+    glob("torch", "BFloat16Storage"), glob("torch", "FloatStorage"), glob("torch", "HalfStorage"),
+    glob("torch._utils", "_rebuild_tensor_v2"), glob("torch._utils", "_rebuild_parameter"),
+    glob("collections", "OrderedDict"), glob("builtins", "len"), glob("builtins", "getattr"),
 ]  # fmt: skip
 
 # BUILD on the allow-listed storage stand-in: {"dtype": "evil"} is set on the shared object (then POP), followed by
 # the real pickle: read_torch_index raises KeyError('evil') and the allow-list stays poisoned.
-BUILD_ON_ALLOWED = [_global("torch", "BFloat16Storage"), b"}", _bu("dtype"), _bu("evil"), b"s", b"b", b"0"]
+BUILD_ON_ALLOWED = [glob("torch", "BFloat16Storage"), b"}", uni("dtype"), uni("evil"), b"s", b"b", b"0"]
 
 
 @FUZZ
