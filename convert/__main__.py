@@ -1,3 +1,3 @@
-from convert.cli import main
+from convert.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -6,20 +6,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
 import signal
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
 from convert import __version__
 from convert.destination import check_destination
-from convert.errors import ConvertError
+from convert.errors import ConvertError, escape
 from convert.mapping import layout_names
 from convert.pipeline import convert_checkpoint
 from convert.plan import DEFAULT_MAX_SHARD_SIZE, PlanOptions, build_plan, check_source
+from convert.resume import JOURNAL
 from convert.sizes import parse_size
 from convert.source import open_source
 from convert.verify import Report, check_pins, resolve_pins, verify_folder
+from convert.workers import Interrupted, run_scope, run_stop
 
 log = logging.getLogger("mixtral-convert")
 
@@ -221,17 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(_LowercaseLevel())
     log.addHandler(handler)
     log.setLevel(logging.INFO if args.debug else logging.WARNING)
-    signal.signal(signal.SIGTERM, _terminate)
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _on_signal)
     commands = {"convert": run_convert, "inspect": run_inspect, "verify": run_verify, "sample": run_sample}
     try:
-        return commands[args.command](args)
-    except KeyboardInterrupt:
-        how = ""
-        if args.command == "convert" and not args.dry_run:
-            how = f"; continue with: mixtral-convert convert {args.src} {args.dst} --to {args.to} --resume"
-        print(
-            f"mixtral-convert: interrupted; the output is incomplete (no index or params written){how}", file=sys.stderr
-        )
+        with run_scope():
+            return commands[args.command](args)
+    except (Interrupted, KeyboardInterrupt):
+        print(f"mixtral-convert: interrupted; {_what_was_interrupted(args, argv)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
         if args.debug:
@@ -239,6 +242,35 @@ def main(argv: list[str] | None = None) -> int:
         line, code = _one_line(exc)
         print(line, file=sys.stderr)
         return code
+    finally:
+        log.removeHandler(handler)
+
+
+def entry() -> None:
+    """The console script: main(), then exit even if some thread is stuck (none should be: all are daemons)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if any(not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        os._exit(code)
+    raise SystemExit(code)
+
+
+def _what_was_interrupted(args: argparse.Namespace, argv: list[str] | None) -> str:
+    """The rest of the interrupt line: what state the command left behind, and how to go on."""
+    if args.command == "convert" and args.dry_run:
+        return "a dry run writes nothing"
+    if args.command == "convert":
+        if not (args.dst / JOURNAL).is_file():
+            return "nothing was written"
+        words = [w for w in (sys.argv[1:] if argv is None else argv) if w != "--force"]
+        words = ["mixtral-convert", *words, *([] if "--resume" in words else ["--resume"])]
+        again = shlex.join(words)
+        how = f"continue with: {again}" if again.isprintable() else "run the same command again with --resume"
+        return f"the output is incomplete (no index or params written); {how}"
+    if args.command == "sample":
+        return f"the sample in {escape(str(args.dst))} is incomplete"
+    return f"{args.command} did not finish; it changes nothing, run it again"
 
 
 def _one_line(exc: Exception) -> tuple[str, int]:
@@ -246,14 +278,21 @@ def _one_line(exc: Exception) -> tuple[str, int]:
     if isinstance(exc, ConvertError):
         return f"mixtral-convert: error: {exc.line()}", EXIT_ERROR
     if isinstance(exc, OSError):
-        where = f"{exc.filename}: " if exc.filename else ""
-        return f"mixtral-convert: error: {where}{exc.strerror or exc}", EXIT_ERROR
+        where = f"{escape(str(exc.filename))}: " if exc.filename else ""
+        return f"mixtral-convert: error: {where}{escape(str(exc.strerror or exc))}", EXIT_ERROR
     if isinstance(exc, RecursionError):
         return "mixtral-convert: error: input nested too deeply to read", EXIT_ERROR
-    detail = f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
-    return f"mixtral-convert: internal error: {detail}", EXIT_INTERNAL
+    detail = escape(f"{type(exc).__name__}: {exc}")
+    return f"mixtral-convert: internal error: {detail} (rerun with --debug for the traceback)", EXIT_INTERNAL
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    """SIGTERM stops like Ctrl-C: partial files stay named .partial and the run can be resumed."""
-    raise KeyboardInterrupt
+def _on_signal(signum: int, _frame: object) -> None:
+    """SIGINT and SIGTERM stop the run like any failure: partial files stay named .partial and the run can be
+    resumed. While the run has threads, the handler only records the signal and every thread (the main one
+    included) sees it at its next wait, within POLL: raising here could leave a lock held that another thread
+    then waits for. With no thread running, the main thread is stopped at once."""
+    stop = run_stop()
+    first = stop.failure is None
+    stop.interrupt(signum)
+    if first and stop.threads == 0:
+        raise Interrupted(signum)

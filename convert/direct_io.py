@@ -18,10 +18,11 @@ import fcntl
 import mmap
 import os
 import queue
-import threading
 from pathlib import Path
 
 from convert.errors import ConvertError
+from convert.faults import fault_point
+from convert.workers import run_stop
 
 ALIGN = 4096
 STAGE = 8 * 2**20  # one disk write: large enough for the device to stream, small enough to overlap
@@ -74,18 +75,20 @@ def read_aligned(fd: int, buffer: mmap.mmap, offset: int, size: int) -> tuple[me
 
 class StagedWriter:
     """Writes one file front to back through aligned staging blocks; a thread writes a block while the next is
-    filled. Errors of the writing thread surface on the next write() or on finish()."""
+    filled. Any failure of the writing thread (a ConvertError for an I/O error, anything else as it is) is the
+    run's failure: write() and finish() then raise Stopped, and finish() never cuts a file to size whose blocks
+    were not all written."""
 
     def __init__(self, fd: int, path: Path) -> None:
         self._fd, self._path = fd, path
+        self._stop = run_stop()
         self._free: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(STAGES):
             self._free.put(aligned_buffer(STAGE))
         self._pending: queue.Queue[tuple[mmap.mmap, int, int] | None] = queue.Queue()
-        self._error: ConvertError | None = None
-        self._stage, self._fill, self._base = self._take(), 0, 0
-        self._thread = threading.Thread(target=self._run, name="disk-writer", daemon=True)
-        self._thread.start()
+        self._written = 0  # bytes the thread has written, in order; read by finish() once it has ended
+        self._stage, self._fill, self._base = self._stop.get(self._free), 0, 0
+        self._thread = self._stop.spawn(self._run, "disk-writer")
 
     def write(self, data: memoryview) -> None:
         view = data.cast("B")
@@ -106,44 +109,42 @@ class StagedWriter:
         self._stage[self._fill : length] = bytes(length - self._fill)
         self._submit(length)
         self.close()
-        if self._error is not None:
-            raise self._error
+        self._stop.check()
+        if self._written != self._base:  # cannot happen while the run is well; never truncate a short file
+            raise ConvertError(f"internal: {self._written} of {self._base} staged bytes written", file=self._path)
         os.ftruncate(self._fd, size)
 
     def close(self) -> None:
-        """Stop the writing thread after what is queued (also after a failure elsewhere)."""
+        """Stop the writing thread after what is queued (at once after a failure elsewhere)."""
         if self._thread.is_alive():
             self._pending.put(None)
-            self._thread.join()
-
-    def _take(self) -> mmap.mmap:
-        stage = self._free.get()
-        if self._error is not None:
-            raise self._error
-        return stage
+            self._stop.join(self._thread)
 
     def _submit(self, length: int) -> None:
         self._pending.put((self._stage, self._base, length))
         self._base += length
-        self._stage, self._fill = self._take(), 0
+        self._stage, self._fill = self._stop.get(self._free), 0
 
     def _run(self) -> None:
-        while (item := self._pending.get()) is not None:
+        while (item := self._stop.get(self._pending)) is not None:
             stage, offset, length = item
-            if self._error is None:
-                try:
-                    self._write_block(memoryview(stage)[:length], offset)
-                except ConvertError as exc:
-                    self._error = exc
-            self._free.put(stage)
+            try:
+                self._write_block(memoryview(stage)[:length], offset)
+                self._written = offset + length
+            finally:
+                self._free.put(stage)
 
     def _write_block(self, block: memoryview, offset: int) -> None:
         done = 0
         while done < len(block):
             try:
+                fault_point("disk-write")
                 done += os.pwrite(self._fd, block[done:], offset + done)
             except OSError as exc:
                 if exc.errno == errno.EINVAL and is_direct(self._fd):
-                    drop_direct(self._fd)  # the file system took the open but not the I/O
+                    try:
+                        drop_direct(self._fd)  # the file system took the open but not the I/O
+                    except OSError as again:
+                        raise ConvertError(f"cannot write: {again.strerror}", file=self._path) from None
                     continue
                 raise ConvertError(f"cannot write: {exc.strerror}", file=self._path) from None

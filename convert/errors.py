@@ -22,3 +22,11 @@ class ConvertError(Exception):
             parts.append(f"tensor {self.tensor}")
         parts.append(self.rule)
         return ": ".join(parts)
+
+
+def escape(text: str) -> str:
+    """text for a one-line message: unchanged when printable, else with control characters (newlines
+    included) written as Python escapes, so nothing from a file can start a second line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -6,6 +6,7 @@ from types import MappingProxyType
 
 import numpy as np
 
+from convert.faults import fault_point
 from convert.workers import CHUNK
 
 # A float is NaN or Inf when all its exponent bits are set, i.e. when its magnitude bits (all but the sign) are
@@ -28,6 +29,7 @@ class FiniteCheck:
         self._scratch = np.empty(CHUNK, dtype=np.uint8)
 
     def __call__(self, data: memoryview, dtype: str, tensor: str, non_finite: set[str]) -> None:
+        fault_point("finite")
         spec = _INFINITY_BITS.get(dtype)
         if spec is None or tensor in non_finite or not len(data):
             return

@@ -9,6 +9,7 @@ from convert.plan import DEFAULT_OPTIONS, Plan, PlanOptions, build_plan
 from convert.resume import Journal
 from convert.source import open_source
 from convert.stream import execute
+from convert.workers import run_scope
 
 
 def convert_checkpoint(
@@ -24,6 +25,23 @@ def convert_checkpoint(
 ) -> Plan:
     """Convert the checkpoint folder source into destination in the target layout; returns the plan it ran.
     With resume, an interrupted conversion into destination continues where it stopped."""
+    with run_scope():
+        return _convert(
+            source, destination, target, options, source_layout, force=force, resume=resume, progress=progress
+        )
+
+
+def _convert(
+    source: Path,
+    destination: Path,
+    target: str,
+    options: PlanOptions,
+    source_layout: str | None,
+    *,
+    force: bool,
+    resume: bool,
+    progress: bool,
+) -> Plan:
     check_destination(destination, source)
     with open_source(source, source_layout) as opened:
         plan = build_plan(opened, target, options)

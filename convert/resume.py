@@ -14,6 +14,7 @@ from pathlib import Path
 
 from convert import __version__
 from convert.errors import ConvertError
+from convert.faults import fault_point
 from convert.integrity import file_digest
 from convert.plan import Plan
 from convert.source import source_identity
@@ -92,6 +93,7 @@ class Journal:
         flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else os.O_APPEND)
         line = memoryview((json.dumps(entry) + "\n").encode())
         try:
+            fault_point("journal")
             fd = os.open(self.path, flags, 0o644)
             try:
                 while line:

@@ -19,11 +19,9 @@ import os
 import queue
 import sys
 import threading
-import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -31,10 +29,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from convert import faults
 from convert.digests import Digests
 from convert.direct_io import ALIGN, StagedWriter, aligned_buffer, open_direct
 from convert.dtypes import word_dtype
 from convert.errors import ConvertError
+from convert.faults import fault_point
 from convert.finite import FiniteCheck
 from convert.formats.streams import ByteStream
 from convert.integrity import file_digest
@@ -43,16 +43,13 @@ from convert.plan import Plan
 from convert.resume import Journal
 from convert.source import source_identity
 from convert.transforms import run_steps
-from convert.workers import CHUNK, QUEUE_DEPTH, BufferPool, Lease, Stopped, Worker
+from convert.workers import CHUNK, POLL, QUEUE_DEPTH, UNWIND, BufferPool, Lease, Pending, Worker, run_stop
 from convert.writeback import EarlyWriteback
 
 log = logging.getLogger("mixtral-convert")
 
 DIRECT_MIN = 64 * 2**20  # smaller files (metadata, tiny models) are not worth the staging
 PARTIAL_SUFFIX = ".partial"
-# Fault injection for the resume tests: stall for good after the first chunk of the named file, so that a test
-# can kill the process at a chosen point. Read where it acts; nothing else looks at it.
-STALL_AT_ENV = "MIXTRAL_CONVERT_STALL_AT"
 
 
 def partial_name(name: str) -> str:
@@ -73,26 +70,27 @@ def piece_chunks(
     *,
     crc: bool,
     pool: BufferPool | None = None,
-    stop: threading.Event | None = None,
-    reads: Executor | None = None,
+    reads: Sequence[Worker] = (),
 ) -> Iterator[Chunk]:
     """A piece's bytes as chunks; a pure rename is copied in CHUNK slices without building a tensor.
-    crc: accumulate the tensor's CRC-32 (a zip needs it); pool, stop and reads: read into the pool's buffers,
-    READ_AHEAD chunks at once on the reads executor (else one fresh buffer after another)."""
+    crc: accumulate the tensor's CRC-32 (a zip needs it); pool and reads: read into the pool's buffers, one
+    chunk in flight on each of the reads workers (else one fresh buffer after another)."""
     running = digests.tensor_crc32.get(piece.tensor, 0)
     if piece.steps:
         buffer = aligned_buffer(piece.nbytes + 2 * ALIGN)
         data = piece.record.stream.read_bulk(buffer, piece.src_offset, piece.nbytes)
         tensor = np.frombuffer(data, dtype=word_dtype(piece.record.dtype)).reshape(piece.shape)
+        fault_point("transform")
         result = np.ascontiguousarray(run_steps(tensor, piece.steps, piece.tensor))
         del data, tensor, buffer  # only the transformed copy stays in flight
         view = memoryview(result.reshape(-1).view(np.uint8))
         if crc:
+            fault_point("crc")
             digests.tensor_crc32[piece.tensor] = zlib.crc32(view, running)
         for start in range(0, piece.nbytes, CHUNK):
             yield piece.dst_offset + start, view[start : start + CHUNK], piece.tensor, None
         return
-    if pool is None or stop is None or reads is None:
+    if pool is None or not reads:
         for start in range(0, piece.nbytes, CHUNK):
             chunk = memoryview(bytearray(min(CHUNK, piece.nbytes - start)))
             piece.record.stream.readinto(chunk, piece.src_offset + start)
@@ -101,41 +99,51 @@ def piece_chunks(
                 digests.tensor_crc32[piece.tensor] = running
             yield piece.dst_offset + start, chunk, piece.tensor, None
         return
-    pending: deque[tuple[int, Lease, Future[memoryview]]] = deque()
+    pending: deque[tuple[int, Lease, Pending[memoryview]]] = deque()
 
     def arrived() -> Chunk:
         nonlocal running
-        start, lease, future = pending.popleft()
-        chunk = future.result()
-        if crc:  # in file order, while the next reads are under way
-            running = zlib.crc32(chunk, running)
-            digests.tensor_crc32[piece.tensor] = running
+        start, lease, read = pending.popleft()
+        try:
+            chunk = read.result()
+            if crc:  # in file order, while the next reads are under way
+                fault_point("crc")
+                running = zlib.crc32(chunk, running)
+                digests.tensor_crc32[piece.tensor] = running
+        except BaseException:
+            lease.release_all()
+            raise
         return piece.dst_offset + start, chunk, piece.tensor, lease
 
-    for start in range(0, piece.nbytes, CHUNK):
-        size = min(CHUNK, piece.nbytes - start)
-        lease = Lease(pool, pool.take(stop), 3)  # the writer, the file hasher, the tensor hasher
-        read = reads.submit(piece.record.stream.read_bulk, lease.buffer, piece.src_offset + start, size)
-        pending.append((start, lease, read))
-        if len(pending) == READ_AHEAD:
+    try:
+        for number, start in enumerate(range(0, piece.nbytes, CHUNK)):
+            size = min(CHUNK, piece.nbytes - start)
+            lease = Lease(pool, pool.take(), 3)  # the writer, the file hasher, the tensor hasher
+            read = reads[number % len(reads)].submit(
+                partial(piece.record.stream.read_bulk, lease.buffer, piece.src_offset + start, size)
+            )
+            pending.append((start, lease, read))
+            if len(pending) == len(reads):
+                yield arrived()
+        while pending:
             yield arrived()
-    while pending:
-        yield arrived()
+    finally:
+        for _, lease, _ in pending:  # reads cut short by a failure: their buffers go back to the pool
+            lease.release_all()
 
 
-def _file_chunks(
-    output: OutputFile, digests: Digests, pool: BufferPool, stop: threading.Event, reads: Executor
-) -> Iterator[Chunk]:
+def _file_chunks(output: OutputFile, digests: Digests, pool: BufferPool, reads: Sequence[Worker]) -> Iterator[Chunk]:
     """Everything of one output file in offset order. Deferred bytes are made when reached, once the tensors
     before them have been read (the reader computes the CRCs a zip needs as it goes)."""
     items: list[tuple[int, object]] = [*output.blobs, *output.deferred, *((p.dst_offset, p) for p in output.pieces)]
     crc = bool(output.deferred) and bool(output.pieces)
     for offset, item in sorted(items, key=lambda entry: entry[0]):
         if isinstance(item, Piece):
-            yield from piece_chunks(item, digests, crc=crc, pool=pool, stop=stop, reads=reads)
+            yield from piece_chunks(item, digests, crc=crc, pool=pool, reads=reads)
         elif isinstance(item, bytes):
             yield offset, memoryview(item), None, None
         else:
+            fault_point("deferred")
             yield offset, memoryview(item(digests)), None, None  # type: ignore[operator]
     if output.copy_of is not None:
         stream = ByteStream([output.copy_of])
@@ -149,45 +157,47 @@ def _file_chunks(
 
 
 class _Reader:
-    """Runs _file_chunks in its own thread, a few chunks ahead of the writer."""
+    """Runs _file_chunks in its own thread, a few chunks ahead of the writer. A chunk left in the queue when
+    the run stops still holds its lease; stop() gives those back."""
 
     _DONE = object()
 
-    def __init__(self, output: OutputFile, digests: Digests, pool: BufferPool) -> None:
+    def __init__(self, output: OutputFile, digests: Digests, pool: BufferPool, reads: Sequence[Worker]) -> None:
+        self._stop = run_stop()
         self._queue: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(output, digests, pool), name="reader", daemon=True)
-        self._thread.start()
+        self._finished = threading.Event()  # the consumer is gone: the reader ends even if the run is well
 
-    def _run(self, output: OutputFile, digests: Digests, pool: BufferPool) -> None:
-        try:
-            with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="read") as reads:
-                for chunk in _file_chunks(output, digests, pool, self._stop, reads):
-                    self._put(chunk)
-            self._queue.put(self._DONE)
-        except Stopped:
-            return
-        except BaseException as exc:
-            self._queue.put(exc)
+        def run() -> None:
+            for chunk in _file_chunks(output, digests, pool, reads):
+                if self._finished.is_set():
+                    return
+                self._stop.put(self._queue, chunk)
+            self._stop.put(self._queue, self._DONE)
 
-    def _put(self, chunk: Chunk) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(chunk, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-        raise Stopped
+        self._thread = self._stop.spawn(run, "reader")
 
     def __iter__(self) -> Iterator[Chunk]:
-        while (item := self._queue.get()) is not self._DONE:
-            if isinstance(item, BaseException):
-                raise item
+        while (item := self._stop.get(self._queue)) is not self._DONE:
             yield item  # type: ignore[misc]
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._finished.set()
+        while self._thread.is_alive():
+            self._drain()
+            self._thread.join(POLL)
+            if self._stop.stopped:
+                self._thread.join(UNWIND)
+                break
+        self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, tuple) and item[3] is not None:
+                item[3].release_all()
 
 
 class _Writer:
@@ -200,12 +210,15 @@ class _Writer:
         # SHA-256 runs at about 1.8 GB/s a core here (SHA-NI): the file and tensor hashes get a thread each.
         self.file_hasher = Worker("file-hasher")
         self.tensor_hasher = Worker("tensor-hasher")
+        # Direct reads have no kernel readahead: READ_AHEAD reads in flight keep the disk busy while the reader
+        # computes a zip's CRC-32.
+        self.reads = [Worker(f"read-{n}", depth=1) for n in range(READ_AHEAD)]
         self.finite_check = FiniteCheck()  # runs in the tensor hasher's thread
-        self.pool = BufferPool(POOL_BUFFERS)
+        self.pool = BufferPool(POOL_BUFFERS, partial(aligned_buffer, CHUNK + 2 * ALIGN))
 
     def close(self) -> None:
-        self.file_hasher.close()
-        self.tensor_hasher.close()
+        for worker in [self.file_hasher, self.tensor_hasher, *self.reads]:
+            worker.close()
 
     def write(self, output: OutputFile, before_commit: Callable[[], None]) -> None:
         """Write output as NAME.partial and rename it into place, unless before_commit raises."""
@@ -219,30 +232,40 @@ class _Writer:
             fd, direct = open_direct(temporary, flags)
         else:
             fd, direct = os.open(temporary, flags, 0o644), False
-        staged = StagedWriter(fd, temporary) if direct else None
-        reader = _Reader(output, self.digests, self.pool)
-        writeback = EarlyWriteback(fd)  # for the page-cache path
+        staged: StagedWriter | None = None
+        reader: _Reader | None = None
         try:
+            staged = StagedWriter(fd, temporary) if direct else None
+            reader = _Reader(output, self.digests, self.pool, self.reads)
+            writeback = EarlyWriteback(fd)  # for the page-cache path
             position = 0
             for offset, data, tensor, lease in reader:
-                if offset != position:
-                    raise ConvertError(f"internal: plan has a gap or overlap at byte {position}", file=temporary)
-                if staged is not None:
-                    staged.write(data)
-                else:
-                    _pwrite_all(fd, data, offset, temporary)
-                    writeback.written_up_to(offset + len(data))
-                if offset == 0 and os.environ.get(STALL_AT_ENV) == output.name:
-                    _stall()
-                self.file_hasher.submit(partial(_hash_and_release, file_hash if self.checksums else None, data, lease))
-                if tensor is not None:
-                    digest = tensor_hashes.setdefault(tensor, hashlib.sha256()) if self.checksums else None
-                    check = partial(self.finite_check, data, dtypes[tensor], tensor, non_finite)
-                    self.tensor_hasher.submit(partial(_hash_and_release, digest, data, lease, check))
-                elif lease is not None:
-                    lease.release()
-                if lease is not None:
-                    lease.release()
+                try:
+                    if offset != position:
+                        raise ConvertError(f"internal: plan has a gap or overlap at byte {position}", file=temporary)
+                    fault_point("write")
+                    if staged is not None:
+                        staged.write(data)
+                    else:
+                        _pwrite_all(fd, data, offset, temporary)
+                        writeback.written_up_to(offset + len(data))
+                    if offset == 0:
+                        faults.stall_point(output.name)
+                    release = lease.release if lease is not None else None
+                    whole = file_hash if self.checksums else None
+                    self.file_hasher.submit(partial(_hash, "file-hash", whole, data), release)
+                    if tensor is not None:
+                        digest = tensor_hashes.setdefault(tensor, hashlib.sha256()) if self.checksums else None
+                        check = partial(self.finite_check, data, dtypes[tensor], tensor, non_finite)
+                        self.tensor_hasher.submit(partial(_hash, "tensor-hash", digest, data, check), release)
+                    elif release is not None:
+                        release()
+                    if release is not None:
+                        release()
+                except BaseException:
+                    if lease is not None:  # after a failure nobody takes from the pool; give it back all the same
+                        lease.release_all()
+                    raise
                 position += len(data)
                 self.progress.update(len(data))
             if position != output.size:
@@ -251,9 +274,11 @@ class _Writer:
                 staged.finish(output.size)
             self.file_hasher.join()
             self.tensor_hasher.join()
+            fault_point("fsync")
             os.fsync(fd)
         finally:
-            reader.stop()
+            if reader is not None:
+                reader.stop()
             if staged is not None:
                 staged.close()
             os.close(fd)
@@ -268,23 +293,16 @@ class _Writer:
                 raise ConvertError("has NaN or Inf values (--strict)", file=record.stream.label, tensor=record.name)
             log.warning("%s: tensor %s has NaN or Inf values; converted as they are", record.stream.label, record.name)
         before_commit()
+        fault_point("rename")
         os.replace(temporary, self.destination / output.name)
 
 
-def _hash_and_release(
-    digest: hashlib._Hash | None, data: memoryview, lease: Lease | None, check: Callable[[], None] | None = None
-) -> None:
+def _hash(site: str, digest: hashlib._Hash | None, data: memoryview, check: Callable[[], None] | None = None) -> None:
+    fault_point(site)
     if digest is not None:
         digest.update(data)
     if check is not None:
         check()
-    if lease is not None:
-        lease.release()
-
-
-def _stall() -> None:
-    while True:
-        time.sleep(60)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
@@ -332,10 +350,14 @@ def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool) 
     rather than being one read: single-pass hashing of both sides would need the whole model in memory."""
     digests = Digests()
     options = plan.options
-    hasher = ThreadPoolExecutor(1, thread_name_prefix="input-hasher") if options.hash_input else None
+    hasher = Worker("input-hasher") if options.hash_input else None
     if hasher is not None:
-        future = hasher.submit(lambda: {p.name: file_digest(p, "sha256") for p in plan.source.input_files})
-        digests.input_sha256 = future.result
+
+        def hash_inputs() -> dict[str, str]:
+            fault_point("input-hash")
+            return {p.name: file_digest(p, "sha256") for p in plan.source.input_files}
+
+        digests.input_sha256 = hasher.submit(hash_inputs).result
     identity = source_identity(plan.source)
 
     def source_unchanged() -> None:
@@ -368,5 +390,5 @@ def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool) 
         finally:
             writer.close()
             if hasher is not None:
-                hasher.shutdown(cancel_futures=True)
+                hasher.close()
     return digests

@@ -19,6 +19,7 @@ from convert.mapping import data_dir
 from convert.plan import build_plan, check_source
 from convert.source import Source, open_source
 from convert.stream import PARTIAL_SUFFIX, Chunk, piece_chunks
+from convert.workers import run_scope
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
@@ -165,6 +166,11 @@ def _first_mismatch(chunks: Iterator[Chunk], record: TensorRecord, start: int) -
 
 
 def verify_folder(folder: Path, *, against: Path | None = None, pins: Path | None = None) -> Report:
+    with run_scope():
+        return _verify(folder, against, pins)
+
+
+def _verify(folder: Path, against: Path | None, pins: Path | None) -> Report:
     report = Report(str(folder))
     _check_sums(folder, report)
     if pins is not None:

@@ -16,6 +16,7 @@ from convert import stream
 from convert.direct_io import ALIGN, STAGE, StagedWriter, aligned_buffer, open_direct
 from convert.errors import ConvertError
 from convert.formats.streams import ByteStream
+from convert.workers import run_scope
 
 # 2 layers of 8 experts at dim 256, FFN 2048 and a 32003 vocab: about 84 MB, so the weights file is written
 # through the staged writer (stream.DIRECT_MIN) in more than one STAGE.
@@ -66,14 +67,17 @@ def test_staged_writer_reports_a_full_disk_naming_the_file(tmp_path: Path) -> No
         path = mount / "out.partial"
         fd, _ = open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
-            writer = StagedWriter(fd, path)
-            with pytest.raises(ConvertError, match="cannot write: No space left on device") as caught:
-                for _ in range(8):
-                    writer.write(memoryview(bytes(STAGE)))
-                writer.finish(8 * STAGE)
+            # The disk writer's error is the run's failure: run_scope raises it, whichever call saw it first.
+            with pytest.raises(ConvertError, match="cannot write: No space left on device") as caught, run_scope():
+                writer = StagedWriter(fd, path)
+                try:
+                    for _ in range(8):
+                        writer.write(memoryview(bytes(STAGE)))
+                    writer.finish(8 * STAGE)
+                finally:
+                    writer.close()
             assert caught.value.line().startswith(str(path))
         finally:
-            writer.close()
             os.close(fd)
 
 

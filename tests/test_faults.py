@@ -903,15 +903,17 @@ def test_disk_full_then_resume(base: Path, tmp_path: Path, size: str, full_at_st
 # ---------------------------------------------------------------------------------------------------------------
 # The source changing during the run
 
-# The writer's MIXTRAL_CONVERT_STALL_AT hook stalls forever after the first chunk of the named file, so a test
-# cannot change the source and then let the run go on. This bootstrap replaces the stall with the change (same
-# point in the run: after the first chunk of the named file) and lets the writer continue; the real CLI then runs.
+# The writer's MIXTRAL_CONVERT_STALL_AT hook (convert/faults.py) stalls after the first chunk of the named file, so
+# a test cannot change the source and then let the run go on. This bootstrap replaces the stall with the change
+# (same point in the run: after the first chunk of the named file) and lets the writer continue; the real CLI runs.
 _CHANGE_SOURCE = """
 import os, sys
 from pathlib import Path
-import convert.stream
+import convert.faults
 
-def change():
+def change(name):
+    if name != os.environ["MIXTRAL_CONVERT_STALL_AT"]:
+        return
     path = Path(os.environ["FAULT_CHANGE"])
     if os.environ["FAULT_HOW"] == "size":
         with open(path, "ab") as handle:
@@ -920,7 +922,7 @@ def change():
         stat = path.stat()
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
 
-convert.stream._stall = change
+convert.faults.stall_point = change
 from convert.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -31,7 +31,7 @@ def test_signal_mid_run_stops_cleanly_and_resumes(tmp_path: Path, signum: int) -
     # the stand-in tokenizer.model draws a warning; besides it, exactly the one line
     assert [line for line in stderr.splitlines() if not line.startswith("mixtral-convert: warning:")] == [
         "mixtral-convert: interrupted; the output is incomplete (no index or params written); continue with: "
-        f"mixtral-convert convert {src} {dst} --to hf --resume"
+        f"mixtral-convert convert {src} {dst} --to hf --max-shard-size 400MB --resume"
     ]
     assert not (dst / "model.safetensors.index.json").exists()
     assert not (dst / "config.json").exists()

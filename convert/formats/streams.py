@@ -16,11 +16,13 @@ import re
 import threading
 from bisect import bisect_right
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from convert.direct_io import ALIGN, O_DIRECT, aligned_buffer, read_aligned
 from convert.errors import ConvertError
+from convert.faults import fault_point
+from convert.workers import Worker
 
 
 class ByteStream:
@@ -106,6 +108,7 @@ class ByteStream:
     def read_bulk(self, buffer: mmap.mmap, offset: int, size: int) -> memoryview:
         """The bytes at offset, in buffer (page-aligned, size + 8 KiB or more): around the page cache where
         possible, through it otherwise."""
+        fault_point("source-read")
         direct = self.read_direct(buffer, offset, size)
         if direct is not None:
             return direct
@@ -122,13 +125,16 @@ class ByteStream:
         def read(index: int) -> memoryview:
             return self.read_bulk(buffers[index % 2], starts[index], min(size, self.size - starts[index]))
 
-        with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
-            pending = reader.submit(read, 0) if starts else None
+        reader = Worker("read-ahead", depth=1)
+        try:
+            pending = reader.submit(partial(read, 0)) if starts else None
             for index in range(len(starts)):
                 assert pending is not None
                 piece = pending.result()
-                pending = reader.submit(read, index + 1) if index + 1 < len(starts) else None
+                pending = reader.submit(partial(read, index + 1)) if index + 1 < len(starts) else None
                 yield piece
+        finally:
+            reader.close()
 
     def read(self, size: int, offset: int) -> bytes:
         buffer = bytearray(size)
