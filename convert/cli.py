@@ -24,7 +24,7 @@ from convert.resume import JOURNAL
 from convert.sizes import parse_size
 from convert.source import open_source
 from convert.verify import Report, check_pins, resolve_pins, verify_folder
-from convert.workers import Interrupted, run_scope, run_stop
+from convert.workers import Interrupted, in_run, run_scope, run_stop
 
 log = logging.getLogger("mixtral-convert")
 
@@ -226,12 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(_LowercaseLevel())
     log.addHandler(handler)
     log.setLevel(logging.INFO if args.debug else logging.WARNING)
-    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, _on_signal)
     commands = {"convert": run_convert, "inspect": run_inspect, "verify": run_verify, "sample": run_sample}
+    handle_signals = threading.current_thread() is threading.main_thread()  # handlers can only be set there
+    before = {signum: signal.getsignal(signum) for signum in _SIGNALS} if handle_signals else {}
     try:
         with run_scope():
+            for signum in before:
+                signal.signal(signum, _on_signal)
             return commands[args.command](args)
     except (Interrupted, KeyboardInterrupt):
         print(f"mixtral-convert: interrupted; {_what_was_interrupted(args, argv)}", file=sys.stderr)
@@ -244,14 +245,30 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         log.removeHandler(handler)
+        for signum, previous in before.items():
+            # The run is over and its outcome stands: as a command, a late signal is ignored rather than
+            # killing the process during the interpreter's exit (which resets handlers to the default).
+            signal.signal(signum, signal.SIG_IGN if _as_command else previous)
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_as_command = False  # set by entry(): main() runs as the process itself, not inside another program
 
 
 def entry() -> None:
     """The console script: main(), then exit even if some thread is stuck (none should be: all are daemons)."""
-    code = main()
+    global _as_command
+    _as_command = True
+    try:
+        code = main()
+    finally:  # also when argparse exits (--help, --version, a usage error) before main() took the signals over
+        for signum in _SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
     sys.stdout.flush()
     sys.stderr.flush()
-    if any(not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+    if code != 0 or any(not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        # A failed run has said its one line and left its files as --resume expects: the interpreter's teardown
+        # (module cleanup, a thread still finishing a disk call) would only delay the exit the user waits for.
         os._exit(code)
     raise SystemExit(code)
 
@@ -291,6 +308,8 @@ def _on_signal(signum: int, _frame: object) -> None:
     resumed. While the run has threads, the handler only records the signal and every thread (the main one
     included) sees it at its next wait, within POLL: raising here could leave a lock held that another thread
     then waits for. With no thread running, the main thread is stopped at once."""
+    if not in_run():  # between the run's end and the handlers' reset: the outcome stands
+        return
     stop = run_stop()
     first = stop.failure is None
     stop.interrupt(signum)

@@ -29,7 +29,7 @@ SITES = {
     "transform": "the reader (a q/k permutation or transpose)",
     "crc": "the reader (a zip's CRC-32 of what it read)",
     "deferred": "the reader (bytes made from digests: zip directory, manifest, SHA256SUMS)",
-    "write": "the main thread (handing a chunk to the disk)",
+    "write": "the main thread (a write through the page cache: files under 64 MiB)",
     "disk-write": "the disk writer (an O_DIRECT block)",
     "file-hash": "the file hasher",
     "tensor-hash": "the tensor hasher",

@@ -243,7 +243,6 @@ class _Writer:
                 try:
                     if offset != position:
                         raise ConvertError(f"internal: plan has a gap or overlap at byte {position}", file=temporary)
-                    fault_point("write")
                     if staged is not None:
                         staged.write(data)
                     else:
@@ -274,8 +273,11 @@ class _Writer:
                 staged.finish(output.size)
             self.file_hasher.join()
             self.tensor_hasher.join()
-            fault_point("fsync")
-            os.fsync(fd)
+            try:
+                fault_point("fsync")
+                os.fsync(fd)
+            except OSError as exc:
+                raise ConvertError(f"cannot sync to disk: {exc.strerror}", file=temporary) from None
         finally:
             if reader is not None:
                 reader.stop()
@@ -293,8 +295,11 @@ class _Writer:
                 raise ConvertError("has NaN or Inf values (--strict)", file=record.stream.label, tensor=record.name)
             log.warning("%s: tensor %s has NaN or Inf values; converted as they are", record.stream.label, record.name)
         before_commit()
-        fault_point("rename")
-        os.replace(temporary, self.destination / output.name)
+        try:
+            fault_point("rename")
+            os.replace(temporary, self.destination / output.name)
+        except OSError as exc:
+            raise ConvertError(f"cannot rename into place: {exc.strerror}", file=temporary) from None
 
 
 def _hash(site: str, digest: hashlib._Hash | None, data: memoryview, check: Callable[[], None] | None = None) -> None:
@@ -310,6 +315,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
     done = 0
     while done < len(view):
         try:
+            fault_point("write")
             done += os.pwrite(fd, view[done:], offset + done)
         except OSError as exc:
             raise ConvertError(f"cannot write: {exc.strerror}", file=path) from None
@@ -354,8 +360,14 @@ def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool) 
     if hasher is not None:
 
         def hash_inputs() -> dict[str, str]:
-            fault_point("input-hash")
-            return {p.name: file_digest(p, "sha256") for p in plan.source.input_files}
+            hashes = {}
+            for path in plan.source.input_files:
+                try:
+                    fault_point("input-hash")
+                except OSError as exc:
+                    raise ConvertError(f"cannot read: {exc.strerror}", file=path) from None
+                hashes[path.name] = file_digest(path, "sha256")
+            return hashes
 
         digests.input_sha256 = hasher.submit(hash_inputs).result
     identity = source_identity(plan.source)

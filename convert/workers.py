@@ -29,7 +29,7 @@ CHUNK = 8 * 2**20
 POLL = 0.05
 # How long the main thread waits for the other threads to unwind after a failure before it exits anyway (a
 # thread inside a slow disk call cannot be interrupted; being a daemon it cannot hold the process either).
-UNWIND = 0.5
+UNWIND = 0.25
 
 T = TypeVar("T")
 
@@ -156,6 +156,10 @@ _depth = 0  # run_scope nesting: a library call inside a command joins the comma
 def run_stop() -> RunStop:
     """The stop of the run in progress in this process (one conversion, verify or inspect at a time)."""
     return _current
+
+
+def in_run() -> bool:
+    return _depth > 0
 
 
 @contextmanager

@@ -100,7 +100,10 @@ class ByteStream:
             part = bisect_right(self._starts, offset + done) - 1
             local = offset + done - self._starts[part]
             want = min(len(view) - done, self._starts[part + 1] - (offset + done))
-            got = os.preadv(self._fds[part], [view[done : done + want]], local)
+            try:
+                got = os.preadv(self._fds[part], [view[done : done + want]], local)
+            except OSError as exc:
+                raise ConvertError(f"cannot read: {exc.strerror}", file=self.paths[part]) from None
             if got <= 0:
                 raise ConvertError(f"unexpected end of file at byte {local}", file=self.paths[part])
             done += got
@@ -108,7 +111,10 @@ class ByteStream:
     def read_bulk(self, buffer: mmap.mmap, offset: int, size: int) -> memoryview:
         """The bytes at offset, in buffer (page-aligned, size + 8 KiB or more): around the page cache where
         possible, through it otherwise."""
-        fault_point("source-read")
+        try:
+            fault_point("source-read")
+        except OSError as exc:
+            raise ConvertError(f"cannot read: {exc.strerror}", file=self.label) from None
         direct = self.read_direct(buffer, offset, size)
         if direct is not None:
             return direct

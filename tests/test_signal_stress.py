@@ -1,0 +1,125 @@
+"""SIGINT and SIGTERM at 50 random moments of a real conversion, with two CPU-burning processes beside it: every
+run ends within a second of its signal with the one interrupt line and status 130 (or had already finished), and
+`--resume` then gives the bytes of an uninterrupted run.
+
+A race shows here as a run still alive after its signal, so this runs long and sits outside the default test run
+(marker `stress`); CI runs it on its own (`pytest -m stress`, see .ci/run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import REPO, run_cli
+from synthetic import DEFAULT, make_weights, write_torrent
+
+from convert.resume import JOURNAL
+
+pytestmark = pytest.mark.stress
+
+MEDIUM = dataclasses.replace(DEFAULT, dim=256, head_dim=64, hidden_dim=2048, n_experts=8, vocab=32003)
+RUNS = 50
+BOUND = 1.0  # seconds from the signal to the exit
+INDEX = "model.safetensors.index.json"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("stress")
+    write_torrent(root / "src", MEDIUM, make_weights(MEDIUM, seed=5))
+    (root / "src" / "tokenizer.model").unlink()  # so that stderr holds nothing but the interrupt line
+    run_cli("convert", root / "src", root / "reference", "--to", "hf", "--no-progress", "--max-shard-size", "20MB")
+    return root / "src", root / "reference"
+
+
+@pytest.fixture
+def two_cpu_burners() -> Iterator[None]:
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        yield
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+
+
+def handles_sigterm(pid: int) -> bool:
+    """Whether the process has installed its own SIGTERM handler yet (before that, the interpreter is still
+    starting, and no program can answer a signal with its own line)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def start(src: Path, dst: Path, *extra: str) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "convert", "convert", src, dst, "--to", "hf", "--no-progress"]
+    command += ["--max-shard-size", "20MB", *extra]
+    return subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+
+
+def same_files(got: Path, want: Path) -> list[str]:
+    names = sorted(p.name for p in want.iterdir())
+    if sorted(p.name for p in got.iterdir()) != names:
+        return [f"files differ: {sorted(p.name for p in got.iterdir())} vs {names}"]
+    return [name for name in names if (got / name).read_bytes() != (want / name).read_bytes()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads signal dispositions from /proc")
+def test_signals_at_random_moments_under_load(source: tuple[Path, Path], tmp_path: Path, two_cpu_burners: None) -> None:
+    src, reference = source
+    # How long a conversion takes here, under this load: the signals are spread over it.
+    began = time.monotonic()
+    run_cli("convert", src, tmp_path / "timing", "--to", "hf", "--no-progress", "--max-shard-size", "20MB")
+    duration = time.monotonic() - began
+    rng = random.Random(20261130)
+    interrupted, slowest, problems = 0, 0.0, []
+    for run in range(RUNS):
+        signum = signal.SIGINT if run % 2 == 0 else signal.SIGTERM
+        dst = tmp_path / f"out{run}"
+        process = start(src, dst)
+        deadline = time.monotonic() + 60
+        while not handles_sigterm(process.pid) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, duration))
+        sent = time.monotonic()
+        process.send_signal(signum)
+        try:
+            _, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+            problems.append(f"run {run} ({signum.name}): still alive 30 s after its signal")
+            continue
+        took = time.monotonic() - sent
+        lines = [line for line in stderr.splitlines() if not line.endswith("the output will have no tokenizer")]
+        if process.returncode == 0:  # finished before the signal came
+            pass
+        elif process.returncode != 130 or len(lines) != 1 or not lines[0].startswith("mixtral-convert: interrupted"):
+            problems.append(f"run {run} ({signum.name}): exit {process.returncode}, stderr {stderr!r}")
+            continue
+        else:
+            interrupted += 1
+            slowest = max(slowest, took)
+            if took > BOUND:
+                problems.append(f"run {run} ({signum.name}): exited {took:.2f} s after its signal")
+            if (dst / INDEX).exists():
+                problems.append(f"run {run}: an interrupted run left an output that looks complete")
+            again = ["--resume"] if (dst / JOURNAL).exists() else ["--force"]
+            run_cli("convert", src, dst, "--to", "hf", "--no-progress", "--max-shard-size", "20MB", *again)
+        differing = same_files(dst, reference)
+        if differing:
+            problems.append(f"run {run}: after --resume these differ from an uninterrupted run: {differing}")
+    print(f"{interrupted} of {RUNS} runs interrupted; slowest exit {slowest:.3f} s after the signal")
+    assert not problems, "\n".join(problems)
+    assert interrupted >= RUNS * 3 // 4, f"only {interrupted} of {RUNS} signals came during the conversion"
