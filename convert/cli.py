@@ -311,7 +311,7 @@ def _on_signal(signum: int, _frame: object) -> None:
     if not in_run():  # between the run's end and the handlers' reset: the outcome stands
         return
     stop = run_stop()
-    first = stop.failure is None
+    first = stop.failure is None and not stop.committed
     stop.interrupt(signum)
     if first and stop.threads == 0:
         raise Interrupted(signum)

@@ -220,8 +220,9 @@ class _Writer:
         for worker in [self.file_hasher, self.tensor_hasher, *self.reads]:
             worker.close()
 
-    def write(self, output: OutputFile, before_commit: Callable[[], None]) -> None:
-        """Write output as NAME.partial and rename it into place, unless before_commit raises."""
+    def write(self, output: OutputFile, before_commit: Callable[[], None], *, completes: bool = False) -> None:
+        """Write output as NAME.partial and rename it into place, unless before_commit raises. completes: this
+        file makes the output complete; once it is in place, the run's outcome is success whatever signal comes."""
         temporary = self.destination / partial_name(output.name)
         file_hash = hashlib.sha256()
         tensor_hashes: dict[str, hashlib._Hash] = {}
@@ -295,6 +296,8 @@ class _Writer:
                 raise ConvertError("has NaN or Inf values (--strict)", file=record.stream.label, tensor=record.name)
             log.warning("%s: tensor %s has NaN or Inf values; converted as they are", record.stream.label, record.name)
         before_commit()
+        if completes:
+            run_stop().commit()
         try:
             fault_point("rename")
             os.replace(temporary, self.destination / output.name)
@@ -395,7 +398,7 @@ def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool) 
                         digests.file_sha256[output.name] = finished.sha256
                     digests.tensor_sha256.update(finished.tensors)
                     continue
-                writer.write(output, before_commit=source_unchanged)
+                writer.write(output, before_commit=source_unchanged, completes=output is marker)
                 tensors = {p.tensor: digests.tensor_sha256[p.tensor] for p in output.pieces if options.checksums}
                 journal.record(output.name, digests.file_sha256.get(output.name), tensors)
             fsync_folder(destination)

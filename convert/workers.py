@@ -59,6 +59,7 @@ class RunStop:
 
     def __init__(self) -> None:
         self.failure: Failure | None = None
+        self.committed = False  # the output is complete but for syncing and tidying: signals no longer stop it
         self._lock = threading.Lock()
         self.threads = 0  # threads of this run alive now (spawn counts them)
         self._threads_lock = threading.Lock()
@@ -72,12 +73,19 @@ class RunStop:
             if self.failure is None:
                 self.failure = Failure(error, threading.current_thread().name, time.monotonic())
 
+    def commit(self) -> None:
+        """The run is about to make its output complete: Stopped if it has failed; from here on a signal is
+        ignored (the output is complete, or the commit itself failed and says so)."""
+        with self._lock:
+            self.check()
+            self.committed = True
+
     def interrupt(self, signum: int) -> None:
-        """From a signal handler: never waits for the lock (the main thread may be holding it in fail(), and
-        then a failure is being recorded anyway)."""
+        """From a signal handler: never waits for the lock (the main thread may be holding it in fail() or
+        commit(), and then a failure is being recorded, or the output committed, anyway)."""
         if self._lock.acquire(blocking=False):
             try:
-                if self.failure is None:
+                if self.failure is None and not self.committed:
                     self.failure = Failure(Interrupted(signum), threading.current_thread().name, time.monotonic())
             finally:
                 self._lock.release()
