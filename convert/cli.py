@@ -13,7 +13,7 @@ from pathlib import Path
 
 from convert import __version__
 from convert.destination import check_destination
-from convert.errors import ConvertError
+from convert.errors import ConvertError, escape
 from convert.mapping import layout_names
 from convert.pipeline import convert_checkpoint
 from convert.plan import DEFAULT_MAX_SHARD_SIZE, PlanOptions, build_plan, check_source
@@ -182,6 +182,18 @@ def check_pins_or_fail(folder: Path, name: str) -> Path:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    if args.json and not args.debug:
+        try:
+            return _run_verify(args)
+        except Exception as exc:  # --json always prints JSON: the failure is its error entry, with the usual exit
+            line, code = _one_line(exc)
+            failed = Report(str(args.path)).as_dict() | {"ok": False, "error": {"line": line, "exit": code}}
+            print(json.dumps(failed, indent=2))
+            return code
+    return _run_verify(args)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
     pins = resolve_pins(args.expect) if args.expect else None
     report = verify_folder(args.path, against=args.against, pins=pins)
     if args.json:
@@ -191,7 +203,7 @@ def run_verify(args: argparse.Namespace) -> int:
             if not result.ok:
                 print(result.line())
         for note in report.notes:
-            print(f"note: {note}")
+            print(f"note: {escape(note)}")
         passed = sum(r.ok for r in report.results)
         verdict = "verified" if report.ok else "FAILED"
         layout = report.layout or "unknown layout"
