@@ -187,6 +187,18 @@ def check_pins_or_fail(folder: Path, name: str) -> Path:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    if args.json and not args.debug:
+        try:
+            return _run_verify(args)
+        except Exception as exc:  # --json always prints JSON: the failure is its error entry, with the usual exit
+            line, code = _one_line(exc)
+            failed = Report(str(args.path)).as_dict() | {"ok": False, "error": {"line": line, "exit": code}}
+            print(json.dumps(failed, indent=2))
+            return code
+    return _run_verify(args)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
     pins = resolve_pins(args.expect) if args.expect else None
     report = verify_folder(args.path, against=args.against, pins=pins)
     if args.json:
@@ -196,7 +208,7 @@ def run_verify(args: argparse.Namespace) -> int:
             if not result.ok:
                 print(result.line())
         for note in report.notes:
-            print(f"note: {note}")
+            print(f"note: {escape(note)}")
         passed = sum(r.ok for r in report.results)
         verdict = "verified" if report.ok else "FAILED"
         layout = report.layout or "unknown layout"

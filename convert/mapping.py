@@ -77,7 +77,7 @@ class StoredTensor:
     name: str
     layout: KindLayout
     layer: int | None
-    experts: tuple[int, ...]  # () for non-expert kinds; one expert, or all when stacked
+    experts: tuple[int, ...] | range  # () for non-expert kinds; one expert, or all (a range) when stacked
 
     def shape(self, env: Mapping[str, int]) -> tuple[int, ...]:
         piece = self.layout.piece_shape(env)
@@ -129,16 +129,27 @@ class LayoutTable:
                     group_end += 1
                 group = self.kinds[index:group_end]
                 for stacked in [g for g in group if g.stacked]:
-                    result.append(
-                        StoredTensor(stacked.pattern.format(layer=layer), stacked, layer, tuple(range(n_experts)))
-                    )
-                for expert in range(n_experts):
-                    for single in [g for g in group if not g.stacked]:
+                    result.append(StoredTensor(stacked.pattern.format(layer=layer), stacked, layer, range(n_experts)))
+                singles = [g for g in group if not g.stacked]
+                for expert in range(n_experts) if singles else ():  # stacked only: nothing per expert
+                    for single in singles:
                         name = single.pattern.format(layer=layer, expert=expert)
                         result.append(StoredTensor(name, single, layer, (expert,)))
                 index = group_end
         result += [StoredTensor(k.pattern, k, None, ()) for k in self.kinds[last + 1 :]]
         return result
+
+    def tensor_count(self, n_layers: int, n_experts: int) -> int:
+        """len(self.tensors(n_layers, n_experts)), by arithmetic: how many tensors params imply, known before a
+        list of them (which grows with layers times experts) is built."""
+        per_layer = 0
+        for entry in self.kinds:
+            if entry.kind.scope == "layer" or (entry.kind.scope == "expert" and entry.stacked):
+                per_layer += 1
+            elif entry.kind.scope == "expert":
+                per_layer += n_experts
+        model = sum(entry.kind.scope == "model" for entry in self.kinds)
+        return model + n_layers * per_layer
 
 
 def data_dir(name: str) -> Path:

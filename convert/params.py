@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from convert.errors import ConvertError
+from convert.files import MAX_PARAMS_JSON, read_small
 
 DEFAULT_ROPE_THETA = 1_000_000.0
 DEFAULT_EXPERTS_PER_TOKEN = 2
@@ -44,9 +45,11 @@ class ModelParams:
         return {k: v for k, v in asdict(self).items() if type(v) is int}
 
 
-def read_json_object(path: Path) -> dict:
+def read_json_object(path: Path, limit: int = MAX_PARAMS_JSON) -> dict:
+    """A JSON object from a regular file of at most limit bytes (checked before parsing: parsing costs many times
+    the text's size)."""
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(read_small(path, limit, path.name))
     except FileNotFoundError:
         raise ConvertError("file is missing", file=path) from None
     except (ValueError, UnicodeDecodeError) as exc:

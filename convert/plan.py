@@ -14,6 +14,7 @@ from types import MappingProxyType
 from convert import integrity
 from convert.dtypes import CONFIG_NAME, nbytes_of
 from convert.errors import ConvertError
+from convert.files import MAX_TOKENIZER, read_small
 from convert.formats.safetensors import TensorRecord, layout_header
 from convert.formats.torchzip_writer import layout_torch_zip
 from convert.mapping import KindLayout, LayoutTable, layout
@@ -29,6 +30,10 @@ DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # decimal, as transformers shards the publis
 DESCRIBED_TEXT_LIMIT = 2**20  # --dry-run --json shows the content of text files up to this size
 MEGABLOCKS_FILES = 8  # consolidated.00.pt ... consolidated.07.pt, as uploaded
 SAFETENSORS_METADATA = MappingProxyType({"format": "pt"})
+# check_source names each missing tensor when params imply at most this many times the tensors present, plus a few
+# (a layer or two too many); beyond, one line says the counts disagree, and nothing per tensor is built.
+EXPECTED_SLACK = 2
+EXPECTED_SLACK_TENSORS = 64
 
 
 @dataclass(frozen=True)
@@ -93,12 +98,26 @@ class Plan:
 
 def check_source(source: Source) -> list[ConvertError]:
     """Every problem with the source's tensors against its layout table and params: unexpected or missing
-    names, wrong shapes. convert stops at the first; inspect lists them all."""
+    names, wrong shapes, files another loader would read instead. convert stops at the first; inspect lists them
+    all."""
     params = source.params
     env = params.shape_env()
-    expected = {t.name: t for t in source.layout.tensors(params.n_layers, params.n_experts)}
-    problems = []
+    problems = list(source.ambiguities)
     label = source.folder
+    implied = source.layout.tensor_count(params.n_layers, params.n_experts)
+    if implied > EXPECTED_SLACK * len(source.records) + EXPECTED_SLACK_TENSORS:
+        # Listing each missing tensor would build a list as long as layers times experts (10**6 layers: gigabytes,
+        # minutes) for what one count says: the parameters do not describe these files.
+        problems.append(
+            ConvertError(
+                f"{params.n_layers:,} layers and {params.n_experts:,} experts make {implied:,} tensors in the "
+                f"{source.layout.name} layout, but the source holds {len(source.records):,}: "
+                f"{source.params_file.name} does not describe these weights",
+                file=source.params_file,
+            )
+        )
+        return problems
+    expected = {t.name: t for t in source.layout.tensors(params.n_layers, params.n_experts)}
     for name, record in source.records.items():
         stored = expected.get(name)
         if stored is None:
@@ -219,7 +238,7 @@ def _tokenizer_files(source: Source, target: LayoutTable, *, instruct: bool) -> 
         return files
     try:
         texts = hf_tokenizer_files(
-            source.tokenizer.read_bytes(),
+            read_small(source.tokenizer, MAX_TOKENIZER, TOKENIZER),
             vocab_size=source.params.vocab_size,
             instruct=instruct,
             source=str(source.tokenizer),
@@ -227,7 +246,8 @@ def _tokenizer_files(source: Source, target: LayoutTable, *, instruct: bool) -> 
     except ConvertError as exc:
         if instruct:
             raise
-        log.warning("%s; tokenizer.json not written (transformers will need sentencepiece)", exc.line())
+        # the line is escaped already: as the message itself, not an argument (arguments are shown() again)
+        log.warning(exc.line() + "; tokenizer.json not written (transformers will need sentencepiece)")
         return files
     return files + [_text_file(name, text) for name, text in sorted(texts.items())]
 

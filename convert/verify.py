@@ -2,26 +2,36 @@
 
 Every check adds a result naming its file, tensor and rule; the folder passes only when all pass. Memory stays
 bounded as in conversion: files are hashed and compared in chunks.
+
+manifest.json, when present, records each tensor's file, byte range, dtype, shape and SHA-256. Each tensor's
+bytes are hashed in the same read that hashes its file for SHA256SUMS, so a shard whose bytes were changed is
+caught even when its SHA256SUMS line was rewritten to match (the manifest is itself listed there), and the
+manifest's ranges are checked against the headers, so a renamed or moved tensor is caught too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from convert.digests import Digests
-from convert.errors import ConvertError
+from convert.errors import ConvertError, escape, shown
+from convert.files import MAX_MANIFEST_JSON, MAX_SUMS, is_present, read_small
 from convert.formats.safetensors import TensorRecord
-from convert.integrity import SUMS, file_digest, parse_sums
+from convert.formats.streams import ByteStream
+from convert.integrity import MANIFEST, SUMS, file_digest, parse_sums
 from convert.mapping import data_dir
-from convert.plan import build_plan, check_source
+from convert.plan import build_plan, check_source, target_tensors
 from convert.source import Source, open_source
 from convert.stream import PARTIAL_SUFFIX, Chunk, piece_chunks
 from convert.workers import run_scope
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+READ_CHUNK = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -33,9 +43,11 @@ class Result:
     tensor: str | None = None
 
     def line(self) -> str:
-        where = ": ".join(part for part in (self.file, self.tensor and f"tensor {self.tensor}") if part)
+        """One line whatever the names hold: file and tensor shown(), the problem escape()d."""
+        tensor = self.tensor and f"tensor {shown(self.tensor)}"
+        where = ": ".join(part for part in (self.file and shown(self.file), tensor) if part)
         return f"{'ok' if self.ok else 'FAILED'} {self.check}: {where}{': ' if where and self.problem else ''}" + (
-            self.problem or ""
+            escape(self.problem or "")
         )
 
 
@@ -92,33 +104,197 @@ def check_pins(folder: Path, pins: Path, report: Report) -> None:
         report.results.append(Result(f"pin {pins.name}", str(path), ok, problem))
 
 
-def _check_sums(folder: Path, report: Report) -> None:
-    sums = folder / SUMS
-    if not sums.is_file():
-        report.notes.append(f"no {SUMS}: no checksums were available; only the structure was checked")
-        return
+@dataclass(frozen=True)
+class ManifestEntry:
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+    sha256: str
+
+
+def _manifest_entry(item: object) -> ManifestEntry | None:
+    """One tensor line of manifest.json, or None when it is not one."""
+    if not isinstance(item, dict):
+        return None
+    name, file, dtype, shape, offsets, digest = (
+        item.get(k) for k in ("name", "file", "dtype", "shape", "offsets", "sha256")
+    )
+    fields_ok = isinstance(name, str) and isinstance(file, str) and isinstance(dtype, str)
+    shape_ok = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+    offsets_ok = isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
+    digest_ok = isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+    if not (fields_ok and shape_ok and offsets_ok and digest_ok) or offsets[0] > offsets[1]:
+        return None
+    return ManifestEntry(name, file, dtype, tuple(shape), offsets[0], offsets[1], digest)
+
+
+def read_manifest(folder: Path, report: Report) -> list[ManifestEntry] | None:
+    """The tensor entries of folder's manifest.json; None when there is none or it cannot be read (a failed
+    result then says why)."""
+    path = folder / MANIFEST
     try:
-        pairs = parse_sums(sums.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        report.results.append(Result("sha256", str(sums), False, f"not in sha256sum format: {exc}"))
-        return
+        if not is_present(path):
+            return None
+        data = json.loads(read_small(path, MAX_MANIFEST_JSON, MANIFEST))
+    except ConvertError as exc:
+        report.add_error("manifest", exc)
+        return None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        report.results.append(Result("manifest", str(path), False, f"not valid JSON: {exc}"))
+        return None
+    items = data.get("tensors") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        report.results.append(Result("manifest", str(path), False, "has no list of tensors"))
+        return None
+    entries = []
+    for number, item in enumerate(items):
+        entry = _manifest_entry(item)
+        if entry is None:
+            problem = f"tensor entry {number} is not {{name, file, dtype, shape, offsets, sha256}}"
+            report.results.append(Result("manifest", str(path), False, problem))
+            return None
+        entries.append(entry)
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        report.results.append(Result("manifest", str(path), False, "lists a tensor twice"))
+        return None
+    return entries
+
+
+def _hash_pass(path: Path, ranges: list[ManifestEntry]) -> tuple[str, dict[str, str]]:
+    """One sequential read of path: its SHA-256 and that of each range, in bounded memory (two read buffers and
+    a hash state per tensor)."""
+    whole = hashlib.sha256()
+    ordered = sorted(ranges, key=lambda e: (e.begin, e.end))
+    hashers = {e.name: hashlib.sha256() for e in ordered}
+    first = 0  # ordered[:first] end at or before the current chunk: done
+    position = 0
+    stream = ByteStream([path])
+    try:
+        for piece in stream.chunks(READ_CHUNK):
+            whole.update(piece)
+            end = position + len(piece)
+            index = first
+            while index < len(ordered) and ordered[index].begin < end:
+                entry = ordered[index]
+                if entry.end > position:
+                    part = piece[max(entry.begin, position) - position : min(entry.end, end) - position]
+                    hashers[entry.name].update(part)
+                index += 1
+            while first < len(ordered) and ordered[first].end <= end:
+                first += 1
+            position = end
+    finally:
+        stream.close()
+    return whole.hexdigest(), {name: h.hexdigest() for name, h in hashers.items()}
+
+
+def _check_tensor_hashes(path: Path, entries: list[ManifestEntry], digests: dict[str, str], report: Report) -> None:
+    size = path.stat().st_size
+    failed = False
+    for entry in entries:
+        problem = None
+        if entry.end > size:
+            problem = f"{MANIFEST} places it at bytes [{entry.begin}, {entry.end}) but the file has {size}"
+        elif digests[entry.name] != entry.sha256:
+            problem = (
+                f"sha256 of bytes [{entry.begin}, {entry.end}) is {digests[entry.name]}, {MANIFEST} says {entry.sha256}"
+            )
+        if problem:
+            failed = True
+            report.results.append(Result("manifest", str(path), False, problem, entry.name))
+    if not failed:
+        report.results.append(Result("manifest", str(path), True))
+
+
+def _check_sums(folder: Path, report: Report, manifest: list[ManifestEntry] | None) -> None:
+    """Each file's SHA-256 against SHA256SUMS and, in the same read, each of its tensors' against manifest.json."""
+    by_file: dict[str, list[ManifestEntry]] = {}
+    for entry in manifest or ():
+        by_file.setdefault(entry.file, []).append(entry)
+    sums = folder / SUMS
+    pairs: list[tuple[str, str]] = []
+    if not is_present(sums):
+        report.notes.append(f"no {SUMS}: no checksums were available; only the structure was checked")
+    else:
+        try:
+            pairs = parse_sums(read_small(sums, MAX_SUMS, SUMS).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            report.results.append(Result("sha256", str(sums), False, f"not in sha256sum format: {exc}"))
+    if pairs and manifest is None and not (folder / MANIFEST).exists():
+        report.notes.append(f"no {MANIFEST}: the tensors' own checksums were not available")
     listed = set()
     for expected, name in pairs:
         listed.add(name)
         path = folder / name
-        if not path.is_file():
+        if not is_present(path):
             report.results.append(Result("sha256", str(path), False, f"listed in {SUMS} but missing"))
             continue
-        actual = file_digest(path, "sha256")
+        actual, tensor_digests = _hash_pass(path, by_file.get(name, []))
         problem = None if actual == expected else f"sha256 is {actual}, {SUMS} says {expected}"
         report.results.append(Result("sha256", str(path), actual == expected, problem))
+        if name in by_file:
+            _check_tensor_hashes(path, by_file[name], tensor_digests, report)
+    for name, entries in sorted(by_file.items()):
+        if name in listed:
+            continue
+        path = folder / name
+        if Path(name).name != name or not is_present(path):
+            problem = f"{MANIFEST} lists tensors in {shown(name)}, which is missing"
+            report.results.append(Result("manifest", str(folder / MANIFEST), False, problem))
+            continue
+        _, tensor_digests = _hash_pass(path, entries)  # not in SHA256SUMS (or there is none): one read for these
+        _check_tensor_hashes(path, entries, tensor_digests, report)
+    if not pairs:
+        return
     for path in sorted(folder.iterdir()):
         if path.name == SUMS or path.name in listed or not path.is_file():
             continue
         if path.suffix in WEIGHT_SUFFIXES or path.name.endswith(PARTIAL_SUFFIX) or path.suffix == ".json":
             report.results.append(Result("sha256", str(path), False, f"not covered by {SUMS}"))
         else:
-            report.notes.append(f"{path.name} is not covered by {SUMS}")
+            report.notes.append(f"{shown(path.name)} is not covered by {SUMS}")
+
+
+def _check_files(folder: Path, report: Report) -> list[ManifestEntry] | None:
+    """The pass over the files: SHA256SUMS and manifest.json, each file read once. Returns the manifest's entries
+    for the structural checks. A folder that is not there is an error (exit 2), not a failed check."""
+    if not folder.is_dir():
+        raise ConvertError("not a folder" if folder.exists() else "no such folder", file=folder)
+    manifest = read_manifest(folder, report)
+    _check_sums(folder, report, manifest)
+    return manifest
+
+
+def _check_manifest_places(source: Source, manifest: list[ManifestEntry], report: Report) -> None:
+    """Every tensor the folder holds is where, and as what, manifest.json says: the hashes above cover byte
+    ranges, and a header edited to rename or retype a tensor would otherwise keep every range intact."""
+    listed = {e.name for e in manifest}
+    for entry in manifest:
+        record = source.records.get(entry.name)
+        if record is None:
+            problem = f"in {MANIFEST} but not in the folder"
+            report.results.append(Result("manifest", str(source.folder), False, problem, entry.name))
+            continue
+        held = (
+            Path(record.stream.paths[0]).name if len(record.stream.paths) == 1 else record.stream.label,
+            record.dtype,
+            record.shape,
+            record.offset,
+            record.offset + record.nbytes,
+        )
+        said = (entry.file, entry.dtype, entry.shape, entry.begin, entry.end)
+        if held != said:
+            problem = (
+                f"the folder holds it in {shown(held[0])} as {held[1]} {list(held[2])} at [{held[3]}, {held[4]}), "
+                f"{MANIFEST} says {shown(said[0])} as {said[1]} {list(said[2])} at [{said[3]}, {said[4]})"
+            )
+            report.results.append(Result("manifest", record.stream.label, False, problem, entry.name))
+    for name in sorted(set(source.records) - listed):
+        report.results.append(Result("manifest", source.records[name].stream.label, False, f"not in {MANIFEST}", name))
 
 
 def _check_zip_crcs(source: Source, report: Report) -> None:
@@ -136,23 +312,41 @@ def _check_zip_crcs(source: Source, report: Report) -> None:
 
 
 def _compare_against(folder: Source, original: Source, report: Report) -> None:
-    """Every tensor of the folder equals the source's tensor mapped through the tables, byte for byte."""
+    """Every tensor of the folder equals the source's tensor mapped through the tables: first its name, dtype,
+    shape and length (a prefix of equal bytes proves nothing about a longer tensor), then byte for byte."""
     plan = build_plan(original, folder.layout.name)
-    expected_names = set()
+    expected = {t.name: t for t in target_tensors(original, folder.layout)}
+    comparable = set()
+    for name, tensor in expected.items():
+        record = folder.records.get(name)
+        if record is None:
+            report.results.append(Result("against", str(folder.folder), False, "missing", name))
+            continue
+        held = (record.dtype, record.shape, record.nbytes)
+        if held != (tensor.dtype, tensor.shape, tensor.nbytes):
+            problem = (
+                f"is {record.dtype} {list(record.shape)} ({record.nbytes:,} bytes), the converted source is "
+                f"{tensor.dtype} {list(tensor.shape)} ({tensor.nbytes:,} bytes)"
+            )
+            report.results.append(Result("against", record.stream.label, False, problem, name))
+            continue
+        comparable.add(name)
     for output in plan.files:
         starts = output.tensor_starts()
         digests = Digests()
+        failed: set[str] = set()
         for piece in sorted(output.pieces, key=lambda p: p.dst_offset):
-            expected_names.add(piece.tensor)
-            record = folder.records.get(piece.tensor)
-            if record is None:
-                report.results.append(Result("against", str(folder.folder), False, "missing", piece.tensor))
+            if piece.tensor not in comparable or piece.tensor in failed:
                 continue
+            record = folder.records[piece.tensor]
             mismatch = _first_mismatch(piece_chunks(piece, digests, crc=False), record, starts[piece.tensor])
-            ok = mismatch is None
-            problem = None if ok else f"differs from the converted source at byte {mismatch} of the tensor"
-            report.results.append(Result("against", record.stream.label, ok, problem, piece.tensor))
-    for name in sorted(set(folder.records) - expected_names):
+            if mismatch is not None:
+                failed.add(piece.tensor)
+                problem = f"differs from the converted source at byte {mismatch} of the tensor"
+                report.results.append(Result("against", record.stream.label, False, problem, piece.tensor))
+        for name in sorted({p.tensor for p in output.pieces} & comparable - failed):
+            report.results.append(Result("against", folder.records[name].stream.label, True, None, name))
+    for name in sorted(set(folder.records) - set(expected)):
         report.results.append(Result("against", str(folder.folder), False, "not in the source", name))
 
 
@@ -172,7 +366,7 @@ def verify_folder(folder: Path, *, against: Path | None = None, pins: Path | Non
 
 def _verify(folder: Path, against: Path | None, pins: Path | None) -> Report:
     report = Report(str(folder))
-    _check_sums(folder, report)
+    manifest = _check_files(folder, report)
     if pins is not None:
         check_pins(folder, pins, report)
     try:
@@ -187,6 +381,8 @@ def _verify(folder: Path, against: Path | None, pins: Path | None) -> Report:
             report.add_error("structure", problem)
         if not problems:
             report.results.append(Result("structure", str(folder), True))
+        if manifest is not None and not problems:
+            _check_manifest_places(opened, manifest, report)
         if not (folder / SUMS).is_file():
             _check_zip_crcs(opened, report)
         if against is not None and not problems:

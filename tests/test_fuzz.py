@@ -14,6 +14,7 @@ import math
 import os
 import pickletools
 import resource
+import shutil
 import struct
 import subprocess
 import sys
@@ -36,6 +37,9 @@ from convert.formats.safetensors import open_safetensors
 from convert.formats.streams import ByteStream
 from convert.formats.torchzip import _ALLOWED, read_torch_index
 from convert.params import ModelParams, read_hf_params, read_mistral_params
+from convert.plan import EXPECTED_SLACK, EXPECTED_SLACK_TENSORS, check_source
+from convert.sample import SAMPLE_PARAMS, write_sample
+from convert.source import open_source
 
 FUZZ = settings(
     max_examples=150,
@@ -50,9 +54,7 @@ _SCRATCH = Path(tempfile.mkdtemp(prefix="mixtral-convert-fuzz-"))
 @pytest.fixture(scope="module", autouse=True)
 def _clean_scratch() -> Iterator[None]:
     yield
-    for path in _SCRATCH.iterdir():
-        path.unlink()
-    _SCRATCH.rmdir()
+    shutil.rmtree(_SCRATCH)
 
 
 def _file(name: str, data: bytes) -> Path:
@@ -62,11 +64,13 @@ def _file(name: str, data: bytes) -> Path:
 
 
 def _only_convert_error(call: Callable[[], object]) -> object | None:
-    """The call's result, or None if it raised ConvertError; any other exception propagates and fails the test."""
+    """The call's result, or None if it raised ConvertError; any other exception propagates and fails the test.
+    The error's line must be one line of printable characters, whatever names the input held."""
     try:
         return call()
     except ConvertError as exc:
         assert exc.line(), "a ConvertError must carry a message"
+        assert exc.line().isprintable(), f"not one printable line: {exc.line()!r}"
         return None
 
 
@@ -166,11 +170,16 @@ def header_and_data(draw: st.DrawFn) -> bytes:
 
 
 DTYPE_A_LIST = _safetensors({"a": {"dtype": ["U8"], "shape": [1], "data_offsets": [0, 1]}}, b"x")
+# A tensor name with a newline and a forged second line, in an entry that is refused (F16 [1] needs 2 bytes)
+NEWLINE_NAME = _safetensors(
+    {"a\nmixtral-convert: ok, converted": {"dtype": "F16", "shape": [1], "data_offsets": [0, 1]}}, b"x"
+)
 
 
 @FUZZ
 @given(header_and_data())
 @example(DTYPE_A_LIST)  # TypeError: unhashable type: 'list'
+@example(NEWLINE_NAME)  # the name printed raw: two lines
 def test_safetensors_structured_headers(data: bytes) -> None:
     _check_safetensors(data)
 
@@ -330,11 +339,14 @@ TOKENS = [
 # BUILD on the allow-listed storage stand-in: {"dtype": "evil"} is set on the shared object (then POP), followed by
 # the real pickle: read_torch_index raises KeyError('evil') and the allow-list stays poisoned.
 BUILD_ON_ALLOWED = [glob("torch", "BFloat16Storage"), b"}", uni("dtype"), uni("evil"), b"s", b"b", b"0"]
+# STACK_GLOBAL takes module and name from two strings: a newline in the module reached the message raw.
+NEWLINE_GLOBAL = [uni("os\nmixtral-convert: ok, converted"), uni("system"), b"\x93"]
 
 
 @FUZZ
 @given(st.lists(st.sampled_from(TOKENS), max_size=40), st.booleans())
 @example(BUILD_ON_ALLOWED, True)
+@example(NEWLINE_GLOBAL, False)
 def test_pickle_programs(tokens: list[bytes], then_real: bool) -> None:
     """Sequences of opcodes that reach the allow-listed callables with arbitrary arguments; optionally followed by
     the real pickle (so that effects of the prefix on the allow-list show)."""
@@ -446,6 +458,40 @@ def test_hf_params(data: dict, vocab: int | None) -> None:
 @given(mutated(json.dumps(MISTRAL).encode()) | st.binary(max_size=64), st.booleans())
 def test_params_text(text: bytes, mistral: bool) -> None:
     _check_params(read_mistral_params if mistral else read_hf_params, text, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parameters against the tensors: whatever params.json says, check_source answers in time and memory
+# proportional to the tensors present (it used to build a list per layer and expert first).
+
+_SAMPLE = _SCRATCH / "sample"
+SIZES = st.integers(min_value=1, max_value=6) | st.integers(min_value=1, max_value=10**15)
+
+
+@settings(FUZZ, max_examples=40, deadline=10_000)
+@given(SIZES, SIZES, SIZES, SIZES)
+@example(10**6, 4, 64, 96)  # 19 million tensors: MemoryError
+@example(2, 10**7, 64, 96)  # 60 million
+@example(100_000, 4, 64, 96)  # 13.5 s and 1.4 GiB
+@example(2, 4, 10**12, 96)
+def test_check_source_is_bounded(n_layers: int, n_experts: int, dim: int, hidden_dim: int) -> None:
+    if not _SAMPLE.exists():
+        write_sample(_SAMPLE)
+    params = json.loads(json.dumps(SAMPLE_PARAMS))
+    params.update(n_layers=n_layers, dim=dim, hidden_dim=hidden_dim)
+    params["moe"]["num_experts"] = n_experts
+    (_SAMPLE / "params.json").write_text(json.dumps(params))
+
+    def check() -> tuple[int, list[ConvertError]]:
+        with open_source(_SAMPLE) as source:
+            return len(source.records), check_source(source)
+
+    checked = _only_convert_error(check)
+    if checked is None:
+        return
+    present, problems = checked
+    assert len(problems) <= present + EXPECTED_SLACK * present + EXPECTED_SLACK_TENSORS
+    assert all(p.line().isprintable() for p in problems)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 from convert.direct_io import ALIGN, O_DIRECT, aligned_buffer, read_aligned
 from convert.errors import ConvertError
 from convert.faults import fault_point
+from convert.files import open_regular
 from convert.workers import Worker
 
 
@@ -33,7 +34,14 @@ class ByteStream:
             raise ValueError("a byte stream needs at least one file")
         self.paths = paths
         self.label = str(paths[0]) if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} parts)"
-        self._fds = [os.open(p, os.O_RDONLY) for p in paths]
+        self._fds: list[int] = []
+        try:  # regular files only: a FIFO or /dev/zero among the parts would block or never end
+            for path in paths:
+                self._fds.append(open_regular(path))
+        except BaseException:
+            for fd in self._fds:
+                os.close(fd)
+            raise
         # O_DIRECT twins, opened on first use; reads may run on several threads at once, hence the lock. A twin
         # the file system turns out to refuse is retired, not closed, so no other read can hit a reused fd.
         self._direct_fds: list[int | None] = [None] * len(paths)
