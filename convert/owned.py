@@ -91,8 +91,11 @@ def destination_lock(destination: Path) -> Iterator[None]:
             break
         os.close(fd)  # the holder removed the file between our open and our lock: lock the new one
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # a full disk: the lock holds without its pid; the run's first write says what is wrong
         yield
     finally:
         try:
