@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="largest shard for sharded outputs: 5GB (10^9), 5GiB (2^30) or bytes (default 5GB)",
     )
-    convert.add_argument("--dry-run", action="store_true", help="read metadata only, write nothing, print the plan")
+    convert.add_argument(
+        "--dry-run", action="store_true", help="write nothing, print the plan (reads metadata only, unless --expect)"
+    )
     convert.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object")
     convert.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     convert.add_argument("--resume", action="store_true", help="continue an interrupted conversion into DST")
@@ -116,6 +118,9 @@ def run_convert(args: argparse.Namespace) -> int:
         strict=args.strict,
         checksums=args.checksums,
     )
+    if args.expect:  # a dry run too: the pins are what the user asked to check (this reads every source byte)
+        pins = check_pins_or_fail(args.src, args.expect)
+        log.info("source matches %s", pins)
     if args.dry_run:
         with open_source(args.src, args.source_layout) as source:
             plan = build_plan(source, args.to, options)
@@ -130,9 +135,6 @@ def run_convert(args: argparse.Namespace) -> int:
             for entry in description["files"]:
                 print(f"  {entry['size']:>16,}  {args.dst / entry['name']}")
         return 0
-    if args.expect:
-        pins = check_pins_or_fail(args.src, args.expect)
-        log.info("source matches %s", pins)
     plan = convert_checkpoint(
         args.src,
         args.dst,

@@ -1,8 +1,9 @@
 """Checks and preparation of the output folder, before anything is written.
 
 The source is never touched: the output may not be the source, inside it, or around it. A non-empty output
-needs --force, and even then only files of an earlier output of the same layout are removed, the completion
-marker first, so that the folder never looks complete while it is rewritten.
+needs --force, which makes the folder this output: the files of an earlier output of any layout that this one
+does not write are removed, the completion markers first, so that the folder never looks complete while it is
+rewritten and ends as exactly one layout. Files that no layout defines are left alone.
 """
 
 from __future__ import annotations
@@ -11,9 +12,17 @@ import os
 from pathlib import Path
 
 from convert.errors import ConvertError
+from convert.integrity import MANIFEST, SUMS
+from convert.mapping import layout, layout_names
+from convert.owned import LOCK
 from convert.plan import Plan
 from convert.resume import JOURNAL
+from convert.source import TOKENIZER
 from convert.stream import PARTIAL_SUFFIX
+
+# Files every output holds whatever its layout (the tokenizer when the source has one, the integrity files unless
+# --no-checksums): an earlier run's copy that this run does not write would describe another output.
+COMMON_OUTPUTS = (SUMS, MANIFEST, TOKENIZER)
 
 
 def check_destination(destination: Path, source: Path | None) -> None:
@@ -37,7 +46,10 @@ def check_destination(destination: Path, source: Path | None) -> None:
 
 
 def prepare_destination(destination: Path, plan: Plan, *, force: bool) -> None:
-    if not destination.is_dir() or not any(destination.iterdir()):
+    """A non-empty output needs force; then every file an output of any layout may hold that this output does not
+    write is removed (see output_files), so the folder ends as exactly one layout. Files no layout defines are left
+    alone, and one the target must not sit beside (a file vLLM would load instead) is refused before anything goes."""
+    if not destination.is_dir() or not any(p.name != LOCK for p in destination.iterdir()):
         return
     if not force:
         if (destination / JOURNAL).is_file():
@@ -48,17 +60,29 @@ def prepare_destination(destination: Path, plan: Plan, *, force: bool) -> None:
             )
         raise ConvertError("the output folder is not empty; pass --force to write into it", file=destination)
     target = plan.target
+    first, rest = stale_outputs(destination, plan)
     for pattern in target.must_not_contain:
         for path in sorted(destination.glob(pattern)):
-            raise ConvertError(
-                f"an {target.name} output must not contain {path.name} (matches {pattern!r}); "
-                "remove it or choose an empty folder",
-                file=destination,
-            )
-    marker = destination / plan.files[-1].name
-    marker.unlink(missing_ok=True)
+            if path not in first and path not in rest:
+                raise ConvertError(
+                    f"an {target.name} output must not contain {path.name} (matches {pattern!r}) and no layout "
+                    "defines that file, so --force leaves it; remove it or choose an empty folder",
+                    file=destination,
+                )
+    (destination / plan.files[-1].name).unlink(missing_ok=True)
+    for path in [*first, *rest]:  # what makes an earlier output look complete goes first
+        path.unlink(missing_ok=True)
+
+
+def stale_outputs(destination: Path, plan: Plan) -> tuple[list[Path], list[Path]]:
+    """The files of an earlier output that this one does not write, in two lists: those that make an output
+    complete or detectable (each table's first `replaces` entry and its markers), then the rest: every other
+    file a layout's `replaces` names, the files every output holds (checksums, manifest, tokenizer), leftover
+    .partial files and the journal."""
     planned = {f.name for f in plan.files}
-    stale = {p for pattern in target.replaces for p in destination.glob(pattern) if p.name not in planned}
-    stale |= set(destination.glob(f"*{PARTIAL_SUFFIX}")) | set(destination.glob(JOURNAL))
-    for path in sorted(stale):
-        path.unlink()
+    tables = [layout(name) for name in layout_names()]
+    leading = [t.replaces[0] for t in tables if t.replaces] + [m for t in tables for m in t.markers]
+    others = [g for t in tables for g in t.replaces[1:]] + [*COMMON_OUTPUTS, f"*{PARTIAL_SUFFIX}", JOURNAL]
+    first = sorted({p for g in leading for p in destination.glob(g) if p.name not in planned})
+    rest = sorted({p for g in others for p in destination.glob(g) if p.name not in planned} - set(first))
+    return first, rest

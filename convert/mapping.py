@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from string import Formatter
 from types import MappingProxyType
+
+from convert.errors import ConvertError
+from convert.params import ModelParams
 
 SCOPES = ("model", "layer", "expert")
 ATTRIBUTES = ("rotary", "orientation", "experts")  # applied to a canonical tensor in this order
@@ -160,69 +164,229 @@ def data_dir(name: str) -> Path:
     return Path(str(resources.files(f"convert.{name}")))
 
 
-def _read_toml(name: str) -> dict:
-    with open(data_dir("mappings") / f"{name}.toml", "rb") as handle:
-        return tomllib.load(handle)
+# What a table may hold. A table is data a user may edit, so every rule is checked when it is loaded and broken
+# rules are one line naming the table, the entry and the rule (not a hang or a failure halfway through a run).
+CONTAINERS = ("torch_zip", "torch_zip_multi", "safetensors_single", "safetensors_sharded")  # convert/source.py
+PARAMS_STYLES = ("mistral", "hf_params", "hf_config")  # convert/source.py and convert/plan.py
+KIND_KEYS = {"scope": True, "shape": True, "rotary_heads": False}  # key -> required
+ATTRIBUTE_KEYS = {"canonical": True, "values": False, "placements": False}
+LAYOUT_KEYS = {
+    "name": True,
+    "description": True,
+    "container": True,
+    "markers": True,
+    "params": True,
+    "must_not_contain": False,
+    "replaces": False,
+}
+# Sections beside [layout] and [tensors], and the params style that needs each (plan.py writes them).
+EXTRA_SECTIONS = {"config_defaults": "hf_config", "generation_config": "hf_config"}
+PLACEHOLDERS = ("layer", "expert")
+
+
+def _model_parameters() -> frozenset[str]:
+    """The integer model parameters a canonical shape may name (ModelParams.shape_env's keys)."""
+    return frozenset(f.name for f in fields(ModelParams) if f.type == "int")
+
+
+def _fail(path: Path, where: str, rule: str) -> ConvertError:
+    return ConvertError(f"{where}: {rule}" if where else rule, file=path)
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConvertError("mapping table is missing", file=path) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConvertError(f"not valid TOML: {exc}", file=path) from None
+
+
+def _check_keys(path: Path, where: str, table: object, allowed: Mapping[str, bool]) -> dict:
+    """table is a TOML table holding every required key of allowed and no other."""
+    if not isinstance(table, dict):
+        raise _fail(path, where, "must be a table")
+    missing = [key for key, required in allowed.items() if required and key not in table]
+    if missing:
+        raise _fail(path, where, f"missing required key {missing[0]!r}")
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise _fail(path, where, f"unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
+    return table
+
+
+def _string_list(path: Path, where: str, value: object, *, empty: bool = True) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value) or (not empty and not value):
+        raise _fail(path, where, "must be a list of non-empty strings" + ("" if empty else ", not empty"))
+    return tuple(value)
+
+
+def load_canonical(path: Path) -> Canonical:
+    """Read and check canonical.toml at path: kinds with a known scope and a shape of known parameters, and
+    exactly the attributes the transforms know."""
+    data = _check_keys(path, "", _read_toml(path), {"kinds": True, "attributes": True})
+    known = _model_parameters()
+    kinds = {}
+    if not isinstance(data["kinds"], dict) or not data["kinds"]:
+        raise _fail(path, "kinds", "must be a table of one or more kinds")
+    for name, spec in data["kinds"].items():
+        where = f"kinds.{name}"
+        _check_keys(path, where, spec, KIND_KEYS)
+        if spec["scope"] not in SCOPES:
+            raise _fail(path, where, f"scope {spec['scope']!r} is not one of {', '.join(SCOPES)}")
+        shape = spec["shape"]
+        if not isinstance(shape, list) or not shape:
+            raise _fail(path, where, "shape must be a list of dimensions, each a list of parameter names")
+        dims = tuple(_string_list(path, f"{where}.shape", factors, empty=False) for factors in shape)
+        unknown = sorted({f for dim in dims for f in dim} - known)
+        if unknown:
+            raise _fail(path, where, f"shape names {unknown[0]!r}, not a model parameter ({', '.join(sorted(known))})")
+        heads = spec.get("rotary_heads")
+        if heads is not None and (len(dims) != 2 or heads not in dims[0]):
+            raise _fail(path, where, f"rotary_heads {heads!r} must be a factor of the first of two dimensions")
+        kinds[name] = Kind(name, spec["scope"], dims, heads)
+    attributes = {}
+    if not isinstance(data["attributes"], dict) or set(data["attributes"]) != set(ATTRIBUTES):
+        found = sorted(data["attributes"]) if isinstance(data["attributes"], dict) else []
+        raise _fail(path, "attributes", f"must be exactly {', '.join(ATTRIBUTES)} (found {', '.join(found)})")
+    for name, spec in data["attributes"].items():
+        where = f"attributes.{name}"
+        _check_keys(path, where, spec, ATTRIBUTE_KEYS)
+        values = spec.get("values", {})
+        if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
+            raise _fail(path, where, "values must map each value to the name of its transform")
+        placements = _string_list(path, f"{where}.placements", spec.get("placements", []))
+        attributes[name] = Attribute(spec["canonical"], MappingProxyType(dict(values)), placements)
+    return Canonical(MappingProxyType(kinds), MappingProxyType(attributes))
 
 
 @cache
 def canonical() -> Canonical:
-    data = _read_toml("canonical")
-    kinds = {}
-    for name, spec in data["kinds"].items():
-        if spec["scope"] not in SCOPES:
-            raise ValueError(f"canonical.toml: kind {name} has unknown scope {spec['scope']!r}")
-        shape = tuple(tuple(factors) for factors in spec["shape"])
-        kinds[name] = Kind(name, spec["scope"], shape, spec.get("rotary_heads"))
-    attributes = {
-        name: Attribute(
-            spec["canonical"], MappingProxyType(dict(spec.get("values", {}))), tuple(spec.get("placements", ()))
-        )
-        for name, spec in data["attributes"].items()
-    }
-    if set(attributes) != set(ATTRIBUTES):
-        raise ValueError(f"canonical.toml: attributes must be exactly {ATTRIBUTES}")
-    return Canonical(MappingProxyType(kinds), MappingProxyType(attributes))
+    return load_canonical(data_dir("mappings") / "canonical.toml")
 
 
 def layout_names() -> tuple[str, ...]:
     return tuple(sorted(p.stem for p in data_dir("mappings").glob("*.toml") if p.stem != "canonical"))
 
 
-@cache
-def layout(name: str) -> LayoutTable:
-    """Load and check one layout table: every canonical kind once, known attribute values only."""
-    if name not in layout_names():
-        raise KeyError(name)
-    data = _read_toml(name)
-    base = canonical()
+def _check_pattern(path: Path, where: str, pattern: object, kind: Kind, stacked: bool) -> str:
+    """The name pattern has exactly the placeholders its kind's scope needs: {layer} for layer and expert kinds,
+    {expert} for an expert kind stored one tensor per expert; no other placeholders, no format specs."""
+    if not isinstance(pattern, str) or not pattern:
+        raise _fail(path, where, "name must be a non-empty string")
+    try:
+        found = [(f, spec, conv) for _, f, spec, conv in Formatter().parse(pattern) if f is not None]
+    except ValueError as exc:
+        raise _fail(path, where, f"name {pattern!r} is not a valid pattern: {exc}") from None
+    for field_name, spec, conversion in found:
+        if field_name not in PLACEHOLDERS or spec or conversion:
+            raise _fail(path, where, f"name has placeholder {{{field_name}}}; only {{layer}} and {{expert}} exist")
+    used = [f for f, _, _ in found]
+    scope = (
+        "a stacked expert" if stacked else {"model": "a model", "layer": "a layer", "expert": "an expert"}[kind.scope]
+    )
+    needed = {"model": [], "layer": ["layer"], "expert": ["layer"] if stacked else ["layer", "expert"]}[kind.scope]
+    for placeholder in PLACEHOLDERS:
+        count = used.count(placeholder)
+        if placeholder in needed and count != 1:
+            raise _fail(path, where, f"name must hold {{{placeholder}}} once: {kind.name} is {scope} kind")
+        if placeholder not in needed and count:
+            raise _fail(path, where, f"name may not hold {{{placeholder}}}: {kind.name} is {scope} kind")
+    return pattern
+
+
+def _check_scope_order(path: Path, kinds: list[KindLayout]) -> None:
+    """Model kinds, then every layer and expert kind in one run, then model kinds: tensors() walks that order."""
+    inner = [i for i, k in enumerate(kinds) if k.kind.scope != "model"]
+    for entry in kinds[inner[0] : inner[-1] + 1] if inner else []:
+        if entry.kind.scope == "model":
+            raise _fail(
+                path,
+                f"tensors.{entry.kind.name}",
+                "a model kind between layer kinds: list model kinds before or after all layer and expert kinds",
+            )
+
+
+def load_layout(path: Path, base: Canonical) -> LayoutTable:
+    """Read and check one layout table at path against the canonical kinds: every kind once, in scope order,
+    with the placeholders its scope needs and only the attributes that apply to it."""
+    data = _read_toml(path)
+    unknown = sorted(set(data) - {"layout", "tensors", *EXTRA_SECTIONS})
+    if unknown:
+        raise _fail(path, "", f"unknown section [{unknown[0]}] (allowed: layout, tensors, {', '.join(EXTRA_SECTIONS)})")
+    for section in ("layout", "tensors"):
+        if section not in data:
+            raise _fail(path, "", f"missing section [{section}]")
+    info = _check_keys(path, "layout", data["layout"], LAYOUT_KEYS)
+    for key in ("name", "description"):
+        if not isinstance(info[key], str) or not info[key]:
+            raise _fail(path, f"layout.{key}", "must be a non-empty string")
+    if info["name"] != path.stem:
+        raise _fail(path, "layout.name", f"is {info['name']!r}; it must be the file's name, {path.stem!r}")
+    if info["container"] not in CONTAINERS:
+        raise _fail(path, "layout.container", f"{info['container']!r} is not one of {', '.join(CONTAINERS)}")
+    if info["params"] not in PARAMS_STYLES:
+        raise _fail(path, "layout.params", f"{info['params']!r} is not one of {', '.join(PARAMS_STYLES)}")
+    markers = _string_list(path, "layout.markers", info["markers"], empty=False)
+    must_not_contain = _string_list(path, "layout.must_not_contain", info.get("must_not_contain", []))
+    replaces = _string_list(path, "layout.replaces", info.get("replaces", []))
+    for section, style in EXTRA_SECTIONS.items():
+        if info["params"] == style and not isinstance(data.get(section), dict):
+            raise _fail(path, "", f"missing section [{section}], which params = {style!r} writes")
+    if not isinstance(data["tensors"], dict):
+        raise _fail(path, "tensors", "must be a table")
     kinds = []
+    patterns: dict[str, str] = {}
     for kind_name, spec in data["tensors"].items():
+        where = f"tensors.{kind_name}"
         if kind_name not in base.kinds:
-            raise ValueError(f"{name}.toml: unknown kind {kind_name!r}")
+            raise _fail(path, where, f"unknown kind (canonical kinds: {', '.join(base.kinds)})")
+        kind = base.kinds[kind_name]
+        _check_keys(path, where, spec, {"name": True, **dict.fromkeys(ATTRIBUTES, False)})
+        if "rotary" in spec and kind.rotary_heads is None:
+            with_heads = ", ".join(k.name for k in base.kinds.values() if k.rotary_heads)
+            raise _fail(
+                path, where, f"rotary applies only to kinds with rotary heads ({with_heads}); {kind_name} has none"
+            )
+        if "experts" in spec and kind.scope != "expert":
+            raise _fail(path, where, f"experts applies only to expert kinds; {kind_name} is a {kind.scope} kind")
+        if "orientation" in spec and len(kind.shape) != 2:
+            raise _fail(
+                path, where, f"orientation applies only to matrices; {kind_name} has {len(kind.shape)} dimension(s)"
+            )
         attributes = {}
         for attr, rule in base.attributes.items():
             value = spec.get(attr, rule.canonical)
             if value not in rule.allowed():
-                raise ValueError(f"{name}.toml: {kind_name}.{attr} = {value!r} is not one of {sorted(rule.allowed())}")
+                raise _fail(path, f"{where}.{attr}", f"{value!r} is not one of {sorted(rule.allowed())}")
             attributes[attr] = value
-        unknown = set(spec) - {"name", *ATTRIBUTES}
-        if unknown:
-            raise ValueError(f"{name}.toml: {kind_name} has unknown keys {sorted(unknown)}")
-        kinds.append(KindLayout(base.kinds[kind_name], spec["name"], MappingProxyType(attributes)))
-    missing = set(base.kinds) - {k.kind.name for k in kinds}
+        pattern = _check_pattern(path, where, spec["name"], kind, attributes["experts"] == "stacked")
+        if pattern in patterns:
+            raise _fail(path, where, f"name {pattern!r} is also the name of {patterns[pattern]}")
+        patterns[pattern] = kind_name
+        kinds.append(KindLayout(kind, pattern, MappingProxyType(attributes)))
+    missing = [k for k in base.kinds if k not in data["tensors"]]
     if missing:
-        raise ValueError(f"{name}.toml: no entry for kinds {sorted(missing)}")
-    info = data["layout"]
+        raise _fail(path, "tensors", f"no entry for kind {missing[0]!r}: every canonical kind needs one")
+    _check_scope_order(path, kinds)
     extra = MappingProxyType({k: v for k, v in data.items() if k not in ("layout", "tensors")})
     return LayoutTable(
         info["name"],
         info["description"],
         info["container"],
         info["params"],
-        tuple(info["markers"]),
-        tuple(info.get("must_not_contain", ())),
-        tuple(info.get("replaces", ())),
+        markers,
+        must_not_contain,
+        replaces,
         tuple(kinds),
         extra,
     )
+
+
+@cache
+def layout(name: str) -> LayoutTable:
+    """Load and check one layout table of the shipped mappings."""
+    if name not in layout_names():
+        raise KeyError(name)
+    return load_layout(data_dir("mappings") / f"{name}.toml", canonical())

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from convert.destination import check_destination, prepare_destination
+from convert.owned import destination_lock, refuse_links
 from convert.plan import DEFAULT_OPTIONS, Plan, PlanOptions, build_plan
-from convert.resume import Journal
+from convert.resume import JOURNAL, Journal
 from convert.source import open_source
-from convert.stream import execute
+from convert.stream import execute, partial_name
 from convert.workers import run_scope
 
 
@@ -45,11 +46,17 @@ def _convert(
     check_destination(destination, source)
     with open_source(source, source_layout) as opened:
         plan = build_plan(opened, target, options)
-        if resume:
-            journal = Journal.resume(destination, plan)
-        else:
-            prepare_destination(destination, plan, force=force)
-            journal = Journal.start(destination, plan)
-        execute(plan, destination, journal, progress=progress)
-        journal.close()
+        # One run at a time in DST, taken before anything there is removed or written.
+        with destination_lock(destination):
+            if resume:
+                # Resume reads, keeps and rewrites what it finds: no link may stand among those names. (--force
+                # removes links like any stale file, and os.replace puts a file in place of a link.)
+                names = [n for f in plan.files for n in (f.name, partial_name(f.name))]
+                refuse_links(destination, [*names, JOURNAL])
+                journal = Journal.resume(destination, plan)
+            else:
+                prepare_destination(destination, plan, force=force)
+                journal = Journal.start(destination, plan)
+            execute(plan, destination, journal, progress=progress)
+            journal.close()
     return plan

@@ -39,6 +39,7 @@ from convert.finite import FiniteCheck
 from convert.formats.streams import ByteStream
 from convert.integrity import file_digest
 from convert.outputs import OutputFile, Piece
+from convert.owned import no_links
 from convert.plan import Plan
 from convert.resume import Journal
 from convert.source import source_identity
@@ -228,11 +229,12 @@ class _Writer:
         tensor_hashes: dict[str, hashlib._Hash] = {}
         dtypes = {p.tensor: p.record.dtype for p in output.pieces}
         non_finite: set[str] = set()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        if output.size >= DIRECT_MIN:
-            fd, direct = open_direct(temporary, flags)
-        else:
-            fd, direct = os.open(temporary, flags, 0o644), False
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW  # never through a link planted in DST
+        with no_links(temporary):
+            if output.size >= DIRECT_MIN:
+                fd, direct = open_direct(temporary, flags)
+            else:
+                fd, direct = os.open(temporary, flags, 0o644), False
         staged: StagedWriter | None = None
         reader: _Reader | None = None
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import shutil
@@ -73,6 +74,27 @@ def test_text_dry_run_writes_nothing(sample: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_dry_run_checks_the_pins_it_is_given(sample: Path, tmp_path: Path) -> None:
+    """--dry-run --expect FILE checks the pins (what the user asked for), and a missing FILE is an error."""
+    dst = tmp_path / "out"
+    missing = run_cli(
+        "convert", sample, dst, "--to", "hf", "--dry-run", "--expect", tmp_path / "nope.sha256", check=False
+    )
+    assert missing.returncode == 2
+    assert_one_line_error(missing, "nope.sha256", "no such pins file")
+    digest = hashlib.sha256((sample / "consolidated.00.pth").read_bytes()).hexdigest()
+    good = tmp_path / "good.sha256"
+    good.write_text(f"{digest}  consolidated.00.pth\n")
+    bad = tmp_path / "bad.sha256"
+    bad.write_text(f"{'0' * 64}  consolidated.00.pth\n")
+    wrong = run_cli("convert", sample, dst, "--to", "hf", "--dry-run", "--expect", bad, check=False)
+    assert wrong.returncode == 2
+    assert_one_line_error(wrong, "consolidated.00.pth", f"the pin says {'0' * 64}")
+    right = run_cli("convert", sample, dst, "--to", "hf", "--dry-run", "--json", "--expect", good)
+    assert json.loads(right.stdout)["target"] == "hf"
+    assert not dst.exists()
+
+
 def test_non_empty_destination_needs_force(sample: Path, tmp_path: Path) -> None:
     dst = tmp_path / "out"
     dst.mkdir()
@@ -87,13 +109,18 @@ def test_non_empty_destination_needs_force(sample: Path, tmp_path: Path) -> None
 
 
 def test_force_refuses_a_folder_vllm_would_misread(sample: Path, tmp_path: Path) -> None:
+    """A consolidated*.safetensors no layout defines is not removed by --force, and vLLM would load it: refused,
+    before anything is removed. (consolidated.safetensors itself is a mistral output's, which --force removes:
+    tests/test_force.py.)"""
     dst = tmp_path / "out"
     dst.mkdir()
-    (dst / "consolidated.safetensors").write_bytes(b"x")
+    (dst / "consolidated.old.safetensors").write_bytes(b"x")
+    (dst / "SHA256SUMS").write_bytes(b"an earlier output's")
     assert_one_line_error(
         run_cli("convert", sample, dst, "--to", "hf", "--force", check=False),
-        "must not contain consolidated.safetensors",
+        "must not contain consolidated.old.safetensors",
     )
+    assert sorted(p.name for p in dst.iterdir()) == ["SHA256SUMS", "consolidated.old.safetensors"]
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "around"])
