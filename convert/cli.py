@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections import Counter
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from convert import __version__
@@ -171,7 +172,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if problems else 0
 
 
-def check_pins_or_fail(folder: Path, name: str) -> Path:
+def check_pins_or_fail(folder: Path, name: str) -> Traversable:
     pins = resolve_pins(name)
     report = Report(str(folder))
     check_pins(folder, pins, report)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from pathlib import Path
+from importlib.resources.abc import Traversable
 from types import MappingProxyType
 
 SCOPES = ("model", "layer", "expert")
@@ -141,17 +141,19 @@ class LayoutTable:
         return result
 
 
-def data_dir(name: str) -> Path:
-    """A data folder (mappings/, pins/) beside the package in a checkout; convert/<name> inside an installed wheel."""
-    beside = Path(__file__).resolve().parent.parent / name
-    if beside.is_dir():
-        return beside
-    return Path(str(resources.files(f"convert.{name}")))
+def data_dir(name: str) -> Traversable:
+    """The package data folder convert.<name> (mappings, pins), found only through the import system.
+
+    mappings/ and pins/ sit at the top of the repository and are installed as convert/mappings and convert/pins
+    (pyproject.toml's package-dir). Each is a regular package (it has an __init__.py), so resources.files gives
+    the folder itself, a plain path in a wheel and in an editable install alike; as namespace packages they came
+    back as a MultiplexedPath, whose str() is not a path. Nothing else is looked at: a folder that merely sits
+    beside the package (an unrelated top-level mappings/ in site-packages) is never read."""
+    return resources.files(f"convert.{name}")
 
 
 def _read_toml(name: str) -> dict:
-    with open(data_dir("mappings") / f"{name}.toml", "rb") as handle:
-        return tomllib.load(handle)
+    return tomllib.loads(data_dir("mappings").joinpath(f"{name}.toml").read_text(encoding="utf-8"))
 
 
 @cache
@@ -175,7 +177,8 @@ def canonical() -> Canonical:
 
 
 def layout_names() -> tuple[str, ...]:
-    return tuple(sorted(p.stem for p in data_dir("mappings").glob("*.toml") if p.stem != "canonical"))
+    tables = (entry.name for entry in data_dir("mappings").iterdir() if entry.name.endswith(".toml"))
+    return tuple(sorted(name.removesuffix(".toml") for name in tables if name != "canonical.toml"))
 
 
 @cache
