@@ -201,7 +201,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from convert.sample import write_sample  # imports torch (~1 s), which no other command needs
+    from convert.sample import write_sample  # learns the tokenizer's merges; no other command needs it
 
     check_destination(args.dst, None)
     if args.dst.exists() and any(args.dst.iterdir()):
