@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections import Counter
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -17,8 +18,8 @@ from convert.destination import check_destination
 from convert.errors import ConvertError
 from convert.mapping import layout_names
 from convert.pipeline import convert_checkpoint
-from convert.plan import DEFAULT_MAX_SHARD_SIZE, PlanOptions, build_plan, check_source
-from convert.sizes import parse_size
+from convert.plan import DEFAULT_MAX_SHARD_SIZE, Plan, PlanOptions, build_plan, check_source
+from convert.sizes import format_size, parse_size
 from convert.source import open_source
 from convert.verify import Report, check_pins, resolve_pins, verify_folder
 
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--instruct", action="store_true", help="hf: add the Mixtral-Instruct chat template to tokenizer_config.json"
     )
     convert.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not a terminal)")
+    convert.add_argument(
+        "--quiet", action="store_true", help="print errors only: no warnings, progress bar or summary line"
+    )
 
     convert.add_argument(
         "--expect",
@@ -126,9 +130,12 @@ def run_convert(args: argparse.Namespace) -> int:
             for entry in description["files"]:
                 print(f"  {entry['size']:>16,}  {args.dst / entry['name']}")
         return 0
+    if args.quiet:
+        log.setLevel(logging.ERROR)
     if args.expect:
         pins = check_pins_or_fail(args.src, args.expect)
         log.info("source matches %s", pins)
+    started, clock = time.time_ns(), time.monotonic()
     plan = convert_checkpoint(
         args.src,
         args.dst,
@@ -137,10 +144,27 @@ def run_convert(args: argparse.Namespace) -> int:
         source_layout=args.source_layout,
         force=args.force,
         resume=args.resume,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=not args.no_progress and not args.quiet and sys.stderr.isatty(),
     )
-    log.info("wrote %d files to %s", len(plan.files), args.dst)
+    if not args.quiet:
+        print(_summary(plan, args.dst, started, time.monotonic() - clock, resumed=args.resume))
     return 0
+
+
+def _summary(plan: Plan, dst: Path, started_ns: int, seconds: float, *, resumed: bool) -> str:
+    """The line a finished conversion ends with: what was written, how fast, and how to check it. A resumed run
+    counts only the files it wrote itself (those modified since it started), as its throughput must."""
+    files = [dst / f.name for f in plan.files]
+    if resumed:
+        files = [path for path in files if path.stat().st_mtime_ns >= started_ns]
+    size = sum(path.stat().st_size for path in files)
+    rate = f"{format_size(int(size / seconds))}/s" if seconds > 0 else "-"
+    line = f"wrote {len(files)} files, {format_size(size)} ({size:,} bytes) to {dst} in {seconds:.1f} s ({rate})"
+    if resumed:
+        line += f"; {len(plan.files) - len(files)} files were kept from the interrupted run"
+    if plan.options.checksums:
+        return f"{line}; check them with `cd {dst} && sha256sum -c SHA256SUMS` or `mixtral-convert verify {dst}`"
+    return f"{line}; no SHA256SUMS (--no-checksums): `mixtral-convert verify {dst}` checks the structure"
 
 
 def run_inspect(args: argparse.Namespace) -> int:
