@@ -1,4 +1,5 @@
-# Two commands for a fresh clone: `make demo` and `make test`. Each sets up .venv first.
+# Two commands for a fresh clone: `make demo` and `make test`. Each sets up .venv first (demo: numpy and tqdm only;
+# test: also torch, transformers and the test tools, at the versions constraints.txt pins).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -23,9 +24,10 @@ demo: $(VENV)/.runtime
 	rm -rf $(SAMPLE) $(SAMPLE_HF)
 	$(VENV)/bin/mixtral-convert sample $(SAMPLE)
 	$(VENV)/bin/mixtral-convert inspect $(SAMPLE)
-	$(VENV)/bin/mixtral-convert convert $(SAMPLE) $(SAMPLE_HF) --to hf --dry-run
-	$(VENV)/bin/mixtral-convert convert $(SAMPLE) $(SAMPLE_HF) --to hf
+	$(VENV)/bin/mixtral-convert convert $(SAMPLE) $(SAMPLE_HF) --to hf --instruct --dry-run
+	$(VENV)/bin/mixtral-convert convert $(SAMPLE) $(SAMPLE_HF) --to hf --instruct
 	$(VENV)/bin/mixtral-convert inspect $(SAMPLE_HF)
+	$(VENV)/bin/mixtral-convert verify $(SAMPLE_HF) --against $(SAMPLE)
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .
