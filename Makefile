@@ -8,10 +8,13 @@ SAMPLE_HF := build/sample-hf
 
 .PHONY: setup demo test lint bench clean
 
+# pip -qq: errors only. Setting up prints no warnings of its own then: setuptools' notice that an editable install
+# imports folders named like the package from the working directory (the package-dir mapping makes it use an import
+# finder), and a pip configured with an incomplete local index (as on the test machines) naming what it skips.
 $(VENV)/.runtime: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e .
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -c constraints.txt -e .
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime
