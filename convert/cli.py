@@ -11,7 +11,9 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from collections import Counter
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from convert import __version__
@@ -19,9 +21,9 @@ from convert.destination import check_destination
 from convert.errors import ConvertError, escape
 from convert.mapping import layout_names
 from convert.pipeline import convert_checkpoint
-from convert.plan import DEFAULT_MAX_SHARD_SIZE, PlanOptions, build_plan, check_source
+from convert.plan import DEFAULT_MAX_SHARD_SIZE, Plan, PlanOptions, build_plan, check_source
 from convert.resume import JOURNAL
-from convert.sizes import parse_size
+from convert.sizes import format_size, parse_size
 from convert.source import open_source
 from convert.verify import Report, check_pins, resolve_pins, verify_folder
 from convert.workers import Interrupted, in_run, run_scope, run_stop
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--instruct", action="store_true", help="hf: add the Mixtral-Instruct chat template to tokenizer_config.json"
     )
     convert.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not a terminal)")
+    convert.add_argument(
+        "--quiet", action="store_true", help="print errors only: no warnings, progress bar or summary line"
+    )
 
     convert.add_argument(
         "--expect",
@@ -135,6 +140,9 @@ def run_convert(args: argparse.Namespace) -> int:
             for entry in description["files"]:
                 print(f"  {entry['size']:>16,}  {args.dst / entry['name']}")
         return 0
+    if args.quiet:
+        log.setLevel(logging.ERROR)
+    started, clock = time.time_ns(), time.monotonic()
     plan = convert_checkpoint(
         args.src,
         args.dst,
@@ -143,10 +151,28 @@ def run_convert(args: argparse.Namespace) -> int:
         source_layout=args.source_layout,
         force=args.force,
         resume=args.resume,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=not args.no_progress and not args.quiet and sys.stderr.isatty(),
     )
-    log.info("wrote %d files to %s", len(plan.files), args.dst)
+    if not args.quiet:
+        print(_summary(plan, args.dst, started, time.monotonic() - clock, resumed=args.resume))
     return 0
+
+
+def _summary(plan: Plan, dst: Path, started_ns: int, seconds: float, *, resumed: bool) -> str:
+    """The line a finished conversion ends with: what was written, how fast, and how to check it. A resumed run
+    counts only the files it wrote itself (those modified since it started), as its throughput must."""
+    files = [dst / f.name for f in plan.files]
+    if resumed:
+        files = [path for path in files if path.stat().st_mtime_ns >= started_ns]
+    size = sum(path.stat().st_size for path in files)
+    rate = f"{format_size(int(size / seconds))}/s" if seconds > 0 else "-"
+    shown = escape(str(dst))
+    line = f"wrote {len(files)} files, {format_size(size)} ({size:,} bytes) to {shown} in {seconds:.1f} s ({rate})"
+    if resumed:
+        line += f"; {len(plan.files) - len(files)} files were kept from the interrupted run"
+    if plan.options.checksums:
+        return f"{line}; check them with `cd {shown} && sha256sum -c SHA256SUMS` or `mixtral-convert verify {shown}`"
+    return f"{line}; no SHA256SUMS (--no-checksums): `mixtral-convert verify {shown}` checks the structure"
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -178,7 +204,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if problems else 0
 
 
-def check_pins_or_fail(folder: Path, name: str) -> Path:
+def check_pins_or_fail(folder: Path, name: str) -> Traversable:
     pins = resolve_pins(name)
     report = Report(str(folder))
     check_pins(folder, pins, report)
@@ -219,7 +245,7 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from convert.sample import write_sample  # imports torch (~1 s), which no other command needs
+    from convert.sample import write_sample  # learns the tokenizer's merges; no other command needs it
 
     check_destination(args.dst, None)
     if args.dst.exists() and any(args.dst.iterdir()):

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import cache
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from string import Formatter
 from types import MappingProxyType
@@ -156,12 +157,15 @@ class LayoutTable:
         return model + n_layers * per_layer
 
 
-def data_dir(name: str) -> Path:
-    """A data folder (mappings/, pins/) beside the package in a checkout; convert/<name> inside an installed wheel."""
-    beside = Path(__file__).resolve().parent.parent / name
-    if beside.is_dir():
-        return beside
-    return Path(str(resources.files(f"convert.{name}")))
+def data_dir(name: str) -> Traversable:
+    """The package data folder convert.<name> (mappings, pins), found only through the import system.
+
+    mappings/ and pins/ sit at the top of the repository and are installed as convert/mappings and convert/pins
+    (pyproject.toml's package-dir). Each is a regular package (it has an __init__.py), so resources.files gives
+    the folder itself, a plain path in a wheel and in an editable install alike; as namespace packages they came
+    back as a MultiplexedPath, whose str() is not a path. Nothing else is looked at: a folder that merely sits
+    beside the package (an unrelated top-level mappings/ in site-packages) is never read."""
+    return resources.files(f"convert.{name}")
 
 
 # What a table may hold. A table is data a user may edit, so every rule is checked when it is loaded and broken
@@ -189,21 +193,20 @@ def _model_parameters() -> frozenset[str]:
     return frozenset(f.name for f in fields(ModelParams) if f.type == "int")
 
 
-def _fail(path: Path, where: str, rule: str) -> ConvertError:
+def _fail(path: Path | Traversable, where: str, rule: str) -> ConvertError:
     return ConvertError(f"{where}: {rule}" if where else rule, file=path)
 
 
-def _read_toml(path: Path) -> dict:
+def _read_toml(path: Path | Traversable) -> dict:
     try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConvertError("mapping table is missing", file=path) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConvertError(f"not valid TOML: {exc}", file=path) from None
 
 
-def _check_keys(path: Path, where: str, table: object, allowed: Mapping[str, bool]) -> dict:
+def _check_keys(path: Path | Traversable, where: str, table: object, allowed: Mapping[str, bool]) -> dict:
     """table is a TOML table holding every required key of allowed and no other."""
     if not isinstance(table, dict):
         raise _fail(path, where, "must be a table")
@@ -216,13 +219,13 @@ def _check_keys(path: Path, where: str, table: object, allowed: Mapping[str, boo
     return table
 
 
-def _string_list(path: Path, where: str, value: object, *, empty: bool = True) -> tuple[str, ...]:
+def _string_list(path: Path | Traversable, where: str, value: object, *, empty: bool = True) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value) or (not empty and not value):
         raise _fail(path, where, "must be a list of non-empty strings" + ("" if empty else ", not empty"))
     return tuple(value)
 
 
-def load_canonical(path: Path) -> Canonical:
+def load_canonical(path: Path | Traversable) -> Canonical:
     """Read and check canonical.toml at path: kinds with a known scope and a shape of known parameters, and
     exactly the attributes the transforms know."""
     data = _check_keys(path, "", _read_toml(path), {"kinds": True, "attributes": True})
@@ -267,7 +270,8 @@ def canonical() -> Canonical:
 
 
 def layout_names() -> tuple[str, ...]:
-    return tuple(sorted(p.stem for p in data_dir("mappings").glob("*.toml") if p.stem != "canonical"))
+    tables = (entry.name for entry in data_dir("mappings").iterdir() if entry.name.endswith(".toml"))
+    return tuple(sorted(name.removesuffix(".toml") for name in tables if name != "canonical.toml"))
 
 
 def _check_pattern(path: Path, where: str, pattern: object, kind: Kind, stacked: bool) -> str:
@@ -308,7 +312,7 @@ def _check_scope_order(path: Path, kinds: list[KindLayout]) -> None:
             )
 
 
-def load_layout(path: Path, base: Canonical) -> LayoutTable:
+def load_layout(path: Path | Traversable, base: Canonical) -> LayoutTable:
     """Read and check one layout table at path against the canonical kinds: every kind once, in scope order,
     with the placeholders its scope needs and only the attributes that apply to it."""
     data = _read_toml(path)
@@ -322,8 +326,9 @@ def load_layout(path: Path, base: Canonical) -> LayoutTable:
     for key in ("name", "description"):
         if not isinstance(info[key], str) or not info[key]:
             raise _fail(path, f"layout.{key}", "must be a non-empty string")
-    if info["name"] != path.stem:
-        raise _fail(path, "layout.name", f"is {info['name']!r}; it must be the file's name, {path.stem!r}")
+    stem = path.name.removesuffix(".toml")
+    if info["name"] != stem:
+        raise _fail(path, "layout.name", f"is {info['name']!r}; it must be the file's name, {stem!r}")
     if info["container"] not in CONTAINERS:
         raise _fail(path, "layout.container", f"{info['container']!r} is not one of {', '.join(CONTAINERS)}")
     if info["params"] not in PARAMS_STYLES:

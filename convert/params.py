@@ -164,8 +164,11 @@ def _vocab(vocab_from_tensors: int | None, path: Path) -> int:
     return vocab_from_tensors
 
 
-def read_hf_params(path: Path, vocab_from_tensors: int | None = None) -> ModelParams:
-    """HF-style keys: the megablocks params.json and config.json, 4.x (rope_theta) or 5.x (rope_parameters)."""
+def read_hf_params(path: Path, vocab_from_tensors: int | None = None, *, megablocks: bool = False) -> ModelParams:
+    """HF-style keys: the megablocks params.json and config.json, 4.x (rope_theta) or 5.x (rope_parameters).
+
+    megablocks: that params.json cannot say "no sliding window" in a way transformers' script reads (see
+    hf_params_json), so a window no shorter than the longest sequence the model supports is read as none."""
     fields = _Fields(read_json_object(path), path)
     dim = fields.integer("hidden_size")
     n_heads = fields.integer("num_attention_heads")
@@ -177,6 +180,10 @@ def read_hf_params(path: Path, vocab_from_tensors: int | None = None) -> ModelPa
         if rope_parameters.get("rope_type", "default") != "default":
             raise ConvertError(f"rope_type {rope_parameters['rope_type']!r} is not Mixtral's default rotary", file=path)
         theta_source = _Fields(rope_parameters, path)
+    window = fields.window("sliding_window")
+    max_positions = fields.integer("max_position_embeddings", required=False)
+    if megablocks and window is not None and window >= (max_positions or DEFAULT_MAX_POSITIONS):
+        window = None
     return _checked(
         ModelParams(
             dim=dim,
@@ -192,8 +199,8 @@ def read_hf_params(path: Path, vocab_from_tensors: int | None = None) -> ModelPa
             else _vocab(vocab_from_tensors, path),
             norm_eps=fields.number("rms_norm_eps"),
             rope_theta=theta_source.number("rope_theta", DEFAULT_ROPE_THETA),
-            sliding_window=fields.window("sliding_window"),
-            max_position_embeddings=fields.integer("max_position_embeddings", required=False),
+            sliding_window=window,
+            max_position_embeddings=max_positions,
         ),
         path,
     )
@@ -250,7 +257,14 @@ def mistral_params_json(params: ModelParams) -> str:
 
 
 def hf_params_json(params: ModelParams) -> str:
-    """The megablocks upload's HF-style params.json; sliding_window is a string there ("null" for none)."""
+    """The megablocks upload's HF-style params.json, with the keys and value types transformers'
+    convert_mixtral_weights_to_hf.py reads (4.36 to 4.45): it passes sliding_window through int(), 4.36 without
+    checking that the key exists, so neither null nor "null" nor a missing key is read by both. "No sliding
+    window" is written as a window of the model's whole context (max_position_embeddings, 32768 by default), in a
+    string as uploaded: no token ever lies that far back, so the attention is the same for every sequence the model
+    supports. Reading it back gives none (read_hf_params with megablocks)."""
+    positions = params.max_position_embeddings or DEFAULT_MAX_POSITIONS
+    window = positions if params.sliding_window is None else params.sliding_window
     data: dict[str, object] = {
         "hidden_size": params.dim,
         "intermediate_size": params.hidden_dim,
@@ -262,7 +276,7 @@ def hf_params_json(params: ModelParams) -> str:
         "vocab_size": params.vocab_size,
         "rms_norm_eps": params.norm_eps,
         "rope_theta": params.rope_theta,
-        "sliding_window": "null" if params.sliding_window is None else str(params.sliding_window),
+        "sliding_window": str(window),
     }
     if not params.head_dim_is_implied:
         data["head_dim"] = params.head_dim

@@ -28,7 +28,7 @@ log = logging.getLogger("mixtral-convert")
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # decimal, as transformers shards the published checkpoint
 DESCRIBED_TEXT_LIMIT = 2**20  # --dry-run --json shows the content of text files up to this size
-MEGABLOCKS_FILES = 8  # consolidated.00.pt ... consolidated.07.pt, as uploaded
+MEGABLOCKS_FILES = 8  # consolidated.00.pt ... consolidated.07.pt, as uploaded and as transformers' script reads
 SAFETENSORS_METADATA = MappingProxyType({"format": "pt"})
 # check_source names each missing tensor when params imply at most this many times the tensors present, plus a few
 # (a layer or two too many); beyond, one line says the counts disagree, and nothing per tensor is built.
@@ -300,18 +300,21 @@ def _weights_torrent(tensors: list[TargetTensor], _max_shard_size: int) -> tuple
 
 
 def _weights_megablocks(tensors: list[TargetTensor], _max_shard_size: int) -> tuple[list[OutputFile], None]:
-    """Up to MEGABLOCKS_FILES files of consecutive layers; the embedding goes with the first, the final norm and
-    output with the last (the upload's own split is not known; any split reads back the same)."""
+    """Always MEGABLOCKS_FILES files, as uploaded: transformers' convert_mixtral_weights_to_hf.py opens
+    consolidated.00.pt ... consolidated.07.pt whatever the model's depth. Consecutive layers share a file; the
+    embedding goes with the first, the final norm and output with the last that holds a layer; with fewer layers
+    than files, the remaining files hold an empty state dict (the upload's own split is not known; any split reads
+    back the same)."""
     n_layers = 1 + max((t.layer for t in tensors if t.layer is not None), default=0)
     count = min(MEGABLOCKS_FILES, n_layers)
-    groups: list[list[TargetTensor]] = [[] for _ in range(count)]
+    groups: list[list[TargetTensor]] = [[] for _ in range(MEGABLOCKS_FILES)]
     seen_layer = False
     for tensor in tensors:
         if tensor.layer is not None:
             seen_layer = True
             groups[tensor.layer * count // n_layers].append(tensor)
         else:
-            groups[-1 if seen_layer else 0].append(tensor)
+            groups[count - 1 if seen_layer else 0].append(tensor)
     return [_torch_zip_file(f"consolidated.{i:02d}.pt", group) for i, group in enumerate(groups)], None
 
 

@@ -28,3 +28,11 @@ def parse_size(text: str) -> int:
     if value < 1:
         raise ValueError(f"{text!r} must be at least one byte")
     return int(value)
+
+
+def format_size(size: int) -> str:
+    """Bytes in decimal units (kB, MB, GB, TB), the family the progress bar and --max-shard-size 5GB use."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"

@@ -132,7 +132,7 @@ def _read_params(folder: Path, style: str, vocab: int | None) -> tuple[Path, Mod
         return path, read_mistral_params(path, vocab)
     if style == "hf_params":
         path = folder / "params.json"
-        return path, read_hf_params(path, vocab)
+        return path, read_hf_params(path, vocab, megablocks=True)
     if style == "hf_config":
         path = folder / "config.json"
         return path, read_hf_params(path, vocab)

@@ -336,11 +336,14 @@ def fsync_folder(folder: Path) -> None:
 
 @contextmanager
 def progress_bar(total: int, enabled: bool) -> Iterator[tqdm]:
+    """Decimal units throughout (kB, MB, GB and MB/s: powers of 1000, as --max-shard-size 5GB and the published
+    shard sizes); tqdm leaves the unit off the counts, so the format puts the B after them."""
     bar = tqdm(
         total=total,
         unit="B",
         unit_scale=True,
-        unit_divisor=1024,
+        unit_divisor=1000,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}]",
         file=sys.stderr,
         disable=not enabled,
         desc="converting",

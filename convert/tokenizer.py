@@ -26,10 +26,10 @@ _MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
 BPE = 2
 
 SPACE = "\u2581"  # "▁", SentencePiece's escaped space
-# Mixtral's position limit (formats.md: 32768 positions), so transformers warns about longer inputs.
+# Mixtral's position limit (docs/formats.md: 32768 positions), so transformers warns about longer inputs.
 MODEL_MAX_LENGTH = 32768
 
-# The Mixtral instruction format (formats.md, "Chat format"):
+# The Mixtral instruction format (docs/formats.md, "The instruction format"):
 #   BOS + tok("[INST]") + tok(user_1) + tok("[/INST]") + tok(answer_1) + EOS + ... + tok("[INST]") + tok(user_N)
 #   + tok("[/INST]"),
 # where tok is SentencePiece's encode, which prefixes each call's text with a space. The rendered string joins the

@@ -16,6 +16,7 @@ import json
 import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from convert.digests import Digests
@@ -75,23 +76,23 @@ class Report:
         }
 
 
-def resolve_pins(name: str) -> Path:
-    """A pins file by path, or by its name among the pins this project ships."""
+def resolve_pins(name: str) -> Traversable:
+    """A pins file by path, or by its name among the pins this project ships (package data, convert.pins)."""
     path = Path(name)
     if path.is_file():
         return path
-    shipped = data_dir("pins") / name
+    shipped = data_dir("pins").joinpath(name)
     if shipped.is_file():
         return shipped
-    known = ", ".join(sorted(p.name for p in data_dir("pins").iterdir() if p.suffix in (".md5", ".sha256")))
+    known = ", ".join(sorted(p.name for p in data_dir("pins").iterdir() if p.name.endswith((".md5", ".sha256"))))
     raise ConvertError(f"no such pins file (shipped pins: {known})", file=name)
 
 
-def check_pins(folder: Path, pins: Path, report: Report) -> None:
+def check_pins(folder: Path, pins: Traversable, report: Report) -> None:
     try:
-        pairs = parse_sums(pins.read_text())
+        pairs = parse_sums(pins.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ConvertError(f"not a sha256sum or md5sum file: {exc}", file=pins) from None
+        raise ConvertError(f"not a sha256sum or md5sum file: {exc}", file=str(pins)) from None
     for expected, name in pairs:
         path = folder / name
         algorithm = "md5" if len(expected) == 32 else "sha256"
@@ -359,12 +360,12 @@ def _first_mismatch(chunks: Iterator[Chunk], record: TensorRecord, start: int) -
     return None
 
 
-def verify_folder(folder: Path, *, against: Path | None = None, pins: Path | None = None) -> Report:
+def verify_folder(folder: Path, *, against: Path | None = None, pins: Traversable | None = None) -> Report:
     with run_scope():
         return _verify(folder, against, pins)
 
 
-def _verify(folder: Path, against: Path | None, pins: Path | None) -> Report:
+def _verify(folder: Path, against: Path | None, pins: Traversable | None) -> Report:
     report = Report(str(folder))
     manifest = _check_files(folder, report)
     if pins is not None:

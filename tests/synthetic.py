@@ -1,6 +1,6 @@
 """Builders of tiny synthetic Mixtral checkpoints in each source layout.
 
-Written only from the layout facts in /work/shared/formats.md, deliberately without importing anything from the
+Written only from the layout facts in docs/formats.md, deliberately without importing anything from the
 `convert` package: these files are the independent ground truth the converter is tested against.
 """
 

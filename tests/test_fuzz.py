@@ -95,7 +95,7 @@ def _check_safetensors(data: bytes) -> None:
     if parsed is None:
         return
     records, metadata = parsed
-    # Accepted: the rules of ../shared/formats.md hold.
+    # Accepted: the rules of docs/formats.md hold.
     (length,) = struct.unpack("<Q", data[:8])
     position = 8 + length
     assert length <= 100_000_000

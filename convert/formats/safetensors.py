@@ -1,7 +1,7 @@
 """The safetensors container: a strict header parser and a header writer byte-identical to safetensors' own.
 
 File layout: 8-byte little-endian header length N, N bytes of JSON (an object, possibly padded with spaces),
-then the data buffer. Rules enforced on read are those of ../shared/formats.md: no duplicate names, offsets
+then the data buffer. Rules enforced on read are those of docs/formats.md: no duplicate names, offsets
 contiguous from 0 without gaps or overlaps, each range the size its dtype and shape say, and the file exactly
 8 + N + the last end bytes long (a truncated download fails here).
 """
