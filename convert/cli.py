@@ -240,7 +240,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         passed = sum(r.ok for r in report.results)
         verdict = "verified" if report.ok else "FAILED"
         layout = report.layout or "unknown layout"
-        print(f"{verdict}: {args.path} ({layout}), {passed} of {len(report.results)} checks passed")
+        print(f"{verdict}: {escape(str(args.path))} ({layout}), {passed} of {len(report.results)} checks passed")
     return 0 if report.ok else EXIT_PROBLEMS
 
 

@@ -9,6 +9,7 @@ writer thread, and the pooled reads in flight.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -103,3 +104,18 @@ def test_a_failure_anywhere_ends_the_run_within_a_second(
     again = ["convert", src, dst, "--to", direction, "--no-progress", *extra]
     run_cli(*again, *(["--resume"] if (dst / JOURNAL).exists() else ["--force"]))
     assert same_files(dst, reference) == []
+
+
+@pytest.mark.parametrize(("kind", "status"), [("RuntimeError", 3), ("OSError", 2)])
+def test_verify_json_reports_a_failure_of_the_tool_as_json(
+    sources: dict[str, tuple[Path, Path]], kind: str, status: int
+) -> None:
+    """verify --json prints valid JSON whatever happens; a bug in a reading thread is exit 3 with an error entry."""
+    _, hf = sources["hf"]
+    command = [sys.executable, "-m", "convert", "verify", hf, "--json"]
+    env = dict(os.environ, **{FAULT_ENV: f"source-read:2:{kind}"})
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    report = json.loads(result.stdout)
+    assert result.returncode == status, result.stderr
+    assert report["ok"] is False and report["error"]["exit"] == status
+    assert "injected" in report["error"]["line"]
