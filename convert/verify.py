@@ -6,7 +6,6 @@ bounded as in conversion: files are hashed and compared in chunks.
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 from convert.digests import Digests
 from convert.errors import ConvertError
 from convert.formats.safetensors import TensorRecord
+from convert.formats.zip_crc import check_records
 from convert.integrity import SUMS, file_digest, parse_sums
 from convert.mapping import data_dir
 from convert.plan import build_plan, check_source
@@ -121,17 +121,17 @@ def _check_sums(folder: Path, report: Report) -> None:
 
 
 def _check_zip_crcs(source: Source, report: Report) -> None:
-    """Without checksums, a torch zip still carries a CRC-32 per record: a corrupt download shows there."""
-    for path in source.weight_files:
-        if path.suffix not in (".pt", ".pth"):
+    """Without checksums, a torch zip still carries a CRC-32 per record: a corrupt download shows there. Read
+    through the source's own streams, so split parts are checked as the one file they make."""
+    for stream in source.streams:
+        records = [r for r in source.records.values() if r.stream is stream and r.zip_record is not None]
+        if not records:
             continue
-        try:
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
-        except (zipfile.BadZipFile, OSError) as exc:
-            bad = f"unreadable ({exc})"
-        problem = None if bad is None else f"record {bad} fails its CRC-32"
-        report.results.append(Result("crc32", str(path), bad is None, problem))
+        problems = check_records(records)
+        for problem in problems:
+            report.add_error("crc32", problem)
+        if not problems:
+            report.results.append(Result("crc32", stream.label, True))
 
 
 def _compare_against(folder: Source, original: Source, report: Report) -> None:

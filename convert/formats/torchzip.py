@@ -286,7 +286,8 @@ def _end_of_archive(stream: ByteStream) -> _End:
         zip64_at = locator[2]
         if zip64_at != locator_at - _ZIP64_END.size:
             raise ConvertError(
-                "torch checkpoint: the zip64 end record is not right before its locator (two readings possible)",
+                "torch checkpoint: the zip64 end record is not where its locator says (bytes before the archive or "
+                "inside it: zipfile and torch.load would read different offsets)",
                 file=label,
             )
         fields = _ZIP64_END.unpack(stream.read(_ZIP64_END.size, zip64_at))
@@ -434,8 +435,10 @@ def _check_tiling(stream: ByteStream, entries: dict[str, _Entry], infos: list[zi
         following = ordered[number + 1][0].header_offset if number + 1 < len(ordered) else end.directory_offset
         gap = following - data_end
         if gap < 0:
+            other = f"record {ordered[number + 1][0].name}" if number + 1 < len(ordered) else "the central directory"
             raise ConvertError(
-                f"torch checkpoint: record {entry.name} runs into the next record or the central directory",
+                f"torch checkpoint: record {entry.name} (bytes {entry.header_offset}..{data_end}) overlaps {other} "
+                f"at byte {following}: two names for the same bytes; torch.save lays records end to end",
                 file=label,
             )
         if gap > _DESCRIPTOR64.size or not _is_descriptor(stream.read(gap, data_end), info):
