@@ -402,6 +402,18 @@ def _archive(pairs: list[tuple[str, bytes]]) -> bytes:
 _BF16_REFERENCE = b"h\x03h\x04h\x05h\x06"  # tensor b's storage id: BINGETs of 'storage', BFloat16Storage, '0', 'cpu'
 # Tensor b re-typed: its storage, shared with a (BFloat16Storage), referenced as torch.HalfStorage.
 TYPED_TWICE = REAL_PICKLE.replace(_BF16_REFERENCE, b"h\x03" + glob("torch", "HalfStorage") + b"h\x05h\x06", 1)
+
+
+def _central_patch(name: str, field: int, value: bytes) -> bytes:
+    """SMALL_ZIP with bytes at field of the central directory entry of record name replaced."""
+    data = bytearray(SMALL_ZIP)
+    at = data.index(b"PK\x01\x02")
+    while data[at + 46 : at + 46 + len(name)] != name.encode():
+        at = data.index(b"PK\x01\x02", at + 1)
+    data[at + field : at + field + len(value)] = value
+    return bytes(data)
+
+
 # Tensor a at offset 6 of its storage instead of 0 (the second half of b).
 A_SHIFTED = REAL_PICKLE.replace(b"QK\x00K\x02K\x03\x86", b"QK\x06K\x02K\x03\x86", 1)
 # Seeds of issue 12: archives that torch.load reads differently from a lenient reader (the oracle in
@@ -415,6 +427,14 @@ TWO_READINGS = {
     ),
     "storage typed twice": _zip_with_pickle(TYPED_TWICE),
     "byteorder big": _archive([(n, b"big" if n.endswith("/byteorder") else d) for n, d in ENTRIES.items()]),
+    # Found by this fuzzer with torch.load as the oracle: zipfile and torch's miniz read these differently.
+    "data.pkl marked as a folder": _central_patch(PKL, 38, b"\x10"),  # miniz extracts no byte of it
+    "entry on another disk": _central_patch(PKL, 34, b"\x04"),  # miniz refuses, zipfile ignores the field
+    "last name runs past the directory": _central_patch("archive/.data/serialization_id", 28, b"\x3e"),
+    "last extra field runs past the directory": _central_patch("archive/.data/serialization_id", 30, b"\x5d"),
+    "serialization_id not UTF-8": _archive(
+        [(n, b"\xb0" if n.endswith("serialization_id") else d) for n, d in ENTRIES.items()]
+    ),
 }
 
 
@@ -426,6 +446,11 @@ TWO_READINGS = {
 @example(TWO_READINGS["data.pkl and DATA.PKL"])
 @example(TWO_READINGS["storage typed twice"])
 @example(TWO_READINGS["byteorder big"])
+@example(TWO_READINGS["data.pkl marked as a folder"])
+@example(TWO_READINGS["entry on another disk"])
+@example(TWO_READINGS["last name runs past the directory"])
+@example(TWO_READINGS["last extra field runs past the directory"])
+@example(TWO_READINGS["serialization_id not UTF-8"])
 def test_torch_zip_mutated_archive(data: bytes) -> None:
     """Byte damage anywhere in the archive: local headers, central directory, end record, records."""
     _check_torch_zip(data)

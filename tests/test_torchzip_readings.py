@@ -27,6 +27,7 @@ from test_faults import (
     CHECKPOINT,
     INDEX,
     PKL,
+    _central_entry,
     _write_parts,
     archive_entries,
     assert_contract,
@@ -207,6 +208,29 @@ def _outside_the_folder(path: Path) -> list[str]:
     return ["record 'elsewhere/notes' is not in the folder 'consolidated.00/'", "torch.load refuses it too"]
 
 
+def _storage_marked_as_folder(path: Path) -> list[str]:
+    """The DOS folder attribute on norm.weight's storage record: torch's miniz then extracts none of its bytes
+    (torch.load hands back uninitialized memory), zipfile reads them all."""
+    entries = archive_entries(path)
+    record = f"consolidated.00/data/{_storage_key(entries, 'norm.weight')}"
+    data = bytearray(path.read_bytes())
+    data[_central_entry(bytes(data), record) + 38] |= 0x10
+    path.write_bytes(data)
+    return [f"record '{record}' is marked as a folder"]
+
+
+def _last_name_past_the_directory(path: Path) -> list[str]:
+    """The last central entry's name length 32 bytes too long: zipfile cuts the name at the directory's end and
+    reads on, torch's miniz refuses the archive."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
+        last = archive.infolist()[-1].filename
+    at = _central_entry(bytes(data), last) + 28
+    struct.pack_into("<H", data, at, struct.unpack_from("<H", data, at)[0] + 32)
+    path.write_bytes(data)
+    return ["the central directory's entries do not fill it exactly"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What torch.load reads besides the bytes of a storage
 
@@ -269,6 +293,8 @@ ZIP_CASES: dict[str, Callable[[Path], list[str]]] = {
     "bytes before the archive": _bytes_before,
     "bytes after the archive": _bytes_after,
     "end record undercounts the directory": _end_record_undercounts,
+    "storage record marked as a folder": _storage_marked_as_folder,
+    "last central name runs past the directory": _last_name_past_the_directory,
     "record outside the first record's folder": _outside_the_folder,
     "storage typed two ways": _typed_twice,
     "record longer than its storage": _record_longer_than_its_storage,

@@ -13,6 +13,7 @@ import pickle
 import pickletools
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -26,14 +27,17 @@ from convert.formats.zip_crc import ZipRecord
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 _END = struct.Struct("<4sHHHHIIH")
+_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
 _ZIP64_LOCATOR = struct.Struct("<4sIQI")
 _ZIP64_END = struct.Struct("<4sQHHIIQQQQ")
 _DESCRIPTOR64 = struct.Struct("<4sIQQ")
 _DESCRIPTOR_FLAG = 0x08  # CRC-32 and sizes follow the data
 _UTF8 = 0x800
+_DOS_DIRECTORY = 0x10  # in a central entry's external attributes: miniz then extracts nothing
 _U32 = 0xFFFFFFFF
 MAX_RECORDS = 2**16  # a record per storage: Mixtral-8x7B has 995, 8x22B about 1,700
 MAX_DIRECTORY = 16 * 2**20  # Mixtral's central directory is about 100 KB
+MAX_SMALL_RECORD = 2**20  # byteorder, version, serialization_id...: a few bytes each
 MAX_FORMAT_VERSION = 10  # torch 2.13's kMaxSupportedFileFormatVersion; torch.save writes 3
 
 
@@ -283,7 +287,9 @@ def _end_of_archive(stream: ByteStream) -> _End:
     locator_at = end_at - _ZIP64_LOCATOR.size
     locator = _ZIP64_LOCATOR.unpack(stream.read(_ZIP64_LOCATOR.size, locator_at)) if locator_at >= 0 else None
     if locator is not None and locator[0] == b"PK\x06\x07":
-        zip64_at = locator[2]
+        _, zip64_disk, zip64_at, disks = locator
+        if zip64_disk or disks != 1:
+            raise ConvertError("torch checkpoint: a multi-disk zip archive is not a torch checkpoint", file=label)
         if zip64_at != locator_at - _ZIP64_END.size:
             raise ConvertError(
                 "torch checkpoint: the zip64 end record is not where its locator says (bytes before the archive or "
@@ -340,7 +346,14 @@ def _entries(stream: ByteStream, archive: zipfile.ZipFile, end: _End) -> dict[st
     directory, and records laid end to end from byte 0 to the central directory with no gap or overlap."""
     label = stream.label
     infos = archive.infolist()
-    if len(infos) != end.entries or archive.start_dir != end.directory_offset:  # type: ignore[attr-defined]
+    start_dir: int = archive.start_dir  # type: ignore[attr-defined]  (where zipfile read the directory)
+    if start_dir != end.directory_offset:  # zipfile shifts every offset by bytes before the archive
+        raise ConvertError(
+            f"torch checkpoint: zipfile finds the central directory at byte {start_dir}, the end record says "
+            f"{end.directory_offset} (two readings)",
+            file=label,
+        )
+    if len(infos) != end.entries:
         raise ConvertError(
             f"torch checkpoint: the end record counts {end.entries} records but the central directory holds "
             f"{len(infos)} (torch.load reads the count, zipfile the directory: two readings)",
@@ -348,6 +361,7 @@ def _entries(stream: ByteStream, archive: zipfile.ZipFile, end: _End) -> dict[st
         )
     if not infos:
         raise ConvertError("torch checkpoint: the archive holds no records (torch.load refuses it too)", file=label)
+    _walk_directory(stream, end, infos)
     folder = infos[0].filename.split("/")[0] + "/"
     seen: dict[bytes, int] = {}
     entries: dict[str, _Entry] = {}
@@ -365,6 +379,12 @@ def _entries(stream: ByteStream, archive: zipfile.ZipFile, end: _End) -> dict[st
                 "(torch.load refuses it too)",
                 file=label,
             )
+        if info.is_dir() or info.external_attr & _DOS_DIRECTORY:
+            raise ConvertError(
+                f"torch checkpoint: record {name!r} is marked as a folder: torch.load reads none of its bytes, zipfile "
+                "reads them all (two readings)",
+                file=label,
+            )
         key = _raw_name(info).lower()  # miniz's lookup: byte names, ASCII case ignored
         if key in seen:
             other = infos[seen[key]].orig_filename
@@ -379,6 +399,30 @@ def _entries(stream: ByteStream, archive: zipfile.ZipFile, end: _End) -> dict[st
         entries[name] = _local_entry(stream, info, label)
     _check_tiling(stream, entries, infos, end)
     return entries
+
+
+def _walk_directory(stream: ByteStream, end: _End, infos: list[zipfile.ZipInfo]) -> None:
+    """The central directory walked as torch's miniz walks it: entries exactly filling it, each on disk 0, with the
+    names zipfile read. zipfile silently cuts a name or extra field that runs past the directory's end."""
+    data = stream.read(end.directory_size, end.directory_offset)
+    position = 0
+    for info in infos:
+        header = data[position : position + _CENTRAL.size]
+        if len(header) < _CENTRAL.size or header[:4] != b"PK\x01\x02":
+            break
+        name_len, extra_len, comment_len, disk = struct.unpack_from("<HHHH", header, 28)
+        name = data[position + _CENTRAL.size : position + _CENTRAL.size + name_len]
+        position += _CENTRAL.size + name_len + extra_len + comment_len
+        if disk or position > len(data) or name != _raw_name(info):
+            break
+    else:
+        if position == len(data):
+            return
+    raise ConvertError(
+        "torch checkpoint: the central directory's entries do not fill it exactly as zipfile read them (an entry "
+        "runs past its end or names another disk: torch.load refuses such a file, zipfile reads it differently)",
+        file=stream.label,
+    )
 
 
 def _local_entry(stream: ByteStream, info: zipfile.ZipInfo, label: str) -> _Entry:
@@ -468,25 +512,31 @@ def _is_descriptor(data: bytes, info: zipfile.ZipInfo) -> bool:
 
 
 def _check_small_records(archive: zipfile.ZipFile, entries: dict[str, _Entry], folder: str, label: str) -> None:
-    """The records torch.load reads besides data.pkl that change what it loads: byteorder (a big-endian file is
-    byte-swapped on load, which this converter does not do) and the version it requires."""
-    names = {kind: f"{folder}/{kind}" for kind in ("byteorder", ".data/version", "version")}
-    for name in names.values():
-        entry = entries.get(name)
-        if entry is not None and entry.size > 64:
-            raise ConvertError(f"torch checkpoint: record {name} is {entry.size} bytes, not a short text", file=label)
-    version_name = names[".data/version"] if names[".data/version"] in entries else names["version"]
-    try:  # zipfile checks each one's CRC-32
-        byteorder = archive.read(names["byteorder"]) if names["byteorder"] in entries else b"little"
-        version = archive.read(version_name) if version_name in entries else None
-    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as exc:
-        raise ConvertError(f"torch checkpoint: {exc}", file=label) from None
+    """Every record but data.pkl and the storages, read (zipfile checks each one's CRC-32) and checked as torch.load
+    reads those that change what it loads or whether it loads: byteorder (a big-endian file is byte-swapped on
+    load, which this converter does not do), the version it requires, .storage_alignment and serialization_id."""
+    contents: dict[str, bytes] = {}
+    for name, entry in entries.items():
+        if name == f"{folder}/data.pkl" or name.startswith(f"{folder}/data/"):
+            continue
+        if entry.size > MAX_SMALL_RECORD:
+            raise ConvertError(
+                f"torch checkpoint: record {name} is {entry.size} bytes; torch.save writes no such record over "
+                f"{MAX_SMALL_RECORD}",
+                file=label,
+            )
+        try:
+            contents[name.removeprefix(f"{folder}/")] = archive.read(name)
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError, zlib.error) as exc:
+            raise ConvertError(f"torch checkpoint: record {name}: {exc}", file=label) from None
+    byteorder = contents.get("byteorder", b"little")
     if byteorder != b"little":
         raise ConvertError(
             f"torch checkpoint: byteorder is {byteorder!r}; torch.load byte-swaps a big-endian checkpoint (and "
             "refuses anything else), and this converter reads little-endian ones only",
             file=label,
         )
+    version = contents.get(".data/version", contents.get("version"))
     text = version.decode("ascii", "replace").strip() if version is not None else ""
     if not text.isdecimal() or not 1 <= int(text) <= MAX_FORMAT_VERSION:
         raise ConvertError(
@@ -494,6 +544,15 @@ def _check_small_records(archive: zipfile.ZipFile, entries: dict[str, _Entry], f
             f"requires one from 1 to {MAX_FORMAT_VERSION} and refuses the file",
             file=label,
         )
+    try:
+        int(contents.get(".storage_alignment", b"64"))
+        contents.get(".data/serialization_id", b"").decode("utf-8")
+    except ValueError as exc:  # UnicodeDecodeError is one
+        raise ConvertError(
+            f"torch checkpoint: .storage_alignment or .data/serialization_id is malformed ({exc}); torch.load "
+            "refuses the file",
+            file=label,
+        ) from None
 
 
 def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
