@@ -57,6 +57,19 @@ def refused_measured(src: Path, dst: Path, *fragments: str, target: str = "hf", 
     return line
 
 
+def stopped_before_the_index(src: Path, dst: Path, *fragments: str, args: tuple[str, ...] = ()) -> str:
+    """A CRC-32 failure found after some output files are finished (they stay, as after any failure mid-run): exit
+    2, the one line, no index, the source untouched, peak RSS within PEAK_MIB."""
+    before = snapshot(src)
+    result, peak_mib = run_cli_measured("convert", src, dst, "--to", "hf", *args)
+    line = assert_one_line_error(result, *fragments)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr
+    assert not (dst / INDEX).exists(), sorted(p.name for p in dst.iterdir())
+    assert snapshot(src) == before and peak_mib <= PEAK_MIB, peak_mib
+    print(line)
+    return line
+
+
 def build_archive(path: Path, pairs: list[tuple[str, bytes]], gap_after: dict[str, bytes] | None = None) -> None:
     """A stored zip of these (name, bytes) records in this order, duplicates allowed; gap_after puts raw bytes
     between a record and the next (zipfile writes the next record at its start_dir)."""
@@ -378,14 +391,11 @@ def test_flipped_bit_in_a_megablocks_stacked_record(tmp_path: Path) -> None:
             break
     else:
         raise AssertionError(f"{name} is in no file")
-    # The shards before the one that completes the record are finished files, as after any failure mid-run; what
-    # matters is that the run stops there and the folder does not look complete.
-    dst = tmp_path / "out"
-    result, peak_mib = run_cli_measured("convert", src, dst, "--to", "hf", "--max-shard-size", "60KB")
-    line = assert_one_line_error(result, str(path), f"tensor {name}", f"record {record} fails its CRC-32")
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr
-    assert not (dst / INDEX).exists() and list(dst.glob("*.partial")), sorted(p.name for p in dst.iterdir())
-    assert peak_mib <= PEAK_MIB
+    # The shards before the one that completes the record are finished, as after any failure mid-run.
+    line = stopped_before_the_index(
+        src, tmp_path / "out", str(path), f"tensor {name}", f"record {record} fails", args=("--max-shard-size", "60KB")
+    )
+    assert "model-00008-of-00009.safetensors.partial" in {p.name for p in (tmp_path / "out").iterdir()}, line
 
 
 def test_undamaged_sources_still_convert(base: Path, tmp_path: Path) -> None:  # noqa: F811
@@ -398,3 +408,20 @@ def test_undamaged_sources_still_convert(base: Path, tmp_path: Path) -> None:  #
     write_megablocks(mega, DEFAULT, make_weights(DEFAULT, seed=5))
     shutil.copy(base / "torrent" / "tokenizer.model", mega / "tokenizer.model")
     run_cli("convert", mega, tmp_path / "out2", "--to", "hf", "--max-shard-size", "60KB")
+
+
+def test_flipped_bit_where_no_tensor_reads(base: Path, tmp_path: Path) -> None:  # noqa: F811
+    """norm.weight saved as a view of the first half of a storage twice its size: the flipped bit is in the half no
+    piece reads, so only the check before the completion marker (which reads what the pieces did not) sees it."""
+    src = copy_source(base, "torrent", tmp_path)
+    weights = torch.load(src / CHECKPOINT, weights_only=True)
+    norm = weights["norm.weight"]
+    weights["norm.weight"] = torch.cat([norm, torch.ones_like(norm)])[: norm.numel()]
+    torch.save(weights, src / CHECKPOINT)
+    entries = archive_entries(src / CHECKPOINT)
+    record = f"consolidated.00/data/{_storage_key(entries, 'norm.weight')}"
+    assert len(entries[record]) == 2 * norm.numel() * 2
+    flip_bit(src / CHECKPOINT, record, len(entries[record]) - 3)
+    stopped_before_the_index(
+        src, tmp_path / "out", str(src / CHECKPOINT), "tensor norm.weight", f"record {record} fails"
+    )
