@@ -3,6 +3,12 @@
 The archive holds one */data.pkl pickle and one */data/<key> record per storage. The pickle is read by an
 unpickler whose allow-list resolves the few globals torch.save emits to inert stand-ins: nothing from the
 file is ever imported or called, and there is no fallback to an unrestricted load.
+
+The zip layer is read the way torch.load reads it (miniz: names found ignoring ASCII case, the first record's
+folder as the archive name, sizes from the central directory) and refused wherever zipfile or another reader
+could read it otherwise: duplicate names, local headers or data descriptors that disagree with the central
+directory, gaps or overlaps between records, bytes around the archive, folder-marked records. torch.load checks
+no CRC-32; the conversion does (convert/formats/zip_crc.py), from the bytes it reads anyway.
 """
 
 from __future__ import annotations
@@ -119,7 +125,7 @@ _ALLOWED = MappingProxyType(
 # a hundred times that, and keep what the C unpickler builds before the allow-list sees anything (an EMPTY_SET is
 # one byte and a 216-byte object) to a few hundred MB: 8 MiB of EMPTY_SET used to peak at 1.9 GiB.
 MAX_PICKLE = 16 * 2**20
-MAX_OPCODES = 2**20  # at most about 220 MB of objects, and a prescan of about a second
+MAX_OPCODES = 2**20  # at most about 250 MB of objects (measured: 1M EMPTY_SETs), a prescan of about a second
 MAX_MEMO = 2**20  # the unpickler sizes its memo by the largest index: a few bytes could ask for gigabytes
 _MEMO_OPCODES = frozenset(("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"))
 _INT_OPCODES = frozenset(("INT", "LONG", "LONG1", "LONG4"))
