@@ -620,6 +620,8 @@ def test_atheris_short_run(target: str, tmp_path: Path) -> None:
         (corpus / "seed").write_bytes(SMALL_SAFETENSORS)
     else:
         (corpus / "seed").write_bytes(REAL_PICKLE)
+        (corpus / "typed-twice").write_bytes(TYPED_TWICE)  # issue 12's pickles: a storage typed two ways,
+        (corpus / "empty-sets").write_bytes(b"\x80\x02" + b"\x8f" * 4096 + b".")  # objects built from 1-byte opcodes
         (tmp_path / "archive.pth").write_bytes(SMALL_ZIP)
     script = tmp_path / "target.py"
     script.write_text(_ATHERIS_TARGET)
