@@ -19,6 +19,7 @@ from pathlib import Path
 from convert import __version__
 from convert.destination import check_destination
 from convert.errors import ConvertError, escape
+from convert.formats.zip_crc import check_records
 from convert.mapping import layout_names
 from convert.pipeline import convert_checkpoint
 from convert.plan import DEFAULT_MAX_SHARD_SIZE, Plan, PlanOptions, build_plan, check_source
@@ -177,7 +178,7 @@ def _summary(plan: Plan, dst: Path, started_ns: int, seconds: float, *, resumed:
 
 def run_inspect(args: argparse.Namespace) -> int:
     with open_source(args.path, args.source_layout) as source:
-        problems = [p.line() for p in check_source(source)]
+        problems = [p.line() for p in [*check_source(source), *check_records(source.records.values())]]
         dtypes = Counter(r.dtype for r in source.records.values())
         report = {
             "folder": str(source.folder),

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from convert.formats.zip_crc import SourceCrc
+
 
 @dataclass
 class Digests:
@@ -17,6 +19,8 @@ class Digests:
     file_sha256: dict[str, str] = field(default_factory=dict)
     # The source files' SHA-256 (--hash-input), hashed beside the conversion; waits for them when asked.
     input_sha256: Callable[[], dict[str, str]] = dict
+    # The source's zip records checked against their CRC-32s as the pieces read them (torch zip sources).
+    source_crc: SourceCrc = field(default_factory=SourceCrc)
 
 
 Producer = Callable[[Digests], bytes]

@@ -80,6 +80,7 @@ def piece_chunks(
     if piece.steps:
         buffer = aligned_buffer(piece.nbytes + 2 * ALIGN)
         data = piece.record.stream.read_bulk(buffer, piece.src_offset, piece.nbytes)
+        digests.source_crc.update(piece.record, piece.src_offset, data)
         tensor = np.frombuffer(data, dtype=word_dtype(piece.record.dtype)).reshape(piece.shape)
         fault_point("transform")
         result = np.ascontiguousarray(run_steps(tensor, piece.steps, piece.tensor))
@@ -95,6 +96,7 @@ def piece_chunks(
         for start in range(0, piece.nbytes, CHUNK):
             chunk = memoryview(bytearray(min(CHUNK, piece.nbytes - start)))
             piece.record.stream.readinto(chunk, piece.src_offset + start)
+            digests.source_crc.update(piece.record, piece.src_offset + start, chunk)
             if crc:
                 running = zlib.crc32(chunk, running)
                 digests.tensor_crc32[piece.tensor] = running
@@ -107,6 +109,7 @@ def piece_chunks(
         start, lease, read = pending.popleft()
         try:
             chunk = read.result()
+            digests.source_crc.update(piece.record, piece.src_offset + start, chunk)
             if crc:  # in file order, while the next reads are under way
                 fault_point("crc")
                 running = zlib.crc32(chunk, running)
@@ -395,7 +398,8 @@ def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool) 
         writer = _Writer(destination, bar, digests, strict=options.strict, checksums=options.checksums)
         try:
             for output in [*body, marker]:
-                if output is marker:
+                if output is marker:  # every source record's CRC-32 checked before the output looks complete
+                    digests.source_crc.finish(plan.source.records.values())
                     fsync_folder(destination)
                 finished = journal.finished.get(output.name)
                 if finished is not None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.resources.abc import Traversable
@@ -24,6 +23,7 @@ from convert.errors import ConvertError, escape, shown
 from convert.files import MAX_MANIFEST_JSON, MAX_SUMS, is_present, read_small
 from convert.formats.safetensors import TensorRecord
 from convert.formats.streams import ByteStream
+from convert.formats.zip_crc import check_records
 from convert.integrity import MANIFEST, SUMS, file_digest, parse_sums
 from convert.mapping import data_dir
 from convert.plan import build_plan, check_source, target_tensors
@@ -299,17 +299,17 @@ def _check_manifest_places(source: Source, manifest: list[ManifestEntry], report
 
 
 def _check_zip_crcs(source: Source, report: Report) -> None:
-    """Without checksums, a torch zip still carries a CRC-32 per record: a corrupt download shows there."""
-    for path in source.weight_files:
-        if path.suffix not in (".pt", ".pth"):
+    """Without checksums, a torch zip still carries a CRC-32 per record: a corrupt download shows there. Read
+    through the source's own streams, so split parts are checked as the one file they make."""
+    for stream in source.streams:
+        records = [r for r in source.records.values() if r.stream is stream and r.zip_record is not None]
+        if not records:
             continue
-        try:
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
-        except (zipfile.BadZipFile, OSError) as exc:
-            bad = f"unreadable ({exc})"
-        problem = None if bad is None else f"record {bad} fails its CRC-32"
-        report.results.append(Result("crc32", str(path), bad is None, problem))
+        problems = check_records(records)
+        for problem in problems:
+            report.add_error("crc32", problem)
+        if not problems:
+            report.results.append(Result("crc32", stream.label, True))
 
 
 def _compare_against(folder: Source, original: Source, report: Report) -> None:

@@ -311,6 +311,32 @@ def _check_torch_zip(data: bytes) -> None:
         assert record.dtype in ITEM_SIZE
         assert record.offset >= 0 and record.offset + record.nbytes <= len(data)
         assert record.nbytes == ITEM_SIZE[record.dtype] * math.prod(record.shape)
+    if records is not None:
+        _agrees_with_torch_load(path, records)
+
+
+_TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
+    "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "I64": torch.int64, "F64": torch.float64,
+}  # fmt: skip
+
+
+def _agrees_with_torch_load(path: Path, records: list) -> None:
+    """What the reader accepts, torch.load (the loader the format was made for) reads the same way: the same
+    tensors, dtypes, shapes and bytes. Checked only for accepted archives, whose zip layer is then sane."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            loaded = torch.load(path, weights_only=True)
+        except Exception as exc:  # any refusal of torch.load is a disagreement
+            raise AssertionError(f"accepted, but torch.load refuses it: {exc}") from None
+    assert isinstance(loaded, dict) and sorted(loaded) == sorted(r.name for r in records), "different tensors"
+    raw = path.read_bytes()
+    for record in records:
+        tensor = loaded[record.name]
+        assert tensor.dtype == _TORCH_DTYPES[record.dtype] and tuple(tensor.shape) == record.shape, record.name
+        expected = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        assert raw[record.offset : record.offset + record.nbytes] == expected, f"{record.name}: different bytes"
 
 
 def test_real_archive_is_accepted() -> None:
@@ -357,6 +383,7 @@ def test_pickle_programs(tokens: list[bytes], then_real: bool) -> None:
 
 @FUZZ
 @given(st.binary(max_size=300))
+@example(b"\x80\x02" + b"\x8f" * (2**20 + 1) + b".")  # EMPTY_SET past the opcode bound: 216 bytes each on the stack
 def test_pickle_random_bytes(pkl: bytes) -> None:
     _check_torch_zip(_zip_with_pickle(pkl))
 
@@ -374,9 +401,68 @@ def _zip_version_123() -> bytes:
     return bytes(data)
 
 
+def _archive(pairs: list[tuple[str, bytes]]) -> bytes:
+    """A stored zip of these records in this order, duplicate names allowed."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(buffer, "w") as archive:
+        warnings.simplefilter("ignore", UserWarning)  # "Duplicate name"
+        for name, data in pairs:
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+_BF16_REFERENCE = b"h\x03h\x04h\x05h\x06"  # tensor b's storage id: BINGETs of 'storage', BFloat16Storage, '0', 'cpu'
+# Tensor b re-typed: its storage, shared with a (BFloat16Storage), referenced as torch.HalfStorage.
+TYPED_TWICE = REAL_PICKLE.replace(_BF16_REFERENCE, b"h\x03" + glob("torch", "HalfStorage") + b"h\x05h\x06", 1)
+
+
+def _central_patch(name: str, field: int, value: bytes) -> bytes:
+    """SMALL_ZIP with bytes at field of the central directory entry of record name replaced."""
+    data = bytearray(SMALL_ZIP)
+    at = data.index(b"PK\x01\x02")
+    while data[at + 46 : at + 46 + len(name)] != name.encode():
+        at = data.index(b"PK\x01\x02", at + 1)
+    data[at + field : at + field + len(value)] = value
+    return bytes(data)
+
+
+# Tensor a at offset 6 of its storage instead of 0 (the second half of b).
+A_SHIFTED = REAL_PICKLE.replace(b"QK\x00K\x02K\x03\x86", b"QK\x06K\x02K\x03\x86", 1)
+# Seeds of issue 12: archives that torch.load reads differently from a lenient reader (the oracle in
+# _check_torch_zip compares with torch.load itself).
+TWO_READINGS = {
+    "storage record twice": _archive([*ENTRIES.items(), ("archive/data/1", bytes(len(ENTRIES["archive/data/1"])))]),
+    "data.pkl twice": _archive([*ENTRIES.items(), (PKL, TYPED_TWICE)]),
+    # torch's miniz finds names ignoring case: torch.load reads DATA.PKL here, zipfile data.pkl.
+    "data.pkl and DATA.PKL": _archive(
+        [(PKL, REAL_PICKLE), ("archive/DATA.PKL", A_SHIFTED), *list(ENTRIES.items())[1:]]
+    ),
+    "storage typed twice": _zip_with_pickle(TYPED_TWICE),
+    "byteorder big": _archive([(n, b"big" if n.endswith("/byteorder") else d) for n, d in ENTRIES.items()]),
+    # Found by this fuzzer with torch.load as the oracle: zipfile and torch's miniz read these differently.
+    "data.pkl marked as a folder": _central_patch(PKL, 38, b"\x10"),  # miniz extracts no byte of it
+    "entry on another disk": _central_patch(PKL, 34, b"\x04"),  # miniz refuses, zipfile ignores the field
+    "last name runs past the directory": _central_patch("archive/.data/serialization_id", 28, b"\x3e"),
+    "last extra field runs past the directory": _central_patch("archive/.data/serialization_id", 30, b"\x5d"),
+    "serialization_id not UTF-8": _archive(
+        [(n, b"\xb0" if n.endswith("serialization_id") else d) for n, d in ENTRIES.items()]
+    ),
+}
+
+
 @FUZZ
 @given(mutated(SMALL_ZIP))
 @example(_zip_version_123())  # zipfile raises NotImplementedError("zip file version 12.3")
+@example(TWO_READINGS["storage record twice"])
+@example(TWO_READINGS["data.pkl twice"])
+@example(TWO_READINGS["data.pkl and DATA.PKL"])
+@example(TWO_READINGS["storage typed twice"])
+@example(TWO_READINGS["byteorder big"])
+@example(TWO_READINGS["data.pkl marked as a folder"])
+@example(TWO_READINGS["entry on another disk"])
+@example(TWO_READINGS["last name runs past the directory"])
+@example(TWO_READINGS["last extra field runs past the directory"])
+@example(TWO_READINGS["serialization_id not UTF-8"])
 def test_torch_zip_mutated_archive(data: bytes) -> None:
     """Byte damage anywhere in the archive: local headers, central directory, end record, records."""
     _check_torch_zip(data)
@@ -580,6 +666,8 @@ def test_atheris_short_run(target: str, tmp_path: Path) -> None:
         (corpus / "seed").write_bytes(SMALL_SAFETENSORS)
     else:
         (corpus / "seed").write_bytes(REAL_PICKLE)
+        (corpus / "typed-twice").write_bytes(TYPED_TWICE)  # issue 12's pickles: a storage typed two ways,
+        (corpus / "empty-sets").write_bytes(b"\x80\x02" + b"\x8f" * 4096 + b".")  # objects built from 1-byte opcodes
         (tmp_path / "archive.pth").write_bytes(SMALL_ZIP)
     script = tmp_path / "target.py"
     script.write_text(_ATHERIS_TARGET)

@@ -12,10 +12,14 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from convert.dtypes import ITEM_SIZE, WRITE_RANK, nbytes_of
 from convert.errors import ConvertError
 from convert.formats.streams import ByteStream
+
+if TYPE_CHECKING:
+    from convert.formats.zip_crc import ZipRecord
 
 MAX_HEADER = 100_000_000
 HEADER_ALIGNMENT = 8
@@ -31,6 +35,7 @@ class TensorRecord:
     stream: ByteStream
     offset: int  # absolute, within the stream
     nbytes: int
+    zip_record: ZipRecord | None = None  # a torch zip's storage record holding it, whose CRC-32 is checked
 
 
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:

@@ -1,0 +1,176 @@
+"""Checking the CRC-32 the central directory of a torch zip gives for each record, in the pass that reads it.
+
+torch.load does not check these CRCs (torch builds miniz without its reader's CRC checks), so a flipped bit in a
+93 GB download loads silently; the converter checks them instead. A conversion reads a record's bytes in OUTPUT
+order, in pieces: a megablocks stacked record one expert block at a time, possibly into different output files and
+out of order; a transformed q/k piece whole. So each piece read leaves (offset, length, CRC-32) of its bytes;
+neighbouring pieces are joined with crc32_combine (zlib's Python module has none: the GF(2) arithmetic is below),
+and a record is checked as soon as one run covers it. Whatever no piece read (a storage larger than its tensors,
+the files a --resume skipped) is read and checked by finish(), which runs before the completion marker is written.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from convert.errors import ConvertError
+
+if TYPE_CHECKING:
+    from convert.formats.safetensors import TensorRecord
+    from convert.formats.streams import ByteStream
+
+_POLY = 0xEDB88320  # CRC-32 (zip, zlib), bit-reflected
+_READ = 8 * 2**20  # finish() and check_records() read uncovered bytes in pieces of this size
+
+
+def _multiply(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC polynomial, both bit-reflected (zlib's multmodp)."""
+    mask = 1 << 31
+    product = 0
+    while a:
+        if a & mask:
+            product ^= b
+            a ^= mask
+        mask >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+    return product
+
+
+def _powers() -> tuple[int, ...]:
+    """x^(2^n) modulo the polynomial for n = 0..63."""
+    table = [1 << 30]  # x^1
+    for _ in range(63):
+        table.append(_multiply(table[-1], table[-1]))
+    return tuple(table)
+
+
+_X_2N = _powers()
+
+
+@lru_cache(maxsize=256)
+def _shift(length: int) -> int:
+    """x^(8 * length) modulo the polynomial: about log2(length) multiplications, cached because most pieces are
+    one chunk long."""
+    power = 1 << 31  # x^0
+    n, k = length, 3  # x^(length * 2^3): 8 bits a byte
+    while n:
+        if n & 1:
+            power = _multiply(_X_2N[k % 64], power)
+        n >>= 1
+        k += 1
+    return power
+
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The CRC-32 of A + B from crc1 = crc32(A), crc2 = crc32(B) and len(B): crc1 times x^(8 * len(B)), plus crc2
+    (zlib's crc32_combine)."""
+    return _multiply(_shift(length2), crc1) ^ crc2
+
+
+@dataclass(frozen=True, eq=False)
+class ZipRecord:
+    """One stored record of a torch zip: where its bytes sit in the stream, the CRC-32 its central directory gives,
+    and the tensors whose storage it is (for messages). Compared by identity: one object per record."""
+
+    entry: str
+    stream: ByteStream
+    offset: int  # absolute, of its first data byte
+    size: int
+    crc: int
+    tensors: tuple[str, ...]
+
+    def failure(self, actual: int) -> ConvertError:
+        names = self.tensors[0] if len(self.tensors) == 1 else f"{self.tensors[0]} (+{len(self.tensors) - 1} more)"
+        return ConvertError(
+            f"torch checkpoint: record {self.entry} fails its CRC-32 (the bytes give {actual:08x}, the zip says "
+            f"{self.crc:08x}): the file is damaged; download it again (torch.load would not notice)",
+            file=self.stream.label,
+            tensor=names,
+        )
+
+
+class SourceCrc:
+    """Runs of checked bytes per record, from the pieces a conversion reads; thread-safe (readers of successive
+    output files may overlap)."""
+
+    def __init__(self) -> None:
+        self._runs: dict[ZipRecord, dict[int, tuple[int, int]]] = {}  # record -> start -> (end, crc), disjoint
+        self._checked: set[ZipRecord] = set()
+        self._lock = threading.Lock()
+
+    def update(self, record: TensorRecord, offset: int, data: memoryview | bytes) -> None:
+        """data was read at absolute offset of record's stream; a record fully covered is checked now."""
+        zipped = record.zip_record
+        if zipped is None or zipped in self._checked or not data:
+            return
+        crc = zlib.crc32(data)  # outside the lock: this is the part that costs
+        with self._lock:
+            if zipped not in self._checked:
+                self._add(zipped, offset - zipped.offset, len(data), crc)
+
+    def _add(self, record: ZipRecord, start: int, length: int, crc: int) -> None:
+        end = start + length
+        runs = self._runs.setdefault(record, {})
+        if start < 0 or end > record.size or any(s < end and start < e for s, (e, _) in runs.items()):
+            return  # bytes read twice (tensors sharing a storage): finish() reads what the runs miss
+        following = runs.pop(end, None)
+        if following is not None:
+            end, crc = following[0], crc32_combine(crc, following[1], following[0] - start - length)
+        previous = next((s for s, (e, _) in runs.items() if e == start), None)
+        if previous is not None:
+            _, before = runs.pop(previous)
+            crc = crc32_combine(before, crc, end - start)
+            start = previous
+        runs[start] = (end, crc)
+        if start == 0 and end == record.size:
+            del self._runs[record]
+            self._checked.add(record)
+            if crc != record.crc:
+                raise record.failure(crc)
+
+    def finish(self, records: Iterable[TensorRecord]) -> None:
+        """Read and check every byte of these records' zip records that no piece covered."""
+        for record in records:
+            zipped = record.zip_record
+            if zipped is None or zipped in self._checked:
+                continue
+            with self._lock:
+                runs = sorted(self._runs.pop(zipped, {}).items())
+            position, crc = 0, 0
+            for start, (end, run_crc) in [*runs, (zipped.size, (zipped.size, 0))]:
+                crc = _extend(zipped, crc, position, start)
+                crc = crc32_combine(crc, run_crc, end - start)
+                position = end
+            self._checked.add(zipped)
+            if crc != zipped.crc:
+                raise zipped.failure(crc)
+
+
+def _extend(record: ZipRecord, crc: int, start: int, end: int) -> int:
+    """crc continued over the record's bytes start..end, read from the stream."""
+    buffer = bytearray(min(_READ, max(end - start, 0)))
+    for at in range(start, end, _READ):
+        view = memoryview(buffer)[: min(_READ, end - at)]
+        record.stream.readinto(view, record.offset + at)
+        crc = zlib.crc32(view, crc)
+    return crc
+
+
+def check_records(records: Iterable[TensorRecord]) -> list[ConvertError]:
+    """Every zip record under these tensors read whole and checked: what inspect and verify report."""
+    problems = []
+    seen: set[ZipRecord] = set()
+    for record in records:
+        zipped = record.zip_record
+        if zipped is None or zipped in seen:
+            continue
+        seen.add(zipped)
+        crc = _extend(zipped, 0, 0, zipped.size)
+        if crc != zipped.crc:
+            problems.append(zipped.failure(crc))
+    return problems
