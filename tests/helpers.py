@@ -6,8 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,61 @@ def run_cli(*args: object, check: bool = True, timeout: float = 600) -> subproce
             f"stdout:\n{result.stdout[-2000:]}"
         )
     return result
+
+
+# The converter is started by this small launcher rather than by pytest itself: Linux counts into a process's
+# peak RSS (wait4's ru_maxrss) the memory of the process it was forked from, as it stood at the fork, and pytest
+# grows to hundreds of MiB over a run. The launcher (python -S, about 10 MiB) spawns the converter, waits for it,
+# kills it at the time limit, and hands back its peak RSS and exit status.
+_LAUNCHER = r"""
+import os, resource, signal, sys, time
+report, timeout, address_space, command = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+if address_space:  # a runaway allocation fails in the child, not on the shared machine
+    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+pid = os.posix_spawn(command[0], command, os.environ)
+deadline = time.monotonic() + timeout
+while True:
+    done, status, usage = os.wait4(pid, os.WNOHANG)
+    if done:
+        code = os.waitstatus_to_exitcode(status)
+        break
+    if time.monotonic() > deadline:
+        os.kill(pid, signal.SIGKILL)
+        _, status, usage = os.wait4(pid, 0)
+        code = None
+        break
+    time.sleep(0.01)
+with open(report, "w") as handle:
+    handle.write(f"{usage.ru_maxrss} {code}")
+"""
+
+
+@dataclass(frozen=True)
+class Measured:
+    result: subprocess.CompletedProcess[str]  # returncode None: killed at the time limit
+    peak_mib: int  # the converter's own peak RSS (plus the launcher's few MiB it was spawned from)
+    seconds: float
+
+
+def run_measured(*args: object, timeout: float = 600, address_space: int = 0) -> Measured:
+    """`python -m convert ARGS` from the repo root, offline, with its peak RSS from the OS's accounting."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    command = [sys.executable, "-m", "convert", *map(str, args)]
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "report"
+        launcher = [sys.executable, "-S", "-c", _LAUNCHER, report, timeout, address_space, *command]
+        start = time.monotonic()
+        with open(os.devnull, "rb") as stdin:
+            done = subprocess.run(
+                list(map(str, launcher)), cwd=REPO, env=env, stdin=stdin, capture_output=True, text=True
+            )
+        seconds = time.monotonic() - start
+        if done.returncode != 0 or not report.is_file():
+            raise AssertionError(f"the launcher failed: {done.stderr[-2000:]}")
+        rss_kib, code = report.read_text().split()
+    returncode = None if code == "None" else int(code)
+    result = subprocess.CompletedProcess(command, returncode, done.stdout, done.stderr)  # type: ignore[arg-type]
+    return Measured(result, int(rss_kib) // 1024, seconds)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:

@@ -25,14 +25,13 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, assert_one_line_error, run_cli, tmpfs
+from helpers import REPO, assert_one_line_error, run_cli, run_measured, tmpfs
 from pickle_ops import call, glob, num, tup, uni
 from safetensors.torch import load_file, save_file
 from test_tokenizer import train as train_tokenizer
@@ -287,17 +286,9 @@ def test_pickle_memo_index_far_beyond_the_pickle(base: Path, tmp_path: Path) -> 
 
 
 def run_cli_measured(*args: object) -> tuple[subprocess.CompletedProcess[str], int]:
-    """run_cli(..., check=False), plus the child's own peak RSS in MiB (from wait4)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    command = [sys.executable, "-m", "convert", *map(str, args)]
-    with open(os.devnull, "rb") as stdin, tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdin=stdin, stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        result = subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
-    return result, usage.ru_maxrss // 1024
+    """run_cli(..., check=False), plus the converter's own peak RSS in MiB (helpers.run_measured)."""
+    measured = run_measured(*args)
+    return measured.result, measured.peak_mib
 
 
 def _damage_zip(src: Path, case: str) -> str:

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from full_size import write_sparse_mistral
-from helpers import REPO
+from helpers import run_measured
 
 from convert.formats.streams import ByteStream
 
@@ -22,15 +20,9 @@ GIB = 2**30
 
 
 def convert_measuring_rss(src: Path, dst: Path, target: str) -> int:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "convert", "convert", src, dst, "--to", target, "--no-progress"],
-        cwd=REPO,
-        stderr=subprocess.PIPE,
-    )
-    _, status, usage = os.wait4(process.pid, 0)
-    stderr = process.stderr.read().decode() if process.stderr else ""
-    assert os.waitstatus_to_exitcode(status) == 0, stderr
-    return usage.ru_maxrss * 1024  # Linux reports KiB
+    measured = run_measured("convert", src, dst, "--to", target, "--no-progress")
+    assert measured.result.returncode == 0, measured.result.stderr
+    return measured.peak_mib * 2**20
 
 
 def test_full_size_file_reads_at_the_end_without_mapping(tmp_path: Path) -> None:
