@@ -24,7 +24,7 @@ from convert.files import MAX_MANIFEST_JSON, MAX_SUMS, is_present, read_small
 from convert.formats.safetensors import TensorRecord
 from convert.formats.streams import ByteStream
 from convert.formats.zip_crc import check_records
-from convert.integrity import MANIFEST, SUMS, file_digest, parse_sums
+from convert.integrity import MANIFEST, SUMS, TensorEntry, file_digest, parse_sums
 from convert.mapping import data_dir
 from convert.plan import build_plan, check_source, target_tensors
 from convert.source import Source, open_source
@@ -106,13 +106,9 @@ def check_pins(folder: Path, pins: Traversable, report: Report) -> None:
 
 
 @dataclass(frozen=True)
-class ManifestEntry:
-    name: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
+class ManifestEntry(TensorEntry):
+    """A tensor line of manifest.json: where the tensor was placed, and its SHA-256."""
+
     sha256: str
 
 

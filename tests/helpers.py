@@ -86,6 +86,14 @@ def run_measured(*args: object, timeout: float = 600, address_space: int = 0) ->
     return Measured(result, int(rss_kib) // 1024, seconds)
 
 
+def differing_files(got: Path, want: Path) -> list[str]:
+    """What differs between two folders: the file lists, else the names of files whose bytes differ."""
+    names = sorted(p.name for p in want.iterdir())
+    if sorted(p.name for p in got.iterdir()) != names:
+        return [f"files differ: {sorted(p.name for p in got.iterdir())} vs {names}"]
+    return [name for name in names if (got / name).read_bytes() != (want / name).read_bytes()]
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
     """A failure is a non-zero exit and exactly one line on stderr, with no traceback, naming what failed."""
     assert result.returncode != 0, result.stdout

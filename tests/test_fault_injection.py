@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_cli
+from helpers import REPO, differing_files, run_cli
 from synthetic import DEFAULT, make_weights, write_torrent
 
 from convert import stream
@@ -68,13 +68,6 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, P
     return {"hf": (torrent, root / "hf"), "torrent": (root / "hf", root / "back")}
 
 
-def same_files(got: Path, want: Path) -> list[str]:
-    names = sorted(p.name for p in want.iterdir())
-    if sorted(p.name for p in got.iterdir()) != names:
-        return [f"files differ: {sorted(p.name for p in got.iterdir())} vs {names}"]
-    return [name for name in names if (got / name).read_bytes() != (want / name).read_bytes()]
-
-
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize(("site", "nth", "direction"), CASES, ids=[site for site, _, _ in CASES])
 def test_a_failure_anywhere_ends_the_run_within_a_second(
@@ -103,7 +96,7 @@ def test_a_failure_anywhere_ends_the_run_within_a_second(
 
     again = ["convert", src, dst, "--to", direction, "--no-progress", *extra]
     run_cli(*again, *(["--resume"] if (dst / JOURNAL).exists() else ["--force"]))
-    assert same_files(dst, reference) == []
+    assert differing_files(dst, reference) == []
 
 
 @pytest.mark.parametrize(("kind", "status"), [("RuntimeError", 3), ("OSError", 2)])

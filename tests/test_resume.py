@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, assert_one_line_error, run_cli
+from helpers import REPO, assert_one_line_error, differing_files, run_cli
 
 SHARD_SIZE = "150KB"  # the sample then has 5 shards
 INDEX = "model.safetensors.index.json"
@@ -57,9 +57,7 @@ def killed_at(src: Path, dst: Path, stall_at: str, *extra: str) -> None:
 
 
 def same_files(a: Path, b: Path) -> None:
-    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
-    for path in a.iterdir():
-        assert (b / path.name).read_bytes() == path.read_bytes(), path.name
+    assert differing_files(a, b) == []
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_cli
+from helpers import REPO, differing_files, run_cli
 from synthetic import DEFAULT, make_weights, write_torrent
 
 from convert.resume import JOURNAL
@@ -68,13 +68,6 @@ def start(src: Path, dst: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
 
 
-def same_files(got: Path, want: Path) -> list[str]:
-    names = sorted(p.name for p in want.iterdir())
-    if sorted(p.name for p in got.iterdir()) != names:
-        return [f"files differ: {sorted(p.name for p in got.iterdir())} vs {names}"]
-    return [name for name in names if (got / name).read_bytes() != (want / name).read_bytes()]
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads signal dispositions from /proc")
 def test_signals_at_random_moments_under_load(source: tuple[Path, Path], tmp_path: Path, two_cpu_burners: None) -> None:
     src, reference = source
@@ -117,7 +110,7 @@ def test_signals_at_random_moments_under_load(source: tuple[Path, Path], tmp_pat
                 problems.append(f"run {run}: an interrupted run left an output that looks complete")
             again = ["--resume"] if (dst / JOURNAL).exists() else ["--force"]
             run_cli("convert", src, dst, "--to", "hf", "--no-progress", "--max-shard-size", "20MB", *again)
-        differing = same_files(dst, reference)
+        differing = differing_files(dst, reference)
         if differing:
             problems.append(f"run {run}: after --resume these differ from an uninterrupted run: {differing}")
     print(f"{interrupted} of {RUNS} runs interrupted; slowest exit {slowest:.3f} s after the signal")
