@@ -418,7 +418,7 @@ def _damage_safetensors(case: str, header: dict, data: bytes, x: str, y: str) ->
     """The damaged file and the fragments the refusal must carry; x and y are the last two tensors by offset."""
     y_begin, y_end = header[y]["data_offsets"]
     if case == "header length over 100,000,000":
-        return safetensors_bytes(header, data, length=100_000_001), ["exceeds 100000000 bytes"]
+        return safetensors_bytes(header, data, length=100_000_001), ["exceeds 16777216 bytes"]
     if case == "header not UTF-8":
         raw = _compact(header).replace(f'"{y}"'.encode(), b'"\xff' + y.encode()[1:] + b'"', 1)
         return safetensors_bytes(raw, data), ["not UTF-8"]

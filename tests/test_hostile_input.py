@@ -249,6 +249,19 @@ def test_oversized_json_is_refused_before_parse(base: Path, tmp_path: Path, layo
     bounded_error("convert", src, tmp_path / "out", "--to", target, "--dry-run", fragments=(file, f"over the {limit}"))
 
 
+def test_safetensors_header_of_90_mb_is_refused_before_parse(base: Path, tmp_path: Path) -> None:
+    """A header within safetensors' own 100 MB limit, of 1.3 million one-byte tensors: parsed, it would cost over
+    a GiB; refused by its length before parsing."""
+    src = copy(base, "mistral", tmp_path)
+    count = 1_300_000
+    entries = ",".join(f'"t{i}":{{"dtype":"U8","shape":[1],"data_offsets":[{i},{i + 1}]}}' for i in range(count))
+    header = ("{" + entries + "}").encode()
+    header += b" " * (-len(header) % 8)
+    assert 80 * 10**6 < len(header) < 100 * 10**6
+    (src / "consolidated.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(count))
+    bounded_error("convert", src, tmp_path / "out", "--to", "hf", "--dry-run", fragments=("exceeds 16777216 bytes",))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Finding 7: a folder two loaders would read differently
 

@@ -76,7 +76,7 @@ def _entry(begin: int, end: int, shape: list[int], dtype: str = "U8") -> dict:
 
 # case -> (header, data, header length written if not the true one, what the one-line error must say)
 BAD_FILES = {
-    "header too long": ({"a": _entry(0, 2, [2])}, b"xx", 100_000_001, "exceeds 100000000 bytes"),
+    "header too long": ({"a": _entry(0, 2, [2])}, b"xx", 100_000_001, "exceeds 16777216 bytes"),
     "header past end": ({"a": _entry(0, 2, [2])}, b"xx", 5000, "runs past the end of the file"),
     "not UTF-8": (b"{\xff\xfe}", b"", None, "header is not UTF-8"),
     "not JSON": (b"{not json}", b"", None, "header is not valid JSON"),
