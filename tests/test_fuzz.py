@@ -362,9 +362,9 @@ TOKENS = [
     glob("collections", "OrderedDict"), glob("builtins", "len"), glob("builtins", "getattr"),
 ]  # fmt: skip
 
-# BUILD on the allow-listed storage stand-in: {"dtype": "evil"} is set on the shared object (then POP), followed by
-# the real pickle: read_torch_index raises KeyError('evil') and the allow-list stays poisoned.
-BUILD_ON_ALLOWED = [glob("torch", "BFloat16Storage"), b"}", uni("dtype"), uni("evil"), b"s", b"b", b"0"]
+# BUILD on the allow-listed storage stand-in: {"dtype": "evil"} is set on the shared object (left on the stack),
+# followed by the real pickle: read_torch_index raised KeyError('evil') and the allow-list stayed poisoned.
+BUILD_ON_ALLOWED = [glob("torch", "BFloat16Storage"), b"}", uni("dtype"), uni("evil"), b"s", b"b"]
 # STACK_GLOBAL takes module and name from two strings: a newline in the module reached the message raw.
 NEWLINE_GLOBAL = [uni("os\nmixtral-convert: ok, converted"), uni("system"), b"\x93"]
 
@@ -373,6 +373,7 @@ NEWLINE_GLOBAL = [uni("os\nmixtral-convert: ok, converted"), uni("system"), b"\x
 @given(st.lists(st.sampled_from(TOKENS), max_size=40), st.booleans())
 @example(BUILD_ON_ALLOWED, True)
 @example(NEWLINE_GLOBAL, False)
+@example([b"(", b"0"], True)  # MARK, POP: Python's unpickler pops the mark; torch.load refuses POP altogether
 def test_pickle_programs(tokens: list[bytes], then_real: bool) -> None:
     """Sequences of opcodes that reach the allow-listed callables with arbitrary arguments; optionally followed by
     the real pickle (so that effects of the prefix on the allow-list show)."""

@@ -131,15 +131,34 @@ _MEMO_OPCODES = frozenset(("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LON
 _INT_OPCODES = frozenset(("INT", "LONG", "LONG1", "LONG4"))
 
 
+# The opcodes torch.load's default (weights_only) unpickler executes (torch/_weights_only_unpickler.py, torch
+# 2.6 to 2.13); it refuses a pickle with any other ("Unsupported operand"). torch.save (protocol 2) emits only
+# these, so a data.pkl with another opcode is refused here too: never read a file torch.load would not.
+TORCH_LOAD_OPCODES = frozenset(
+    {
+        "PROTO", "STOP", "GLOBAL", "NEWOBJ", "REDUCE", "BUILD", "APPEND", "APPENDS", "SETITEM", "SETITEMS", "MARK",
+        "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "NONE", "NEWFALSE", "NEWTRUE", "EMPTY_TUPLE", "EMPTY_LIST",
+        "EMPTY_DICT", "EMPTY_SET", "BININT", "BININT1", "BININT2", "BINFLOAT", "BINUNICODE", "SHORT_BINSTRING",
+        "BINPERSID", "BINGET", "LONG_BINGET", "BINPUT", "LONG_BINPUT", "LONG1",
+    }
+)  # fmt: skip
+
+
 def _prescan(data: bytes) -> None:
     """Refuse what the C unpickler would let cost memory or time before the allow-list sees anything: a pickle
-    larger or with more opcodes than a checkpoint index needs, far memo indexes, integers beyond 64 bits."""
+    larger or with more opcodes than a checkpoint index needs, far memo indexes, integers beyond 64 bits; and
+    any opcode torch.load's own unpickler does not execute."""
     if len(data) > MAX_PICKLE:
         raise pickle.UnpicklingError(f"data.pkl is {len(data)} bytes, over the {MAX_PICKLE} a checkpoint index needs")
     for count, (opcode, argument, _) in enumerate(pickletools.genops(data)):
         if count >= MAX_OPCODES:
             raise pickle.UnpicklingError(
                 f"data.pkl has over {MAX_OPCODES} opcodes; a checkpoint index needs about 32 a tensor"
+            )
+        if opcode.name not in TORCH_LOAD_OPCODES:
+            raise pickle.UnpicklingError(
+                f"opcode {opcode.name} is not one torch.load executes (it refuses the file too; torch.save never "
+                "writes it)"
             )
         if opcode.name in _MEMO_OPCODES:
             index = int(argument)  # type: ignore[arg-type]
