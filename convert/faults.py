@@ -5,8 +5,9 @@ threads) raise an exception of KIND, so that tests can fail every thread and eve
 once and check how the whole run stops. The moment of the failure (time.time()) is written to the file named by
 MIXTRAL_CONVERT_FAULT_LOG, so a test can measure the time from failure to exit.
 
-MIXTRAL_CONVERT_STALL_AT=FILE stalls the writer for good after the first chunk of output FILE, so that a test can
-kill or signal the process at a known point; the stall still ends when the run stops.
+MIXTRAL_CONVERT_STALL_AT=FILE stalls for good after the writer's first chunk of output FILE, or before a whole-file
+read of FILE (verify, hashing), so that a test can kill or signal the process at a known point; the stall still
+ends when the run stops.
 """
 
 from __future__ import annotations

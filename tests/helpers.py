@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,17 @@ def run_measured(*args: object, timeout: float = 600, address_space: int = 0) ->
     returncode = None if code == "None" else int(code)
     result = subprocess.CompletedProcess(command, returncode, done.stdout, done.stderr)  # type: ignore[arg-type]
     return Measured(result, int(rss_kib) // 1024, seconds)
+
+
+def handles_sigterm(pid: int) -> bool:
+    """Whether the process has installed its own SIGTERM handler yet (before that, the interpreter is still
+    starting, and no program can answer a signal with its own line)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
 
 
 def differing_files(got: Path, want: Path) -> list[str]:

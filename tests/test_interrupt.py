@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from full_size import write_sparse_mistral
-from helpers import REPO, run_cli
+from helpers import REPO, handles_sigterm, run_cli
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -42,3 +43,25 @@ def test_signal_mid_run_stops_cleanly_and_resumes(tmp_path: Path, signum: int) -
     run_cli("convert", src, dst, "--to", "hf", "--max-shard-size", "400MB", "--resume")
     assert run_cli("verify", dst).stdout.splitlines()[-1].startswith("verified")
     assert not list(dst.glob("*.partial"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads signal dispositions from /proc")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_during_verify_says_verify_did_not_finish(tmp_path: Path, signum: int) -> None:
+    """verify changes nothing: its interrupt line says so (it once spoke of an output without its index)."""
+    src, hf = tmp_path / "src", tmp_path / "hf"
+    run_cli("sample", src)
+    run_cli("convert", src, hf, "--to", "hf")
+    env = dict(os.environ, MIXTRAL_CONVERT_STALL_AT="model-00001-of-00001.safetensors")  # stalls verify's read
+    command = [sys.executable, "-m", "convert", "verify", hf]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not handles_sigterm(process.pid) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    time.sleep(3)  # the imports are done and verify is held at its stall
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 130, stderr
+    said = "mixtral-convert: interrupted; verify did not finish; it changes nothing, run it again"
+    assert stderr.splitlines() == [said]

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import REPO, differing_files, run_cli
+from helpers import REPO, differing_files, handles_sigterm, run_cli
 from synthetic import DEFAULT, make_weights, write_torrent
 
 from convert.resume import JOURNAL
@@ -49,17 +49,6 @@ def two_cpu_burners() -> Iterator[None]:
         for burner in burners:
             burner.kill()
             burner.wait()
-
-
-def handles_sigterm(pid: int) -> bool:
-    """Whether the process has installed its own SIGTERM handler yet (before that, the interpreter is still
-    starting, and no program can answer a signal with its own line)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
-    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
 
 
 def wait_until_it_handles_signals(process: subprocess.Popen[str]) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from convert.direct_io import ALIGN, O_DIRECT, aligned_buffer, read_aligned
 from convert.errors import ConvertError
-from convert.faults import fault_point
+from convert.faults import fault_point, stall_point
 from convert.files import open_regular
 from convert.workers import Worker
 
@@ -133,6 +133,7 @@ class ByteStream:
     def chunks(self, size: int) -> Iterator[memoryview]:
         """The whole stream front to back in size pieces; a thread reads the next one while the caller uses
         this one (direct reads have no kernel readahead to overlap them). A piece is valid until the next."""
+        stall_point(self.paths[0].name)
         buffers = [aligned_buffer(size + 2 * ALIGN) for _ in range(2)]
         starts = range(0, self.size, size)
 
