@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import test_resume
 from helpers import REPO, assert_one_line_error, run_cli
 from test_resume import INDEX, SHARD_SIZE, killed_at, same_files
 
@@ -24,14 +25,8 @@ LOCK = ".mixtral-convert-lock"
 STALL_AT = "model-00003-of-00005.safetensors"  # two shards finished, the third being written
 
 
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The built-in sample and its uninterrupted conversion."""
-    root = tmp_path_factory.mktemp("safety")
-    run_cli("sample", root / "src")
-    (root / "src" / "tokenizer.model").write_bytes(b"tok")
-    run_cli("convert", root / "src", root / "reference", "--to", "hf", "--max-shard-size", SHARD_SIZE)
-    return root / "src", root / "reference"
+# The built-in sample and its uninterrupted conversion, as the resume tests build it.
+sample = test_resume.sample
 
 
 @pytest.fixture(scope="module")
