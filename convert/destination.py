@@ -61,7 +61,7 @@ def prepare_destination(destination: Path, plan: Plan, *, force: bool) -> None:
         raise ConvertError("the output folder is not empty; pass --force to write into it", file=destination)
     target = plan.target
     first, rest = stale_outputs(destination, plan)
-    for pattern in target.must_not_contain:
+    for pattern in target.format.must_not_contain:
         for path in sorted(destination.glob(pattern)):
             if path not in first and path not in rest:
                 raise ConvertError(
@@ -76,13 +76,13 @@ def prepare_destination(destination: Path, plan: Plan, *, force: bool) -> None:
 
 def stale_outputs(destination: Path, plan: Plan) -> tuple[list[Path], list[Path]]:
     """The files of an earlier output that this one does not write, in two lists: those that make an output
-    complete or detectable (each table's first `replaces` entry and its markers), then the rest: every other
-    file a layout's `replaces` names, the files every output holds (checksums, manifest, tokenizer), leftover
+    complete or detectable (each container's first `replaces` entry and its markers), then the rest: every other
+    file a container's `replaces` names, the files every output holds (checksums, manifest, tokenizer), leftover
     .partial files and the journal."""
     planned = {f.name for f in plan.files}
-    tables = [layout(name) for name in layout_names()]
-    leading = [t.replaces[0] for t in tables if t.replaces] + [m for t in tables for m in t.markers]
-    others = [g for t in tables for g in t.replaces[1:]] + [*COMMON_OUTPUTS, f"*{PARTIAL_SUFFIX}", JOURNAL]
+    formats = [layout(name).format for name in layout_names()]
+    leading = [f.replaces[0] for f in formats if f.replaces] + [m for f in formats for m in f.markers]
+    others = [g for f in formats for g in f.replaces[1:]] + [*COMMON_OUTPUTS, f"*{PARTIAL_SUFFIX}", JOURNAL]
     first = sorted({p for g in leading for p in destination.glob(g) if p.name not in planned})
     rest = sorted({p for g in others for p in destination.glob(g) if p.name not in planned} - set(first))
     return first, rest

@@ -16,9 +16,14 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from string import Formatter
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from convert.errors import ConvertError
+from convert.formats import container, container_names
 from convert.params import ModelParams
+
+if TYPE_CHECKING:
+    from convert.formats.base import Format
 
 SCOPES = ("model", "layer", "expert")
 ATTRIBUTES = ("rotary", "orientation", "experts")  # applied to a canonical tensor in this order
@@ -99,15 +104,18 @@ class StoredTensor:
 
 @dataclass(frozen=True)
 class LayoutTable:
+    """A naming table: how one layout spells and stores each canonical kind, and the container (a module under
+    convert/formats/) whose files hold them."""
+
     name: str
     description: str
     container: str
-    params_style: str
-    markers: tuple[str, ...]
-    must_not_contain: tuple[str, ...]  # globs an output folder of this layout must not hold
-    replaces: tuple[str, ...]  # globs of an earlier output that --force removes
     kinds: tuple[KindLayout, ...]  # in table order, which is the layout's module order
-    extra: Mapping[str, object]  # other sections (config defaults, ...)
+
+    @property
+    def format(self) -> Format:
+        """The container module's Format: files, discovery, index, parameters, headers."""
+        return container(self.container)
 
     def kind_layout(self, kind: str) -> KindLayout:
         for entry in self.kinds:
@@ -170,21 +178,9 @@ def data_dir(name: str) -> Traversable:
 
 # What a table may hold. A table is data a user may edit, so every rule is checked when it is loaded and broken
 # rules are one line naming the table, the entry and the rule (not a hang or a failure halfway through a run).
-CONTAINERS = ("torch_zip", "torch_zip_multi", "safetensors_single", "safetensors_sharded")  # convert/source.py
-PARAMS_STYLES = ("mistral", "hf_params", "hf_config")  # convert/source.py and convert/plan.py
 KIND_KEYS = {"scope": True, "shape": True, "rotary_heads": False}  # key -> required
 ATTRIBUTE_KEYS = {"canonical": True, "values": False, "placements": False}
-LAYOUT_KEYS = {
-    "name": True,
-    "description": True,
-    "container": True,
-    "markers": True,
-    "params": True,
-    "must_not_contain": False,
-    "replaces": False,
-}
-# Sections beside [layout] and [tensors], and the params style that needs each (plan.py writes them).
-EXTRA_SECTIONS = {"config_defaults": "hf_config", "generation_config": "hf_config"}
+LAYOUT_KEYS = {"name": True, "description": True, "container": True}
 PLACEHOLDERS = ("layer", "expert")
 
 
@@ -316,9 +312,9 @@ def load_layout(path: Path | Traversable, base: Canonical) -> LayoutTable:
     """Read and check one layout table at path against the canonical kinds: every kind once, in scope order,
     with the placeholders its scope needs and only the attributes that apply to it."""
     data = _read_toml(path)
-    unknown = sorted(set(data) - {"layout", "tensors", *EXTRA_SECTIONS})
+    unknown = sorted(set(data) - {"layout", "tensors"})
     if unknown:
-        raise _fail(path, "", f"unknown section [{unknown[0]}] (allowed: layout, tensors, {', '.join(EXTRA_SECTIONS)})")
+        raise _fail(path, "", f"unknown section [{unknown[0]}] (allowed: layout, tensors)")
     for section in ("layout", "tensors"):
         if section not in data:
             raise _fail(path, "", f"missing section [{section}]")
@@ -329,16 +325,12 @@ def load_layout(path: Path | Traversable, base: Canonical) -> LayoutTable:
     stem = path.name.removesuffix(".toml")
     if info["name"] != stem:
         raise _fail(path, "layout.name", f"is {info['name']!r}; it must be the file's name, {stem!r}")
-    if info["container"] not in CONTAINERS:
-        raise _fail(path, "layout.container", f"{info['container']!r} is not one of {', '.join(CONTAINERS)}")
-    if info["params"] not in PARAMS_STYLES:
-        raise _fail(path, "layout.params", f"{info['params']!r} is not one of {', '.join(PARAMS_STYLES)}")
-    markers = _string_list(path, "layout.markers", info["markers"], empty=False)
-    must_not_contain = _string_list(path, "layout.must_not_contain", info.get("must_not_contain", []))
-    replaces = _string_list(path, "layout.replaces", info.get("replaces", []))
-    for section, style in EXTRA_SECTIONS.items():
-        if info["params"] == style and not isinstance(data.get(section), dict):
-            raise _fail(path, "", f"missing section [{section}], which params = {style!r} writes")
+    if info["container"] not in container_names():
+        raise _fail(
+            path,
+            "layout.container",
+            f"{info['container']!r} is not one of {', '.join(container_names())} (the modules of convert/formats/)",
+        )
     if not isinstance(data["tensors"], dict):
         raise _fail(path, "tensors", "must be a table")
     kinds = []
@@ -375,18 +367,7 @@ def load_layout(path: Path | Traversable, base: Canonical) -> LayoutTable:
     if missing:
         raise _fail(path, "tensors", f"no entry for kind {missing[0]!r}: every canonical kind needs one")
     _check_scope_order(path, kinds)
-    extra = MappingProxyType({k: v for k, v in data.items() if k not in ("layout", "tensors")})
-    return LayoutTable(
-        info["name"],
-        info["description"],
-        info["container"],
-        info["params"],
-        markers,
-        must_not_contain,
-        replaces,
-        tuple(kinds),
-        extra,
-    )
+    return LayoutTable(info["name"], info["description"], info["container"], tuple(kinds))
 
 
 @cache

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from convert.digests import Producer
-from convert.formats.safetensors import TensorRecord
+from convert.dtypes import nbytes_of
 from convert.transforms import Step
+
+if TYPE_CHECKING:
+    from convert.formats.safetensors import TensorRecord
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,25 @@ class Piece:
     dst_offset: int  # absolute, in the output file (relative to the tensor until packed)
     nbytes: int
     steps: tuple[Step, ...]
+
+    def moved(self, start: int) -> Piece:
+        """This piece with its dst_offset counted from start (a tensor's pieces are planned relative to it)."""
+        return replace(self, dst_offset=start + self.dst_offset)
+
+
+@dataclass(frozen=True)
+class TargetTensor:
+    """One tensor of the output as its layout stores it, with the source pieces that fill it."""
+
+    name: str
+    layer: int | None
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]  # dst_offset relative to the tensor's start
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.dtype, self.shape)
 
 
 Blobs = tuple[tuple[int, bytes], ...]  # bytes at absolute offsets

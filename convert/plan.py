@@ -7,46 +7,27 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from convert import integrity
 from convert.dtypes import CONFIG_NAME, nbytes_of
 from convert.errors import ConvertError
-from convert.files import MAX_TOKENIZER, read_small
-from convert.formats.safetensors import TensorRecord, layout_header
-from convert.formats.torchzip_writer import layout_torch_zip
+from convert.formats.base import OutputRequest
+from convert.formats.hf_safetensors import DEFAULT_MAX_SHARD_SIZE
+from convert.formats.safetensors import TensorRecord
 from convert.mapping import KindLayout, LayoutTable, layout
-from convert.outputs import OutputFile, Piece
-from convert.params import ModelParams, hf_config_json, hf_params_json, json_text, mistral_params_json
-from convert.source import HF_INDEX, TOKENIZER, Source
-from convert.tokenizer import hf_tokenizer_files
+from convert.outputs import OutputFile, Piece, TargetTensor
+from convert.params import ModelParams
+from convert.source import TOKENIZER, Source
 from convert.transforms import steps_between
 
 log = logging.getLogger("mixtral-convert")
 
-DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # decimal, as transformers shards the published checkpoint
 DESCRIBED_TEXT_LIMIT = 2**20  # --dry-run --json shows the content of text files up to this size
-MEGABLOCKS_FILES = 8  # consolidated.00.pt ... consolidated.07.pt, as uploaded and as transformers' script reads
-SAFETENSORS_METADATA = MappingProxyType({"format": "pt"})
 # check_source names each missing tensor when params imply at most this many times the tensors present, plus a few
 # (a layer or two too many); beyond, one line says the counts disagree, and nothing per tensor is built.
 EXPECTED_SLACK = 2
 EXPECTED_SLACK_TENSORS = 64
-
-
-@dataclass(frozen=True)
-class TargetTensor:
-    name: str
-    layer: int | None
-    dtype: str
-    shape: tuple[int, ...]
-    pieces: tuple[Piece, ...]  # dst_offset relative to the tensor's start
-
-    @property
-    def nbytes(self) -> int:
-        return nbytes_of(self.dtype, self.shape)
 
 
 @dataclass(frozen=True)
@@ -208,137 +189,20 @@ def target_tensors(source: Source, target: LayoutTable) -> list[TargetTensor]:
     return result
 
 
-def _placed(tensor: TargetTensor, start: int) -> tuple[Piece, ...]:
-    return tuple(
-        Piece(p.tensor, p.record, p.src_offset, p.shape, start + p.dst_offset, p.nbytes, p.steps) for p in tensor.pieces
-    )
-
-
-def _text_file(name: str, text: str) -> OutputFile:
-    data = text.encode("utf-8")
-    return OutputFile(name, len(data), blobs=((0, data),), is_text=True)
-
-
-def _tokenizer_files(source: Source, target: LayoutTable, *, instruct: bool) -> list[OutputFile]:
-    """tokenizer.model copied byte for byte; for HF, also tokenizer.json and its configs built from it, so
-    transformers loads the folder without sentencepiece. A tokenizer that cannot be translated is a warning
-    (the weights are still right), and an error when --instruct asked for the chat template."""
+def _tokenizer_copy(source: Source, target: LayoutTable, *, instruct: bool) -> list[OutputFile]:
+    """tokenizer.model copied byte for byte (every container keeps it; some also build their own tokenizer files
+    from it). --instruct needs a container with a place for the chat template."""
+    if instruct and not target.format.chat_template:
+        raise ConvertError(
+            f"--instruct writes a chat template into the tokenizer files; --to {target.name} has "
+            "none (the Mistral layouts keep tokenizer.model only)"
+        )
     if source.tokenizer is None:
         if instruct:
             raise ConvertError(f"--instruct needs a {TOKENIZER}", file=source.folder)
         log.warning("%s: no %s; the output will have no tokenizer", source.folder, TOKENIZER)
         return []
-    files = [OutputFile(TOKENIZER, source.tokenizer.stat().st_size, copy_of=source.tokenizer)]
-    if target.params_style != "hf_config":
-        if instruct:
-            raise ConvertError(
-                f"--instruct writes a chat template into HF tokenizer files; --to {target.name} has "
-                "none (the Mistral layouts keep tokenizer.model only)"
-            )
-        return files
-    try:
-        texts = hf_tokenizer_files(
-            read_small(source.tokenizer, MAX_TOKENIZER, TOKENIZER),
-            vocab_size=source.params.vocab_size,
-            instruct=instruct,
-            source=str(source.tokenizer),
-        )
-    except ConvertError as exc:
-        if instruct:
-            raise
-        # the line is escaped already: as the message itself, not an argument (arguments are shown() again)
-        log.warning(exc.line() + "; tokenizer.json not written (transformers will need sentencepiece)")
-        return files
-    return files + [_text_file(name, text) for name, text in sorted(texts.items())]
-
-
-def shard_groups(tensors: list[TargetTensor], max_shard_size: int) -> list[list[TargetTensor]]:
-    """Walk tensors in module order; start a new shard when the next tensor would push the current one past
-    max_shard_size and it is not empty (how transformers sharded the published checkpoint)."""
-    shards: list[list[TargetTensor]] = [[]]
-    size = 0
-    for tensor in tensors:
-        if shards[-1] and size + tensor.nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(tensor)
-        size += tensor.nbytes
-    return shards
-
-
-def _safetensors_file(name: str, tensors: list[TargetTensor]) -> OutputFile:
-    header = layout_header([(t.name, t.dtype, t.shape) for t in tensors], dict(SAFETENSORS_METADATA))
-    pieces = tuple(p for t in tensors for p in _placed(t, header.offsets[t.name]))
-    return OutputFile(name, header.size, blobs=((0, header.header),), pieces=pieces)
-
-
-def _torch_zip_file(name: str, tensors: list[TargetTensor]) -> OutputFile:
-    archive = name.rsplit(".", 1)[0]  # the folder inside the zip: torch.save uses the file's stem
-    zipped = layout_torch_zip(archive, [(t.name, t.dtype, t.shape) for t in tensors])
-    pieces = tuple(p for t in tensors for p in _placed(t, zipped.tensor_offsets[t.name]))
-    return OutputFile(name, zipped.size, blobs=zipped.blobs, pieces=pieces, deferred=zipped.deferred)
-
-
-def _weights_hf(tensors: list[TargetTensor], max_shard_size: int) -> tuple[list[OutputFile], OutputFile]:
-    groups = shard_groups(tensors, max_shard_size)
-    files = []
-    weight_map = {}
-    for number, group in enumerate(groups, start=1):
-        name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        files.append(_safetensors_file(name, group))
-        weight_map.update(dict.fromkeys((t.name for t in group), name))
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
-    return files, _text_file(HF_INDEX, json_text(index))
-
-
-def _weights_mistral(tensors: list[TargetTensor], _max_shard_size: int) -> tuple[list[OutputFile], None]:
-    return [_safetensors_file("consolidated.safetensors", tensors)], None
-
-
-def _weights_torrent(tensors: list[TargetTensor], _max_shard_size: int) -> tuple[list[OutputFile], None]:
-    return [_torch_zip_file("consolidated.00.pth", tensors)], None
-
-
-def _weights_megablocks(tensors: list[TargetTensor], _max_shard_size: int) -> tuple[list[OutputFile], None]:
-    """Always MEGABLOCKS_FILES files, as uploaded: transformers' convert_mixtral_weights_to_hf.py opens
-    consolidated.00.pt ... consolidated.07.pt whatever the model's depth. Consecutive layers share a file; the
-    embedding goes with the first, the final norm and output with the last that holds a layer; with fewer layers
-    than files, the remaining files hold an empty state dict (the upload's own split is not known; any split reads
-    back the same)."""
-    n_layers = 1 + max((t.layer for t in tensors if t.layer is not None), default=0)
-    count = min(MEGABLOCKS_FILES, n_layers)
-    groups: list[list[TargetTensor]] = [[] for _ in range(MEGABLOCKS_FILES)]
-    seen_layer = False
-    for tensor in tensors:
-        if tensor.layer is not None:
-            seen_layer = True
-            groups[tensor.layer * count // n_layers].append(tensor)
-        else:
-            groups[count - 1 if seen_layer else 0].append(tensor)
-    return [_torch_zip_file(f"consolidated.{i:02d}.pt", group) for i, group in enumerate(groups)], None
-
-
-_WEIGHT_WRITERS: MappingProxyType[str, Callable[[list[TargetTensor], int], tuple[list[OutputFile], OutputFile | None]]]
-_WEIGHT_WRITERS = MappingProxyType(
-    {
-        "safetensors_sharded": _weights_hf,
-        "safetensors_single": _weights_mistral,
-        "torch_zip": _weights_torrent,
-        "torch_zip_multi": _weights_megablocks,
-    }
-)
-
-
-def _params_files(target: LayoutTable, params: ModelParams, dtype: str) -> list[OutputFile]:
-    if target.params_style == "mistral":
-        return [_text_file("params.json", mistral_params_json(params))]
-    if target.params_style == "hf_params":
-        return [_text_file("params.json", hf_params_json(params))]
-    if target.params_style == "hf_config":
-        config = hf_config_json(params, CONFIG_NAME[dtype], dict(target.extra["config_defaults"]))
-        generation = json_text(dict(target.extra["generation_config"]))
-        return [_text_file("generation_config.json", generation), _text_file("config.json", config)]
-    raise ValueError(f"unknown params style {target.params_style!r}")
+    return [OutputFile(TOKENIZER, source.tokenizer.stat().st_size, copy_of=source.tokenizer)]
 
 
 def build_plan(source: Source, target_name: str, options: PlanOptions = DEFAULT_OPTIONS) -> Plan:
@@ -357,15 +221,14 @@ def build_plan(source: Source, target_name: str, options: PlanOptions = DEFAULT_
     target = layout(target_name)
     dtype = main_dtype(source, strict=options.strict)
     tensors = target_tensors(source, target)
-    weights, index = _WEIGHT_WRITERS[target.container](tensors, options.max_shard_size)
-    files = [
-        *weights,
-        *_tokenizer_files(source, target, instruct=options.instruct),
-        *_params_files(target, source.params, dtype),
-    ]
-    if index is not None:
-        files.append(index)
-    *body, marker = files
+    copied = _tokenizer_copy(source, target, instruct=options.instruct)
+    request = OutputRequest(
+        target, tensors, source.params, dtype, source.tokenizer, options.instruct, options.max_shard_size
+    )
+    output = target.format.plan(request)
+    weights = output.weights
+    body = [*weights, *copied, *output.others]
+    marker = output.marker
     manifest = integrity.manifest_file(
         {
             "source": {

@@ -150,49 +150,37 @@ CASES: dict[str, tuple[str, Edit, str]] = {
     "missing-tensors-section": (
         "mistral",
         lambda f: edit(f / "mistral.toml", "[tensors]", "[tensor]"),
-        "mistral.toml: unknown section [tensor] (allowed: layout, tensors, config_defaults, generation_config)",
+        "mistral.toml: unknown section [tensor] (allowed: layout, tensors)",
     ),
     "missing-layout-section": (
         "mistral",
         lambda f: (f / "mistral.toml").write_text((f / "mistral.toml").read_text().split("[layout]")[0] + "[tensors]"),
         "mistral.toml: missing section [layout]",
     ),
-    "hf-config-without-its-defaults": (
+    "release-metadata-in-a-naming-table": (
         "hf",
-        lambda f: (f / "hf.toml").write_text((f / "hf.toml").read_text().split("# config.json fields")[0]),
-        "hf.toml: missing section [config_defaults], which params = 'hf_config' writes",
+        lambda f: (f / "hf.toml").write_text((f / "hf.toml").read_text() + "\n[config_defaults]\nmodel_type = 'x'\n"),
+        "hf.toml: unknown section [config_defaults] (allowed: layout, tensors)",
     ),
     "missing-layout-key": (
         "torrent",
-        lambda f: edit(f / "torrent.toml", 'container = "torch_zip"\n', ""),
+        lambda f: edit(f / "torrent.toml", 'container = "mistral_pth"', ""),
         "torrent.toml: layout: missing required key 'container'",
     ),
     "unknown-layout-key": (
         "torrent",
-        lambda f: edit(f / "torrent.toml", 'container = "torch_zip"', 'container = "torch_zip"\nmarker = "x"'),
-        "torrent.toml: layout: unknown key 'marker' (allowed: name, description, container, markers, params,",
+        lambda f: edit(f / "torrent.toml", 'container = "mistral_pth"', 'container = "mistral_pth"\nmarker = "x"'),
+        "torrent.toml: layout: unknown key 'marker' (allowed: name, description, container)",
     ),
     "unknown-container": (
         "torrent",
-        lambda f: edit(f / "torrent.toml", 'container = "torch_zip"', 'container = "zip"'),
-        "torrent.toml: layout.container: 'zip' is not one of torch_zip, torch_zip_multi,",
-    ),
-    "unknown-params-style": (
-        "torrent",
-        lambda f: edit(f / "torrent.toml", 'params = "mistral"', 'params = "json"'),
-        "torrent.toml: layout.params: 'json' is not one of mistral, hf_params, hf_config",
+        lambda f: edit(f / "torrent.toml", 'container = "mistral_pth"', 'container = "zip"'),
+        "torrent.toml: layout.container: 'zip' is not one of hf_safetensors, megablocks_pt, mistral_pth,",
     ),
     "name-is-not-the-file": (
         "torrent",
         lambda f: edit(f / "torrent.toml", 'name = "torrent"', 'name = "hf"'),
         "torrent.toml: layout.name: is 'hf'; it must be the file's name, 'torrent'",
-    ),
-    "markers-empty": (
-        "torrent",
-        lambda f: edit(
-            f / "torrent.toml", 'markers = ["consolidated.00.pth", "consolidated.00.pth-split0"]', "markers = []"
-        ),
-        "torrent.toml: layout.markers: must be a list of non-empty strings, not empty",
     ),
     "not-toml": (
         "torrent",

@@ -9,7 +9,7 @@ import pytest
 from full_size import CONFIG_SHA256, PARAMS, PARAMS_JSON
 
 from convert.errors import ConvertError
-from convert.mapping import layout
+from convert.formats.hf_safetensors import release_metadata
 from convert.params import hf_config_json, hf_params_json, mistral_params_json, read_hf_params, read_mistral_params
 
 MISTRAL = PARAMS
@@ -80,7 +80,7 @@ def test_bad_params_name_file_and_key(tmp_path: Path, change: dict, message: str
 
 
 def test_head_dim_written_only_when_not_implied(tmp_path: Path) -> None:
-    defaults = dict(layout("hf").extra["config_defaults"])
+    defaults = dict(release_metadata()["config_defaults"])
     implied = json.loads(hf_config_json(read_mistral_params(_write(tmp_path, MISTRAL), None), "bfloat16", defaults))
     assert "head_dim" not in implied
     wide = read_mistral_params(_write(tmp_path, MISTRAL | {"head_dim": 256}), None)
@@ -92,7 +92,7 @@ def test_published_config_and_params_map_to_each_other_byte_for_byte(tmp_path: P
     """formats.md: the torrent's params.json line and the published config.json (720 bytes) describe one model."""
     import hashlib
 
-    defaults = dict(layout("hf").extra["config_defaults"])
+    defaults = dict(release_metadata()["config_defaults"])
     params = read_mistral_params(_write(tmp_path, json.loads(PARAMS_JSON)), None)
     config = hf_config_json(params, "bfloat16", defaults)
     assert len(config.encode()) == 720

@@ -1,0 +1,132 @@
+"""What a container module provides, and the pieces several of them share.
+
+A layout is a naming table (mappings/NAME.toml: how each canonical tensor is spelled and stored) plus the container
+the table names (`container = "..."`): one module under convert/formats/ that owns everything about the files
+themselves: which files identify it, how they are found and read, how tensors are split into files, the index,
+the parameters file and the bytes of every header. Planning, the source reader, verify and inspect go through a
+container's Format only; the stream, integrity and resume code never see one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, ClassVar
+
+from convert.errors import ConvertError
+from convert.files import is_present
+from convert.formats.safetensors import TensorRecord, layout_header
+from convert.formats.torchzip_writer import layout_torch_zip
+from convert.outputs import OutputFile, Piece, TargetTensor
+
+if TYPE_CHECKING:
+    from convert.formats.streams import ByteStream
+    from convert.mapping import LayoutTable
+    from convert.params import ModelParams
+
+Ambiguities = list[ConvertError]
+SAFETENSORS_METADATA = MappingProxyType({"format": "pt"})  # what safetensors.torch.save_file writes
+
+
+@dataclass(frozen=True)
+class OpenedWeights:
+    """What a container found in a source folder: its tensors (from headers only), the files holding them, and
+    the hyperparameters."""
+
+    records: list[TensorRecord]
+    weight_files: list[Path]
+    params_file: Path
+    params: ModelParams
+
+
+@dataclass(frozen=True)
+class OutputRequest:
+    """Everything a container needs to lay out an output: the tensors in the table's module order, each with the
+    source pieces that fill it, and what the command line asked for."""
+
+    table: LayoutTable
+    tensors: list[TargetTensor]
+    params: ModelParams
+    dtype: str  # the dtype most bytes have (config.json states it)
+    tokenizer: Path | None  # the source's tokenizer.model
+    instruct: bool
+    max_shard_size: int
+
+
+@dataclass(frozen=True)
+class PlannedOutput:
+    weights: list[OutputFile]  # written first, in this order; the manifest lists their tensors
+    others: list[OutputFile]  # tokenizer files and parameters, written after the weights
+    marker: OutputFile  # written last: the file that makes the folder a loadable checkpoint
+
+
+class Format(ABC):
+    """One container. Subclasses are stateless; each module defines one instance named FORMAT."""
+
+    container: ClassVar[str]
+    markers: ClassVar[tuple[str, ...]]  # any of these files identifies the container in a folder
+    # Globs of every file an output holds, the completion marker first: --force into a folder holding an earlier
+    # output (of any layout) removes those the new output does not write.
+    replaces: ClassVar[tuple[str, ...]]
+    must_not_contain: ClassVar[tuple[str, ...]] = ()  # globs an output folder must not hold beside this one
+    chat_template: ClassVar[bool] = False  # whether the output has a place for --instruct's chat template
+
+    @abstractmethod
+    def open(
+        self, folder: Path, table: LayoutTable, streams: list[ByteStream], ambiguities: Ambiguities
+    ) -> OpenedWeights:
+        """Find and index the weights (streams opened go into streams, so the caller closes them on failure),
+        read the parameters; files another loader would read instead go into ambiguities."""
+
+    @abstractmethod
+    def plan(self, request: OutputRequest) -> PlannedOutput:
+        """The output's files, each with its exact size, headers and the pieces streamed into it."""
+
+
+def embedding_vocab(records: Sequence[TensorRecord], table: LayoutTable) -> int | None:
+    """The vocabulary size the embedding's rows say, where params may be silent about it."""
+    name = table.kind_layout("embed").pattern
+    embedding = next((r for r in records if r.name == name), None)
+    return embedding.shape[0] if embedding is not None and embedding.shape else None
+
+
+def text_file(name: str, text: str) -> OutputFile:
+    data = text.encode("utf-8")
+    return OutputFile(name, len(data), blobs=((0, data),), is_text=True)
+
+
+def placed(tensor: TargetTensor, start: int) -> tuple[Piece, ...]:
+    """The tensor's pieces at absolute offsets, the tensor starting at start."""
+    return tuple(p.moved(start) for p in tensor.pieces)
+
+
+def safetensors_file(name: str, tensors: Sequence[TargetTensor]) -> OutputFile:
+    header = layout_header([(t.name, t.dtype, t.shape) for t in tensors], dict(SAFETENSORS_METADATA))
+    pieces = tuple(p for t in tensors for p in placed(t, header.offsets[t.name]))
+    return OutputFile(name, header.size, blobs=((0, header.header),), pieces=pieces)
+
+
+def torch_zip_file(name: str, tensors: Sequence[TargetTensor]) -> OutputFile:
+    archive = name.rsplit(".", 1)[0]  # the folder inside the zip: torch.save uses the file's stem
+    zipped = layout_torch_zip(archive, [(t.name, t.dtype, t.shape) for t in tensors])
+    pieces = tuple(p for t in tensors for p in placed(t, zipped.tensor_offsets[t.name]))
+    return OutputFile(name, zipped.size, blobs=zipped.blobs, pieces=pieces, deferred=zipped.deferred)
+
+
+MISTRAL_WEIGHTS = ("consolidated.safetensors", "consolidated.00.pth")
+
+
+def check_mistral_pair(folder: Path, read: str, ambiguities: Ambiguities) -> None:
+    """mistral-inference's Transformer.from_folder loads consolidated.safetensors or consolidated.00.pth and
+    refuses a folder holding both; reached with --from, which picks one of them here."""
+    if all(is_present(folder / name) for name in MISTRAL_WEIGHTS):
+        ambiguities.append(
+            ConvertError(
+                f"holds both {MISTRAL_WEIGHTS[0]} and {MISTRAL_WEIGHTS[1]}: mistral-inference refuses such a folder, "
+                f"and this tool read {read} only; remove the other",
+                file=folder,
+            )
+        )
