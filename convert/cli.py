@@ -20,7 +20,7 @@ from convert import __version__
 from convert.destination import check_destination
 from convert.errors import ConvertError, escape
 from convert.formats.zip_crc import check_records
-from convert.mapping import layout_names
+from convert.mapping import layout, layout_names
 from convert.pipeline import convert_checkpoint
 from convert.plan import DEFAULT_MAX_SHARD_SIZE, Plan, PlanOptions, build_plan, check_source
 from convert.resume import JOURNAL
@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst", type=Path, help="output folder (created; must be empty unless --force)")
     convert.add_argument("--to", required=True, choices=layouts, help="target layout")
     convert.add_argument("--from", dest="source_layout", choices=layouts, help="source layout (default: detected)")
+    outtypes = {name: layout(name).format.outtypes for name in layouts}
+    convert.add_argument(
+        "--outtype",
+        choices=sorted({o for values in outtypes.values() for o in values}),
+        help="element type of the output, for "
+        + ", ".join(f"--to {name} ({'|'.join(values)})" for name, values in outtypes.items() if values)
+        + " (default: the source's; no other layout converts elements)",
+    )
     convert.add_argument(
         "--max-shard-size",
         type=_size,
@@ -123,6 +131,7 @@ def run_convert(args: argparse.Namespace) -> int:
         instruct=args.instruct,
         strict=args.strict,
         checksums=args.checksums,
+        outtype=args.outtype,
     )
     if args.expect:  # a dry run too: the pins are what the user asked to check (this reads every source byte)
         pins = check_pins_or_fail(args.src, args.expect)

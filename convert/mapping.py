@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 SCOPES = ("model", "layer", "expert")
 ATTRIBUTES = ("rotary", "orientation", "experts")  # applied to a canonical tensor in this order
+STACKED = ("stacked", "batched")  # the experts values that put every expert of a layer in one tensor
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ class KindLayout:
 
     @property
     def stacked(self) -> bool:
-        return self.attributes["experts"] == "stacked"
+        """All experts in one tensor, expert E the E-th block of rows (stacked) or the E-th matrix (batched)."""
+        return self.attributes["experts"] in STACKED
 
     def piece_shape(self, env: Mapping[str, int]) -> tuple[int, ...]:
         """Shape of one canonical tensor as this layout stores it (one expert's block when stacked)."""
@@ -91,6 +93,8 @@ class StoredTensor:
 
     def shape(self, env: Mapping[str, int]) -> tuple[int, ...]:
         piece = self.layout.piece_shape(env)
+        if self.layout.attributes["experts"] == "batched":
+            return (len(self.experts), *piece)
         if self.layout.stacked:
             return (piece[0] * len(self.experts), *piece[1:])
         return piece
@@ -358,7 +362,7 @@ def load_layout(path: Path | Traversable, base: Canonical) -> LayoutTable:
             if value not in rule.allowed():
                 raise _fail(path, f"{where}.{attr}", f"{value!r} is not one of {sorted(rule.allowed())}")
             attributes[attr] = value
-        pattern = _check_pattern(path, where, spec["name"], kind, attributes["experts"] == "stacked")
+        pattern = _check_pattern(path, where, spec["name"], kind, attributes["experts"] in STACKED)
         if pattern in patterns:
             raise _fail(path, where, f"name {pattern!r} is also the name of {patterns[pattern]}")
         patterns[pattern] = kind_name

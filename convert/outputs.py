@@ -4,14 +4,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from convert.digests import Producer
-from convert.dtypes import nbytes_of
 from convert.transforms import Step
 
 if TYPE_CHECKING:
     from convert.formats.safetensors import TensorRecord
+
+
+class Cast(Protocol):
+    """An element-wise conversion from one dtype to another, applied while streaming. Element-wise, so it runs on
+    any slice of whole granules and never needs the whole tensor (a float32 copy of an expert would be 235 MB)."""
+
+    src_dtype: str
+    dst_dtype: str
+    granule: int  # source bytes converted together: slices are whole multiples of it
+
+    def out_nbytes(self, nbytes: int) -> int:
+        """The converted size of nbytes of source elements."""
+        ...
+
+    def __call__(self, data: memoryview, tensor: str) -> memoryview:
+        """data converted; a value the conversion cannot carry is a ConvertError naming tensor."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -25,6 +41,16 @@ class Piece:
     dst_offset: int  # absolute, in the output file (relative to the tensor until packed)
     nbytes: int
     steps: tuple[Step, ...]
+    cast: Cast | None = None  # applied after the steps
+
+    @property
+    def out_nbytes(self) -> int:
+        """The bytes this piece takes in the output."""
+        return self.cast.out_nbytes(self.nbytes) if self.cast is not None else self.nbytes
+
+    @property
+    def out_dtype(self) -> str:
+        return self.cast.dst_dtype if self.cast is not None else self.record.dtype
 
     def moved(self, start: int) -> Piece:
         """This piece with its dst_offset counted from start (a tensor's pieces are planned relative to it)."""
@@ -43,7 +69,8 @@ class TargetTensor:
 
     @property
     def nbytes(self) -> int:
-        return nbytes_of(self.dtype, self.shape)
+        """The bytes the tensor takes in the output (its pieces cover it exactly)."""
+        return sum(p.out_nbytes for p in self.pieces)
 
 
 Blobs = tuple[tuple[int, bytes], ...]  # bytes at absolute offsets

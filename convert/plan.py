@@ -39,6 +39,7 @@ class PlanOptions:
     instruct: bool = False  # add the chat template (hf)
     strict: bool = False  # warnings about tensors are errors
     checksums: bool = True  # SHA256SUMS and manifest.json
+    outtype: str | None = None  # the element type a container that can convert is asked for; None: the source's
 
 
 DEFAULT_OPTIONS = PlanOptions()
@@ -72,6 +73,7 @@ class Plan:
             },
             "target": self.target.name,
             "dtype": self.dtype,
+            "outtype": self.options.outtype,
             "tensors": len({p.tensor for f in self.files for p in f.pieces}),
             "files": files,
         }
@@ -133,18 +135,19 @@ def main_dtype(source: Source, *, strict: bool = False) -> str:
         weight[record.dtype] += record.nbytes
     dtype = weight.most_common(1)[0][0] if weight else "BF16"
     for record in source.records.values():
-        if record.dtype != dtype and strict:
+        held = source.layout.format.checkpoint_dtype(record, dtype)
+        if held != dtype and strict:
             raise ConvertError(
-                f"dtype {record.dtype} unlike the rest ({dtype}) (--strict)",
+                f"dtype {held} unlike the rest ({dtype}) (--strict)",
                 file=record.stream.label,
                 tensor=record.name,
             )
-        if record.dtype != dtype:
+        if held != dtype:
             log.warning(
                 "%s: tensor %s has dtype %s unlike the rest (%s); kept as it is",
                 record.stream.label,
                 record.name,
-                record.dtype,
+                held,
                 dtype,
             )
     if dtype not in CONFIG_NAME:
@@ -165,27 +168,46 @@ def _source_pieces(source: Source) -> dict[tuple, tuple[TensorRecord, int, KindL
     return pieces
 
 
-def target_tensors(source: Source, target: LayoutTable) -> list[TargetTensor]:
-    """The target's tensors in its module order, each with the source pieces that fill it."""
+def target_tensors(
+    source: Source, target: LayoutTable, *, main: str | None = None, outtype: str | None = None
+) -> list[TargetTensor]:
+    """The target's tensors in its module order, each with the source pieces that fill it. A tensor whose dtype
+    the containers change (the target's rules for outtype, or the source's own widening undone) gets a cast."""
     params = source.params
     env = params.shape_env()
     sources = _source_pieces(source)
+    main = main or main_dtype(source)
     result = []
     for stored in target.tensors(params.n_layers, params.n_experts):
         pieces = []
         offset = 0
         dtypes = set()
+        shape = stored.shape(env)
         for key in stored.canonical_keys():
             record, src_offset, src_layout = sources[key]
             dtypes.add(record.dtype)
-            shape = src_layout.piece_shape(env)
-            nbytes = nbytes_of(record.dtype, shape)
+            piece_shape = src_layout.piece_shape(env)
+            nbytes = nbytes_of(record.dtype, piece_shape)
             steps = steps_between(src_layout, stored.layout, env)
-            pieces.append(Piece(stored.name, record, src_offset, shape, offset, nbytes, steps))
-            offset += nbytes
+            wanted = target.format.tensor_dtype(
+                stored.name, shape, source.layout.format.checkpoint_dtype(record, main), outtype
+            )
+            cast = None
+            if wanted != record.dtype:
+                cast = target.format.cast(record.dtype, wanted) or source.layout.format.cast(record.dtype, wanted)
+                if cast is None:
+                    raise ConvertError(
+                        f"cannot convert {record.dtype} to {wanted} for --to {target.name}",
+                        file=record.stream.label,
+                        tensor=record.name,
+                    )
+            piece = Piece(stored.name, record, src_offset, piece_shape, offset, nbytes, steps, cast)
+            pieces.append(piece)
+            offset += piece.out_nbytes
         if len(dtypes) > 1:
             raise ConvertError(f"cannot stack experts of different dtypes {sorted(dtypes)}", tensor=stored.name)
-        result.append(TargetTensor(stored.name, stored.layer, dtypes.pop(), stored.shape(env), tuple(pieces)))
+        dtypes.pop()
+        result.append(TargetTensor(stored.name, stored.layer, pieces[0].out_dtype, shape, tuple(pieces)))
     return result
 
 
@@ -219,16 +241,26 @@ def build_plan(source: Source, target_name: str, options: PlanOptions = DEFAULT_
             )
         raise first
     target = layout(target_name)
+    if options.outtype is not None and options.outtype not in target.format.outtypes:
+        allowed = f"one of {', '.join(target.format.outtypes)}" if target.format.outtypes else "not asked for"
+        raise ConvertError(
+            f"--outtype {options.outtype}: --to {target.name} keeps the source's element types (--outtype is "
+            f"{allowed} there)"
+        )
     dtype = main_dtype(source, strict=options.strict)
-    tensors = target_tensors(source, target)
+    tensors = target_tensors(source, target, main=dtype, outtype=options.outtype)
     copied = _tokenizer_copy(source, target, instruct=options.instruct)
     request = OutputRequest(
         target, tensors, source.params, dtype, source.tokenizer, options.instruct, options.max_shard_size
     )
     output = target.format.plan(request)
     weights = output.weights
-    body = [*weights, *copied, *output.others]
-    marker = output.marker
+    if output.marker is not None:
+        body = [*weights, *copied, *output.others]
+        last = [output.marker]
+    else:
+        body = [*copied, *output.others, *weights]
+        last = []
     manifest = integrity.manifest_file(
         {
             "source": {
@@ -241,9 +273,9 @@ def build_plan(source: Source, target_name: str, options: PlanOptions = DEFAULT_
         [(p.name, p.stat().st_size) for p in source.input_files] if options.hash_input else None,
     )
     if not options.checksums:
-        return Plan(source, target, source.params, dtype, (*body, marker), options)
-    sums = integrity.sums_file([*body, manifest, marker])
-    return Plan(source, target, source.params, dtype, (*body, manifest, sums, marker), options)
+        return Plan(source, target, source.params, dtype, (*body, *last), options)
+    sums = integrity.sums_file([*body, manifest, *last])
+    return Plan(source, target, source.params, dtype, (*body, manifest, sums, *last), options)
 
 
 def _placements(tensors: list[TargetTensor], weights: list[OutputFile]) -> list[integrity.TensorEntry]:

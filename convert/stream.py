@@ -77,6 +77,9 @@ def piece_chunks(
     crc: accumulate the tensor's CRC-32 (a zip needs it); pool and reads: read into the pool's buffers, one
     chunk in flight on each of the reads workers (else one fresh buffer after another)."""
     running = digests.tensor_crc32.get(piece.tensor, 0)
+    if piece.cast is not None:
+        yield from _cast_chunks(piece, digests, crc=crc)
+        return
     if piece.steps:
         buffer = aligned_buffer(piece.nbytes + 2 * ALIGN)
         data = piece.record.stream.read_bulk(buffer, piece.src_offset, piece.nbytes)
@@ -134,6 +137,44 @@ def piece_chunks(
     finally:
         for _, lease, _ in pending:  # reads cut short by a failure: their buffers go back to the pool
             lease.release_all()
+
+
+def _cast_chunks(piece: Piece, digests: Digests, *, crc: bool) -> Iterator[Chunk]:
+    """A piece whose elements change type: read (and moved by its steps, which need the whole piece) in whole
+    granules, converted slice by slice so that no converted chunk exceeds CHUNK."""
+    cast = piece.cast
+    assert cast is not None
+    running = digests.tensor_crc32.get(piece.tensor, 0)
+    step = cast.granule * max(1, CHUNK // max(cast.out_nbytes(cast.granule), cast.granule))
+    if piece.steps:
+        buffer = aligned_buffer(piece.nbytes + 2 * ALIGN)
+        data = piece.record.stream.read_bulk(buffer, piece.src_offset, piece.nbytes)
+        digests.source_crc.update(piece.record, piece.src_offset, data)
+        tensor = np.frombuffer(data, dtype=word_dtype(piece.record.dtype)).reshape(piece.shape)
+        fault_point("transform")
+        result = np.ascontiguousarray(run_steps(tensor, piece.steps, piece.tensor))
+        del data, tensor, buffer  # only the moved copy stays in flight
+        moved = memoryview(result.reshape(-1).view(np.uint8))
+
+        def sliced(start: int) -> memoryview:
+            return moved[start : start + step]
+    else:
+
+        def sliced(start: int) -> memoryview:
+            chunk = memoryview(bytearray(min(step, piece.nbytes - start)))
+            piece.record.stream.readinto(chunk, piece.src_offset + start)
+            digests.source_crc.update(piece.record, piece.src_offset + start, chunk)
+            return chunk
+
+    position = piece.dst_offset
+    for start in range(0, piece.nbytes, step):
+        converted = cast(sliced(start), piece.tensor)
+        if crc:
+            fault_point("crc")
+            running = zlib.crc32(converted, running)
+            digests.tensor_crc32[piece.tensor] = running
+        yield position, converted, piece.tensor, None
+        position += len(converted)
 
 
 def _file_chunks(output: OutputFile, digests: Digests, pool: BufferPool, reads: Sequence[Worker]) -> Iterator[Chunk]:
@@ -230,7 +271,7 @@ class _Writer:
         temporary = self.destination / partial_name(output.name)
         file_hash = hashlib.sha256()
         tensor_hashes: dict[str, hashlib._Hash] = {}
-        dtypes = {p.tensor: p.record.dtype for p in output.pieces}
+        dtypes = {p.tensor: p.out_dtype for p in output.pieces}
         non_finite: set[str] = set()
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW  # never through a link planted in DST
         with no_links(temporary):
@@ -393,13 +434,29 @@ def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool) 
                 )
 
     *body, marker = plan.files
+    # Every source record's CRC-32 is checked before the output can look complete: before the marker, and
+    # before the last file holding tensors is renamed into place (where the weights are what a loader opens, that
+    # file is complete on its own).
+    last_weights = max((n for n, f in enumerate(plan.files) if f.pieces), default=None)
+    crc_checked = False
+
+    def records_intact() -> None:
+        nonlocal crc_checked
+        if not crc_checked:
+            digests.source_crc.finish(plan.source.records.values())
+            crc_checked = True
+
+    def before_last_weights() -> None:
+        source_unchanged()
+        records_intact()
+
     remaining = sum(f.size for f in plan.files if f.name not in journal.finished)
     with progress_bar(remaining, progress) as bar:
         writer = _Writer(destination, bar, digests, strict=options.strict, checksums=options.checksums)
         try:
-            for output in [*body, marker]:
-                if output is marker:  # every source record's CRC-32 checked before the output looks complete
-                    digests.source_crc.finish(plan.source.records.values())
+            for number, output in enumerate([*body, marker]):
+                if output is marker:
+                    records_intact()
                     fsync_folder(destination)
                 finished = journal.finished.get(output.name)
                 if finished is not None:
@@ -407,7 +464,8 @@ def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool) 
                         digests.file_sha256[output.name] = finished.sha256
                     digests.tensor_sha256.update(finished.tensors)
                     continue
-                writer.write(output, before_commit=source_unchanged, completes=output is marker)
+                check = before_last_weights if number == last_weights else source_unchanged
+                writer.write(output, before_commit=check, completes=output is marker)
                 tensors = {p.tensor: digests.tensor_sha256[p.tensor] for p in output.pieces if options.checksums}
                 journal.record(output.name, digests.file_sha256.get(output.name), tensors)
             fsync_folder(destination)

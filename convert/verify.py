@@ -312,7 +312,7 @@ def _compare_against(folder: Source, original: Source, report: Report) -> None:
     """Every tensor of the folder equals the source's tensor mapped through the tables: first its name, dtype,
     shape and length (a prefix of equal bytes proves nothing about a longer tensor), then byte for byte."""
     plan = build_plan(original, folder.layout.name)
-    expected = {t.name: t for t in target_tensors(original, folder.layout)}
+    expected = {t.name: t for t in target_tensors(original, folder.layout, main=plan.dtype)}
     comparable = set()
     for name, tensor in expected.items():
         record = folder.records.get(name)

@@ -20,7 +20,7 @@ from convert.errors import ConvertError
 from convert.files import is_present
 from convert.formats.safetensors import TensorRecord, layout_header
 from convert.formats.torchzip_writer import layout_torch_zip
-from convert.outputs import OutputFile, Piece, TargetTensor
+from convert.outputs import Cast, OutputFile, Piece, TargetTensor
 
 if TYPE_CHECKING:
     from convert.formats.streams import ByteStream
@@ -60,7 +60,10 @@ class OutputRequest:
 class PlannedOutput:
     weights: list[OutputFile]  # written first, in this order; the manifest lists their tensors
     others: list[OutputFile]  # tokenizer files and parameters, written after the weights
-    marker: OutputFile  # written last: the file that makes the folder a loadable checkpoint
+    # The small file whose bytes the plan holds (an index, params.json) that makes the folder a loadable checkpoint,
+    # written last; None where the weights themselves are what a loader opens (they are then written after
+    # everything else but the checksums, which end the run).
+    marker: OutputFile | None
 
 
 class Format(ABC):
@@ -73,6 +76,21 @@ class Format(ABC):
     replaces: ClassVar[tuple[str, ...]]
     must_not_contain: ClassVar[tuple[str, ...]] = ()  # globs an output folder must not hold beside this one
     chat_template: ClassVar[bool] = False  # whether the output has a place for --instruct's chat template
+    outtypes: ClassVar[tuple[str, ...]] = ()  # what --outtype may ask of this container; none: dtypes are kept
+
+    def tensor_dtype(self, name: str, shape: tuple[int, ...], dtype: str, outtype: str | None) -> str:
+        """The dtype this container stores tensor name in, given the checkpoint's dtype for it and --outtype."""
+        return dtype
+
+    def checkpoint_dtype(self, record: TensorRecord, main: str) -> str:
+        """The dtype a stored tensor had in the checkpoint, main being the dtype most bytes have: a container
+        that widens some tensors by rule (GGUF's F32 norms) says so here, so they go back."""
+        return record.dtype
+
+    def cast(self, src: str, dst: str) -> Cast | None:
+        """How this container converts elements from src to dst (for its own writes, or back from its own
+        reads); None: it has no such conversion."""
+        return None
 
     @abstractmethod
     def open(
