@@ -22,7 +22,7 @@ from convert.errors import ConvertError, escape
 from convert.formats.zip_crc import check_records
 from convert.mapping import layout, layout_names
 from convert.pipeline import convert_checkpoint
-from convert.plan import DEFAULT_MAX_SHARD_SIZE, Plan, PlanOptions, build_plan, check_source
+from convert.plan import Plan, PlanOptions, build_plan, check_source
 from convert.resume import JOURNAL
 from convert.sizes import format_size, parse_size
 from convert.source import open_source
@@ -67,9 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--max-shard-size",
         type=_size,
-        default=DEFAULT_MAX_SHARD_SIZE,
         metavar="SIZE",
-        help="largest shard for sharded outputs: 5GB (10^9), 5GiB (2^30) or bytes (default 5GB)",
+        help="largest shard: 5GB (10^9), 5GiB (2^30) or bytes (default: hf 5GB shards, gguf one file)",
     )
     convert.add_argument(
         "--dry-run", action="store_true", help="write nothing, print the plan (reads metadata only, unless --expect)"

@@ -25,8 +25,9 @@ class Cast(Protocol):
         """The converted size of nbytes of source elements."""
         ...
 
-    def __call__(self, data: memoryview, tensor: str) -> memoryview:
-        """data converted; a value the conversion cannot carry is a ConvertError naming tensor."""
+    def __call__(self, data: memoryview, tensor: str, first: int) -> memoryview:
+        """data (which starts at element first of the piece) converted; a value the conversion cannot carry is a
+        ConvertError naming tensor."""
         ...
 
 

@@ -13,7 +13,6 @@ from convert import integrity
 from convert.dtypes import CONFIG_NAME, nbytes_of
 from convert.errors import ConvertError
 from convert.formats.base import OutputRequest
-from convert.formats.hf_safetensors import DEFAULT_MAX_SHARD_SIZE
 from convert.formats.safetensors import TensorRecord
 from convert.mapping import KindLayout, LayoutTable, layout
 from convert.outputs import OutputFile, Piece, TargetTensor
@@ -34,7 +33,7 @@ EXPECTED_SLACK_TENSORS = 64
 class PlanOptions:
     """How a conversion is planned, as the command line sets it."""
 
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    max_shard_size: int | None = None  # None: the container's default (hf: 5 GB shards; gguf: one file)
     hash_input: bool = False  # record each source file's SHA-256 in the manifest
     instruct: bool = False  # add the chat template (hf)
     strict: bool = False  # warnings about tensors are errors
@@ -194,7 +193,7 @@ def target_tensors(
             )
             cast = None
             if wanted != record.dtype:
-                cast = target.format.cast(record.dtype, wanted) or source.layout.format.cast(record.dtype, wanted)
+                cast = target.format.cast(record.dtype, wanted) or source.layout.format.restore(record.dtype, wanted)
                 if cast is None:
                     raise ConvertError(
                         f"cannot convert {record.dtype} to {wanted} for --to {target.name}",
@@ -251,7 +250,14 @@ def build_plan(source: Source, target_name: str, options: PlanOptions = DEFAULT_
     tensors = target_tensors(source, target, main=dtype, outtype=options.outtype)
     copied = _tokenizer_copy(source, target, instruct=options.instruct)
     request = OutputRequest(
-        target, tensors, source.params, dtype, source.tokenizer, options.instruct, options.max_shard_size
+        target,
+        tensors,
+        source.params,
+        dtype,
+        source.tokenizer,
+        instruct=options.instruct,
+        max_shard_size=options.max_shard_size,
+        outtype=options.outtype,
     )
     output = target.format.plan(request)
     weights = output.weights

@@ -31,6 +31,7 @@ class Source:
     # Files another loader would read instead of (or besides) what was read here: each makes two models of one
     # folder, so it is a problem like a wrong shape (convert refuses, inspect and verify list it).
     ambiguities: list[ConvertError] = field(default_factory=list)
+    outtype: str | None = None  # the --outtype these files were written with, where the container records it
 
     @property
     def input_files(self) -> list[Path]:
@@ -120,4 +121,5 @@ def open_source(folder: Path, layout_name: str | None = None) -> Source:
         tokenizer if present else None,
         streams,
         ambiguities,
+        opened.outtype,
     )

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from convert import faults
 from convert.digests import Digests
 from convert.direct_io import ALIGN, StagedWriter, aligned_buffer, open_direct
-from convert.dtypes import word_dtype
+from convert.dtypes import ITEM_SIZE, word_dtype
 from convert.errors import ConvertError
 from convert.faults import fault_point
 from convert.finite import FiniteCheck
@@ -168,7 +168,7 @@ def _cast_chunks(piece: Piece, digests: Digests, *, crc: bool) -> Iterator[Chunk
 
     position = piece.dst_offset
     for start in range(0, piece.nbytes, step):
-        converted = cast(sliced(start), piece.tensor)
+        converted = cast(sliced(start), piece.tensor, start // ITEM_SIZE[piece.record.dtype])
         if crc:
             fault_point("crc")
             running = zlib.crc32(converted, running)

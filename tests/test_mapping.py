@@ -10,7 +10,7 @@ REAL = {"n_layers": 32, "n_experts": 8}
 
 
 def test_all_layouts_load() -> None:
-    assert set(layout_names()) == {"hf", "megablocks", "mistral", "torrent"}
+    assert set(layout_names()) == {"gguf", "hf", "megablocks", "mistral", "torrent"}
 
 
 @pytest.mark.parametrize(("name", "count"), [("torrent", 995), ("mistral", 995), ("hf", 995), ("megablocks", 323)])

@@ -175,7 +175,7 @@ CASES: dict[str, tuple[str, Edit, str]] = {
     "unknown-container": (
         "torrent",
         lambda f: edit(f / "torrent.toml", 'container = "mistral_pth"', 'container = "zip"'),
-        "torrent.toml: layout.container: 'zip' is not one of hf_safetensors, megablocks_pt, mistral_pth,",
+        "torrent.toml: layout.container: 'zip' is not one of gguf, hf_safetensors, megablocks_pt, mistral_pth,",
     ),
     "name-is-not-the-file": (
         "torrent",

@@ -40,6 +40,7 @@ class OpenedWeights:
     weight_files: list[Path]
     params_file: Path
     params: ModelParams
+    outtype: str | None = None  # the --outtype the files say they were written with, where a container records it
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class OutputRequest:
     dtype: str  # the dtype most bytes have (config.json states it)
     tokenizer: Path | None  # the source's tokenizer.model
     instruct: bool
-    max_shard_size: int
+    max_shard_size: int | None  # None: the container's default
+    outtype: str | None  # None: the source's element types
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,12 @@ class Format(ABC):
         return record.dtype
 
     def cast(self, src: str, dst: str) -> Cast | None:
-        """How this container converts elements from src to dst (for its own writes, or back from its own
-        reads); None: it has no such conversion."""
+        """How this container converts elements from src to dst for its own writes; None: it has none."""
+        return None
+
+    def restore(self, src: str, dst: str) -> Cast | None:
+        """How elements this container stored as src go back to the checkpoint's dst (see checkpoint_dtype);
+        None: it has no such conversion."""
         return None
 
     @abstractmethod

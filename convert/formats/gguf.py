@@ -20,6 +20,7 @@ here only. The data path (conversion, quantization, layout, reading) is ours.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import struct
@@ -27,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from gguf import (
@@ -49,11 +50,18 @@ from gguf import (
 )
 
 from convert.errors import ConvertError, shown
+from convert.files import MAX_TOKENIZER, is_present, read_small
+from convert.formats.base import Format, OpenedWeights, OutputRequest, PlannedOutput, placed
 from convert.formats.safetensors import TensorRecord
 from convert.formats.streams import ByteStream
+from convert.outputs import OutputFile
 from convert.params import DEFAULT_MAX_POSITIONS, ModelParams
 from convert.tokenizer import CHAT_TEMPLATE, SentencePieceModel, _Corrupt, _special_ids, check_model, parse_model
 
+if TYPE_CHECKING:
+    from convert.mapping import LayoutTable
+
+log = logging.getLogger("mixtral-convert")
 ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]  # Mixtral is the llama architecture with experts ("llama")
 ALIGNMENT = GGUF_DEFAULT_ALIGNMENT  # 32; no general.alignment key is written, so readers use this default
 F32, F16, BF16, Q8_0 = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
@@ -708,14 +716,16 @@ def _read_kv(cur: _Cursor) -> KV:
     return KV(key, vtype, values, item)
 
 
-def read_gguf(stream: ByteStream) -> tuple[dict[str, KV], list[TensorRecord]]:
+def read_gguf(stream: ByteStream, *, quantized: bool = False) -> tuple[dict[str, KV], list[TensorRecord]]:
     """Read a GGUF file's metadata and tensor records as gguf.cpp's gguf_init_from_reader does, refusing what it
     refuses (bad magic, version 0, 1 or above 3, a byte-swapped version, negative counts, empty or duplicate keys,
     unknown value types, arrays of arrays, general.alignment not a UINT32 power of two, tensor names of 64 bytes or
     more or repeated, over 4 dimensions, an element count that overflows int64, unknown GGML types, rows not a whole
     number of blocks, offsets that are not exactly the previous tensor's padded end) and more: offsets or sizes past
     the end of the file, trailing bytes after the last tensor's padding, bool bytes other than 0/1, invalid UTF-8,
-    a header over MAX_HEADER. Tensors of any type other than F32, F16, BF16 are refused: quantized GGUF is one-way.
+    a header over MAX_HEADER. Tensors of any type other than F32, F16, BF16 are refused: quantized GGUF is one-way
+    (with quantized, Q8_0 tensors are indexed, dtype "Q8_0", so that verify and inspect can read our own q8_0 files;
+    converting from them is refused by GgufFormat.checkpoint_dtype).
 
     Records carry our dtype names and the shape in torch order (outermost first); offsets are absolute. Every count
     is checked against the bytes that remain before anything of that size is allocated."""
@@ -775,7 +785,7 @@ def read_gguf(stream: ByteStream) -> tuple[dict[str, KV], list[TensorRecord]]:
             ggml_type = GGMLQuantizationType(raw_type)
         except ValueError:
             raise cur.fail(f"unknown GGML type {raw_type}", tensor=name) from None
-        if ggml_type not in DTYPE_OF_GGML:
+        if ggml_type not in DTYPE_OF_GGML and not (quantized and ggml_type == Q8_0):
             rule = (
                 f"is {ggml_type.name}: quantized GGUF is one-way, its weights cannot be restored; convert from the "
                 "original checkpoint instead"
@@ -799,7 +809,8 @@ def read_gguf(stream: ByteStream) -> tuple[dict[str, KV], list[TensorRecord]]:
                 f"({stream.size} bytes; truncated download?)",
                 tensor=name,
             )
-        records.append(TensorRecord(name, DTYPE_OF_GGML[ggml_type], shape, stream, data_start + offset, size))
+        dtype = DTYPE_OF_GGML.get(ggml_type, ggml_type.name)
+        records.append(TensorRecord(name, dtype, shape, stream, data_start + offset, size))
         expected = offset + size + _pad(size, alignment)
     end = data_start + expected if n_tensors else cur.pos + _pad(cur.pos, alignment)  # writers pad an empty one too
     if stream.size > end:
@@ -949,3 +960,183 @@ def check_splits(paths: Sequence[Path], metadatas: Sequence[Mapping[str, KV]], n
 def metadata_values(metadata: Mapping[str, KV]) -> dict[str, Any]:
     """{key: value} with arrays as lists, for display and comparison."""
     return {k: (list(v.value.tolist()) if isinstance(v.value, np.ndarray) else v.value) for k, v in metadata.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The container: what plan, source, verify and inspect call
+
+STEM = "model"  # the output is model.gguf, or model-0000i-of-0000N.gguf when split
+TOKENIZER = "tokenizer.model"
+
+
+class _Cast:
+    """Element conversion while streaming (outputs.Cast): a write to a GGUF type (convert_elements), or a GGUF
+    source's tensor back to the checkpoint's dtype (restore_elements, exact or refused)."""
+
+    def __init__(self, src_dtype: str, dst_dtype: str, *, restore: bool) -> None:
+        self.src_dtype = src_dtype
+        self.dst_dtype = dst_dtype
+        self._restore = restore
+        self._item = np.dtype(_NUMPY_OF_DTYPE[src_dtype]).itemsize
+        self._dst = GGMLQuantizationType[dst_dtype]
+        self.granule = self._item * GGML_QUANT_SIZES[self._dst][0]  # Q8_0: whole blocks of 32 elements
+
+    def out_nbytes(self, nbytes: int) -> int:
+        return converted_nbytes(nbytes // self._item, self._dst)
+
+    def __call__(self, data: memoryview, tensor: str, first: int) -> memoryview:
+        if self._restore:
+            converted = restore_elements(data, GGML_OF_DTYPE[self.src_dtype], self.dst_dtype, tensor=tensor,
+                                         first_element=first)  # fmt: skip
+        else:
+            converted = convert_elements(data, self.src_dtype, self._dst, tensor=tensor)
+        return memoryview(np.ascontiguousarray(converted)).cast("B")
+
+
+def _one_model(folder: Path) -> Path:
+    """The first file of the one GGUF model in folder. Several models (two files, or a file beside a split set)
+    are two readings of the folder: refused, as llama.cpp is always given one file."""
+    found = sorted(p for p in folder.glob("*.gguf") if p.is_file())
+    firsts = [p for p in found if not (m := _SPLIT_NAME.match(p.name)) or int(m["no"]) == 1]
+    if not found:
+        raise ConvertError("no .gguf file", file=folder)
+    if len(firsts) != 1:
+        names = ", ".join(shown(p.name) for p in (firsts or found)[:4])
+        raise ConvertError(
+            f"holds {len(firsts) or 'no first file of'} GGUF models ({names}): llama.cpp loads the one it is given, "
+            "this tool would have to guess; keep one model (its split files together) in the folder",
+            file=folder,
+        )
+    paths = split_paths(firsts[0])
+    strays = sorted(set(found) - set(paths))
+    if strays:
+        raise ConvertError(
+            f"{shown(strays[0].name)} is not part of the GGUF model {shown(firsts[0].name)}; remove it", file=folder
+        )
+    return firsts[0]
+
+
+class GgufFormat(Format):
+    container = "gguf"
+    markers = ("*.gguf",)
+    replaces = ("*.gguf",)
+    chat_template = True
+    outtypes = tuple(OUTTYPES)
+
+    def open(
+        self, folder: Path, table: LayoutTable, streams: list[ByteStream], ambiguities: list[ConvertError]
+    ) -> OpenedWeights:
+        paths = split_paths(_one_model(folder))
+        metadatas = []
+        records: list[TensorRecord] = []
+        for path in paths:
+            stream = ByteStream([path])
+            streams.append(stream)
+            metadata, found = read_gguf(stream, quantized=True)
+            metadatas.append(metadata)
+            records += found
+        check_splits(paths, metadatas, len(records))
+        params = params_from_metadata(metadatas[0], file=str(paths[0]))
+        _check_beside_tokenizer(folder, metadatas[0], ambiguities)
+        return OpenedWeights(records, paths, paths[0], params, _written_outtype(metadatas[0]))
+
+    def tensor_dtype(self, name: str, shape: tuple[int, ...], dtype: str, outtype: str | None) -> str:
+        ggml_type = tensor_type(name, shape, outtype or _default_outtype(dtype, name))
+        return DTYPE_OF_GGML.get(ggml_type, ggml_type.name)
+
+    def checkpoint_dtype(self, record: TensorRecord, main: str) -> str:
+        if record.dtype not in GGML_OF_DTYPE:
+            raise ConvertError(
+                f"is {record.dtype}: quantized GGUF is one-way, its weights cannot be restored; convert from the "
+                "original checkpoint instead",
+                file=record.stream.label,
+                tensor=record.name,
+            )
+        forced = main in OUTTYPE_OF_DTYPE and tensor_type(record.name, record.shape, OUTTYPE_OF_DTYPE[main]) == F32
+        return main if record.dtype == "F32" and forced else record.dtype
+
+    def cast(self, src: str, dst: str) -> _Cast | None:
+        if src in GGML_OF_DTYPE and dst in (*GGML_OF_DTYPE, Q8_0.name):
+            return _Cast(src, dst, restore=False)
+        return None
+
+    def restore(self, src: str, dst: str) -> _Cast | None:
+        if src in GGML_OF_DTYPE and dst in GGML_OF_DTYPE:
+            return _Cast(src, dst, restore=True)
+        return None
+
+    def plan(self, request: OutputRequest) -> PlannedOutput:
+        outtype = request.outtype or _default_outtype(request.dtype, "the weights")
+        metadata = [*model_metadata(request.params, outtype, name=MODEL_NAME), *_vocabulary(request)]
+        infos = [TensorInfo(t.name, GGMLQuantizationType[t.dtype], t.shape) for t in request.tensors]
+        by_name = {t.name: t for t in request.tensors}
+        files = []
+        for name, layout in layout_split(metadata, infos, stem=STEM, max_size=request.max_shard_size):
+            blobs = [(0, layout.header), *((offset, bytes(size)) for offset, size in layout.zero_blobs)]
+            pieces = tuple(p for t in layout.offsets for p in placed(by_name[t], layout.offsets[t]))
+            files.append(OutputFile(name, layout.size, blobs=tuple(blobs), pieces=pieces))
+        return PlannedOutput(files, [], None)
+
+
+MODEL_NAME = "Mixtral"  # general.name; llama.cpp's converter takes it from the folder's name or model card
+
+
+def _vocabulary(request: OutputRequest) -> list[KV]:
+    """The tokenizer keys from tokenizer.model. As for hf's tokenizer.json, a tokenizer that cannot be translated is
+    a warning (the weights are still right, but llama.cpp needs the vocabulary to load the file), and an error when
+    --instruct asked for the chat template; no tokenizer.model was warned about already."""
+    if request.tokenizer is None:
+        return []
+    try:
+        return tokenizer_metadata(
+            read_small(request.tokenizer, MAX_TOKENIZER, TOKENIZER),
+            vocab_size=request.params.vocab_size,
+            instruct=request.instruct,
+            source=str(request.tokenizer),
+        )
+    except ConvertError as exc:
+        if request.instruct:
+            raise
+        # the line is escaped already: as the message itself, not an argument (arguments are shown() again)
+        log.warning(exc.line() + "; the GGUF has no vocabulary (llama.cpp will not load it)")
+        return []
+
+
+def _written_outtype(metadata: Mapping[str, KV]) -> str | None:
+    """general.file_type as an outtype name (what verify --against converts the original with)."""
+    entry = metadata.get(Keys.General.FILE_TYPE)
+    by_value = {int(v): k for k, v in OUTTYPES.items()}
+    return by_value.get(int(entry.value)) if entry is not None and entry.type == GGUFValueType.UINT32 else None
+
+
+def _default_outtype(dtype: str, what: str) -> str:
+    """No silent cast: without --outtype a GGUF holds the checkpoint's own element type."""
+    outtype = OUTTYPE_OF_DTYPE.get(dtype)
+    if outtype is None:
+        raise ConvertError(f"{what}: {dtype} has no GGUF type; choose one with --outtype ({', '.join(OUTTYPES)})")
+    return outtype
+
+
+def _check_beside_tokenizer(folder: Path, metadata: Mapping[str, KV], ambiguities: list[ConvertError]) -> None:
+    """A tokenizer.model beside the GGUF is copied into other layouts; one whose pieces are not the GGUF's
+    vocabulary would make the converted model tokenize differently from the GGUF: two readings."""
+    path = folder / TOKENIZER
+    tokens = metadata.get(Keys.Tokenizer.LIST)
+    if not is_present(path) or tokens is None:
+        return
+    try:
+        pieces = [p.text for p in parse_model(read_small(path, MAX_TOKENIZER, TOKENIZER)).pieces]
+    except _Corrupt as error:
+        ambiguities.append(ConvertError(f"not a SentencePiece model: {error}", file=path))
+        return
+    if pieces != list(tokens.value):
+        ambiguities.append(
+            ConvertError(
+                f"its pieces are not the GGUF's tokenizer.ggml.tokens ({len(pieces)} vs {len(tokens.value)}): the "
+                "converted model would tokenize differently from the GGUF; remove it or put the matching one",
+                file=path,
+            )
+        )
+
+
+FORMAT = GgufFormat()

@@ -172,7 +172,7 @@ class HfSafetensors(Format):
 
     def plan(self, request: OutputRequest) -> PlannedOutput:
         tensors = request.tensors
-        groups = shard_groups(tensors, request.max_shard_size)
+        groups = shard_groups(tensors, request.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
         weights = []
         weight_map = {}
         for number, group in enumerate(groups, start=1):
