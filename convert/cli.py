@@ -143,8 +143,9 @@ def run_convert(args: argparse.Namespace) -> int:
             print(json.dumps(description, indent=2))
         else:
             print(
-                f"{description['source']['layout']} -> {description['target']}, {description['dtype']}, "
-                f"{description['tensors']} tensors, nothing written"
+                f"{description['source']['layout']} -> {description['target']}, {description['dtype']}"
+                + (f" as {description['outtype']}" if description["outtype"] else "")
+                + f", {description['tensors']} tensors, nothing written"
             )
             for entry in description["files"]:
                 print(f"  {entry['size']:>16,}  {args.dst / entry['name']}")

@@ -14,7 +14,7 @@ from convert.dtypes import CONFIG_NAME, nbytes_of
 from convert.errors import ConvertError
 from convert.formats.base import OutputRequest
 from convert.formats.safetensors import TensorRecord
-from convert.mapping import KindLayout, LayoutTable, layout
+from convert.mapping import KindLayout, LayoutTable, layout, layout_names
 from convert.outputs import OutputFile, Piece, TargetTensor
 from convert.params import ModelParams
 from convert.source import TOKENIZER, Source
@@ -241,10 +241,13 @@ def build_plan(source: Source, target_name: str, options: PlanOptions = DEFAULT_
         raise first
     target = layout(target_name)
     if options.outtype is not None and options.outtype not in target.format.outtypes:
-        allowed = f"one of {', '.join(target.format.outtypes)}" if target.format.outtypes else "not asked for"
+        if target.format.outtypes:
+            takes = ", ".join(target.format.outtypes)
+            raise ConvertError(f"--outtype {options.outtype}: --to {target.name} takes {takes}")
+        converting = [name for name in layout_names() if layout(name).format.outtypes]
         raise ConvertError(
-            f"--outtype {options.outtype}: --to {target.name} keeps the source's element types (--outtype is "
-            f"{allowed} there)"
+            f"--outtype {options.outtype}: --to {target.name} keeps the source's element types (--outtype is for "
+            f"--to {', '.join(converting)})"
         )
     dtype = main_dtype(source, strict=options.strict)
     tensors = target_tensors(source, target, main=dtype, outtype=options.outtype)
