@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from convert import faults
-from convert.digests import Digests
+from convert.digests import TENSOR_DIGEST, Digests, Hasher, new_hasher
 from convert.direct_io import ALIGN, StagedWriter, aligned_buffer, open_direct
 from convert.dtypes import word_dtype
 from convert.errors import ConvertError
@@ -229,7 +229,7 @@ class _Writer:
         file makes the output complete; once it is in place, the run's outcome is success whatever signal comes."""
         temporary = self.destination / partial_name(output.name)
         file_hash = hashlib.sha256()
-        tensor_hashes: dict[str, hashlib._Hash] = {}
+        tensor_hashes: dict[str, Hasher] = {}
         dtypes = {p.tensor: p.record.dtype for p in output.pieces}
         non_finite: set[str] = set()
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW  # never through a link planted in DST
@@ -260,7 +260,7 @@ class _Writer:
                     whole = file_hash if self.checksums else None
                     self.file_hasher.submit(partial(_hash, "file-hash", whole, data), release)
                     if tensor is not None:
-                        digest = tensor_hashes.setdefault(tensor, hashlib.sha256()) if self.checksums else None
+                        digest = _tensor_hasher(tensor_hashes, tensor) if self.checksums else None
                         check = partial(self.finite_check, data, dtypes[tensor], tensor, non_finite)
                         self.tensor_hasher.submit(partial(_hash, "tensor-hash", digest, data, check), release)
                     elif release is not None:
@@ -293,7 +293,7 @@ class _Writer:
         if self.checksums:
             self.digests.file_sha256[output.name] = file_hash.hexdigest()
             for tensor, digest in tensor_hashes.items():
-                self.digests.tensor_sha256[tensor] = digest.hexdigest()
+                self.digests.tensor_digest[tensor] = digest.hexdigest()
         sources = {p.tensor: p.record for p in output.pieces}  # messages name the source's file and tensor
         for tensor in sorted(non_finite):
             record = sources[tensor]
@@ -310,7 +310,13 @@ class _Writer:
             raise ConvertError(f"cannot rename into place: {exc.strerror}", file=temporary) from None
 
 
-def _hash(site: str, digest: hashlib._Hash | None, data: memoryview, check: Callable[[], None] | None = None) -> None:
+def _tensor_hasher(hashes: dict[str, Hasher], tensor: str) -> Hasher:
+    if tensor not in hashes:
+        hashes[tensor] = new_hasher(TENSOR_DIGEST)
+    return hashes[tensor]
+
+
+def _hash(site: str, digest: Hasher | None, data: memoryview, check: Callable[[], None] | None = None) -> None:
     fault_point(site)
     if digest is not None:
         digest.update(data)
@@ -405,10 +411,10 @@ def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool) 
                 if finished is not None:
                     if finished.sha256 is not None:
                         digests.file_sha256[output.name] = finished.sha256
-                    digests.tensor_sha256.update(finished.tensors)
+                    digests.tensor_digest.update(finished.tensors)
                     continue
                 writer.write(output, before_commit=source_unchanged, completes=output is marker)
-                tensors = {p.tensor: digests.tensor_sha256[p.tensor] for p in output.pieces if options.checksums}
+                tensors = {p.tensor: digests.tensor_digest[p.tensor] for p in output.pieces if options.checksums}
                 journal.record(output.name, digests.file_sha256.get(output.name), tensors)
             fsync_folder(destination)
         finally:

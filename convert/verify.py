@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from convert.digests import Digests
+from convert.digests import TENSOR_DIGESTS, Digests, new_hasher
 from convert.errors import ConvertError, escape, shown
 from convert.files import MAX_MANIFEST_JSON, MAX_SUMS, is_present, read_small
 from convert.formats.safetensors import TensorRecord
@@ -107,17 +107,19 @@ def check_pins(folder: Path, pins: Traversable, report: Report) -> None:
 
 @dataclass(frozen=True)
 class ManifestEntry(TensorEntry):
-    """A tensor line of manifest.json: where the tensor was placed, and its SHA-256."""
+    """A tensor line of manifest.json: where the tensor was placed, and its digest (algorithm: the manifest's
+    "tensor_digest", BLAKE3 now, SHA-256 in manifests written before that field existed)."""
 
-    sha256: str
+    digest: str
+    algorithm: str = "sha256"
 
 
-def _manifest_entry(item: object) -> ManifestEntry | None:
+def _manifest_entry(item: object, algorithm: str) -> ManifestEntry | None:
     """One tensor line of manifest.json, or None when it is not one."""
     if not isinstance(item, dict):
         return None
     name, file, dtype, shape, offsets, digest = (
-        item.get(k) for k in ("name", "file", "dtype", "shape", "offsets", "sha256")
+        item.get(k) for k in ("name", "file", "dtype", "shape", "offsets", algorithm)
     )
     fields_ok = isinstance(name, str) and isinstance(file, str) and isinstance(dtype, str)
     shape_ok = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
@@ -125,7 +127,7 @@ def _manifest_entry(item: object) -> ManifestEntry | None:
     digest_ok = isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
     if not (fields_ok and shape_ok and offsets_ok and digest_ok) or offsets[0] > offsets[1]:
         return None
-    return ManifestEntry(name, file, dtype, tuple(shape), offsets[0], offsets[1], digest)
+    return ManifestEntry(name, file, dtype, tuple(shape), offsets[0], offsets[1], digest, algorithm)
 
 
 def read_manifest(folder: Path, report: Report) -> list[ManifestEntry] | None:
@@ -146,11 +148,17 @@ def read_manifest(folder: Path, report: Report) -> list[ManifestEntry] | None:
     if not isinstance(items, list):
         report.results.append(Result("manifest", str(path), False, "has no list of tensors"))
         return None
+    algorithm = data.get("tensor_digest", "sha256")  # older manifests: no field, SHA-256
+    if algorithm not in TENSOR_DIGESTS:
+        known = " or ".join(TENSOR_DIGESTS)
+        problem = f"tensor_digest {algorithm!r} is not one this version can check ({known})"
+        report.results.append(Result("manifest", str(path), False, problem))
+        return None
     entries = []
     for number, item in enumerate(items):
-        entry = _manifest_entry(item)
+        entry = _manifest_entry(item, algorithm)
         if entry is None:
-            problem = f"tensor entry {number} is not {{name, file, dtype, shape, offsets, sha256}}"
+            problem = f"tensor entry {number} is not {{name, file, dtype, shape, offsets, {algorithm}}}"
             report.results.append(Result("manifest", str(path), False, problem))
             return None
         entries.append(entry)
@@ -166,7 +174,7 @@ def _hash_pass(path: Path, ranges: list[ManifestEntry]) -> tuple[str, dict[str, 
     a hash state per tensor)."""
     whole = hashlib.sha256()
     ordered = sorted(ranges, key=lambda e: (e.begin, e.end))
-    hashers = {e.name: hashlib.sha256() for e in ordered}
+    hashers = {e.name: new_hasher(e.algorithm) for e in ordered}
     first = 0  # ordered[:first] end at or before the current chunk: done
     position = 0
     stream = ByteStream([path])
@@ -196,9 +204,10 @@ def _check_tensor_hashes(path: Path, entries: list[ManifestEntry], digests: dict
         problem = None
         if entry.end > size:
             problem = f"{MANIFEST} places it at bytes [{entry.begin}, {entry.end}) but the file has {size}"
-        elif digests[entry.name] != entry.sha256:
+        elif digests[entry.name] != entry.digest:
             problem = (
-                f"sha256 of bytes [{entry.begin}, {entry.end}) is {digests[entry.name]}, {MANIFEST} says {entry.sha256}"
+                f"{entry.algorithm} of bytes [{entry.begin}, {entry.end}) is {digests[entry.name]}, {MANIFEST} says "
+                f"{entry.digest}"
             )
         if problem:
             failed = True
