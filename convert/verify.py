@@ -13,22 +13,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from convert.digests import TENSOR_DIGESTS, Digests, new_hasher
+from convert.compare import Comparer
+from convert.digests import TENSOR_DIGESTS, new_hasher
 from convert.errors import ConvertError, escape, shown
 from convert.files import MAX_MANIFEST_JSON, MAX_SUMS, is_present, read_small
-from convert.formats.safetensors import TensorRecord
 from convert.formats.streams import ByteStream
 from convert.formats.zip_crc import check_records
 from convert.integrity import MANIFEST, SUMS, TensorEntry, file_digest, parse_sums
 from convert.mapping import data_dir
 from convert.plan import build_plan, check_source, target_tensors
 from convert.source import Source, open_source
-from convert.stream import PARTIAL_SUFFIX, Chunk, piece_chunks
+from convert.stream import PARTIAL_SUFFIX
 from convert.workers import run_scope
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -337,32 +336,27 @@ def _compare_against(folder: Source, original: Source, report: Report) -> None:
             report.results.append(Result("against", record.stream.label, False, problem, name))
             continue
         comparable.add(name)
-    for output in plan.files:
-        starts = output.tensor_starts()
-        digests = Digests()
-        failed: set[str] = set()
-        for piece in sorted(output.pieces, key=lambda p: p.dst_offset):
-            if piece.tensor not in comparable or piece.tensor in failed:
-                continue
-            record = folder.records[piece.tensor]
-            mismatch = _first_mismatch(piece_chunks(piece, digests, crc=False), record, starts[piece.tensor])
-            if mismatch is not None:
+    comparer = Comparer()
+    try:
+        for output in plan.files:
+            starts = output.tensor_starts()
+            pieces = [
+                (p, folder.records[p.tensor], starts[p.tensor])
+                for p in sorted(output.pieces, key=lambda p: p.dst_offset)
+                if p.tensor in comparable
+            ]
+            failed: set[str] = set()
+            for piece, mismatch in comparer.mismatches(pieces):
                 failed.add(piece.tensor)
                 problem = f"differs from the converted source at byte {mismatch} of the tensor"
-                report.results.append(Result("against", record.stream.label, False, problem, piece.tensor))
-        for name in sorted({p.tensor for p in output.pieces} & comparable - failed):
-            report.results.append(Result("against", folder.records[name].stream.label, True, None, name))
+                report.results.append(Result("against", folder.records[piece.tensor].stream.label, False, problem,
+                                             piece.tensor))  # fmt: skip
+            for name in sorted({p.tensor for p in output.pieces} & comparable - failed):
+                report.results.append(Result("against", folder.records[name].stream.label, True, None, name))
+    finally:
+        comparer.close()
     for name in sorted(set(folder.records) - set(expected)):
         report.results.append(Result("against", str(folder.folder), False, "not in the source", name))
-
-
-def _first_mismatch(chunks: Iterator[Chunk], record: TensorRecord, start: int) -> int | None:
-    for offset, data, _, _ in chunks:
-        relative = offset - start
-        actual = record.stream.read(len(data), record.offset + relative)
-        if actual != data:
-            return relative + next(i for i, (a, b) in enumerate(zip(actual, bytes(data), strict=True)) if a != b)
-    return None
 
 
 def verify_folder(folder: Path, *, against: Path | None = None, pins: Traversable | None = None) -> Report:

@@ -4,6 +4,7 @@ enough to go through both, proven by verify re-reading the output from the disk.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 from pathlib import Path
@@ -16,10 +17,11 @@ from convert import stream
 from convert.direct_io import ALIGN, STAGE, StagedWriter, aligned_buffer, open_direct
 from convert.errors import ConvertError
 from convert.formats.streams import ByteStream
-from convert.workers import run_scope
+from convert.workers import CHUNK, run_scope
 
 # 2 layers of 8 experts at dim 256, FFN 2048 and a 32003 vocab: about 84 MB, so the weights file is written
 # through the staged writer (stream.DIRECT_MIN) in more than one STAGE.
+EMBED = "model.embed_tokens.weight"  # 32003 x 256 bf16: about 16 MB, two chunks
 MEDIUM = dataclasses.replace(DEFAULT, dim=256, head_dim=64, hidden_dim=2048, n_experts=8, vocab=32003)
 
 
@@ -154,3 +156,24 @@ def test_chunks_read_ahead_covers_the_file_in_order(tmp_path: Path, length: int)
         source.close()
     assert b"".join(pieces) == payload
     assert all(len(piece) == ALIGN for piece in pieces[:-1])
+
+
+def test_verify_against_names_a_byte_flipped_deep_inside_a_large_tensor(medium: Path, tmp_path: Path) -> None:
+    """The byte lies in the embedding's second 8 MiB chunk: found by the pooled compare, at its exact place."""
+    hf = tmp_path / "hf"
+    run_cli("convert", medium, hf, "--to", "hf", "--no-progress")
+    (shard,) = hf.glob("model-*.safetensors")
+    entry = next(e for e in json.loads((hf / "manifest.json").read_text())["tensors"] if e["name"] == EMBED)
+    begin, end = entry["offsets"]
+    assert end - begin > CHUNK + 4096  # more than one chunk
+    at = CHUNK + 4093  # not aligned to anything the reader uses
+    with open(shard, "r+b") as handle:
+        handle.seek(begin + at)
+        byte = handle.read(1)
+        handle.seek(begin + at)
+        handle.write(bytes([byte[0] ^ 0x10]))
+    result = run_cli("verify", hf, "--against", medium, check=False)
+    assert result.returncode == 1
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED against")]
+    assert failed == [f"FAILED against: {shard}: tensor {EMBED}: differs from the converted source at byte {at} of "
+                      "the tensor"], result.stdout  # fmt: skip
