@@ -11,17 +11,16 @@ manifest's ranges are checked against the headers, so a renamed or moved tensor 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
+from convert.checksums import FolderHasher
 from convert.compare import Comparer
-from convert.digests import TENSOR_DIGESTS, new_hasher
+from convert.digests import TENSOR_DIGESTS
 from convert.errors import ConvertError, escape, shown
 from convert.files import MAX_MANIFEST_JSON, MAX_SUMS, is_present, read_small
-from convert.formats.streams import ByteStream
 from convert.formats.zip_crc import check_records
 from convert.integrity import MANIFEST, SUMS, TensorEntry, file_digest, parse_sums
 from convert.mapping import data_dir
@@ -168,32 +167,10 @@ def read_manifest(folder: Path, report: Report) -> list[ManifestEntry] | None:
     return entries
 
 
-def _hash_pass(path: Path, ranges: list[ManifestEntry]) -> tuple[str, dict[str, str]]:
-    """One sequential read of path: its SHA-256 and that of each range, in bounded memory (two read buffers and
-    a hash state per tensor)."""
-    whole = hashlib.sha256()
-    ordered = sorted(ranges, key=lambda e: (e.begin, e.end))
-    hashers = {e.name: new_hasher(e.algorithm) for e in ordered}
-    first = 0  # ordered[:first] end at or before the current chunk: done
-    position = 0
-    stream = ByteStream([path])
-    try:
-        for piece in stream.chunks(READ_CHUNK):
-            whole.update(piece)
-            end = position + len(piece)
-            index = first
-            while index < len(ordered) and ordered[index].begin < end:
-                entry = ordered[index]
-                if entry.end > position:
-                    part = piece[max(entry.begin, position) - position : min(entry.end, end) - position]
-                    hashers[entry.name].update(part)
-                index += 1
-            while first < len(ordered) and ordered[first].end <= end:
-                first += 1
-            position = end
-    finally:
-        stream.close()
-    return whole.hexdigest(), {name: h.hexdigest() for name, h in hashers.items()}
+def _hash_pass(hasher: FolderHasher, path: Path, ranges: list[ManifestEntry]) -> tuple[str, dict[str, str]]:
+    """One sequential read of path: its SHA-256 and the digest of each range, in bounded memory (the pool's
+    buffers and a hash state per tensor)."""
+    return hasher.hash_file(path, ranges, [e.algorithm for e in ranges])
 
 
 def _check_tensor_hashes(path: Path, entries: list[ManifestEntry], digests: dict[str, str], report: Report) -> None:
@@ -216,6 +193,16 @@ def _check_tensor_hashes(path: Path, entries: list[ManifestEntry], digests: dict
 
 
 def _check_sums(folder: Path, report: Report, manifest: list[ManifestEntry] | None) -> None:
+    hasher = FolderHasher()
+    try:
+        _check_sums_with(hasher, folder, report, manifest)
+    finally:
+        hasher.close()
+
+
+def _check_sums_with(
+    hasher: FolderHasher, folder: Path, report: Report, manifest: list[ManifestEntry] | None
+) -> None:
     """Each file's SHA-256 against SHA256SUMS and, in the same read, each of its tensors' against manifest.json."""
     by_file: dict[str, list[ManifestEntry]] = {}
     for entry in manifest or ():
@@ -238,7 +225,7 @@ def _check_sums(folder: Path, report: Report, manifest: list[ManifestEntry] | No
         if not is_present(path):
             report.results.append(Result("sha256", str(path), False, f"listed in {SUMS} but missing"))
             continue
-        actual, tensor_digests = _hash_pass(path, by_file.get(name, []))
+        actual, tensor_digests = _hash_pass(hasher, path, by_file.get(name, []))
         problem = None if actual == expected else f"sha256 is {actual}, {SUMS} says {expected}"
         report.results.append(Result("sha256", str(path), actual == expected, problem))
         if name in by_file:
@@ -251,7 +238,7 @@ def _check_sums(folder: Path, report: Report, manifest: list[ManifestEntry] | No
             problem = f"{MANIFEST} lists tensors in {shown(name)}, which is missing"
             report.results.append(Result("manifest", str(folder / MANIFEST), False, problem))
             continue
-        _, tensor_digests = _hash_pass(path, entries)  # not in SHA256SUMS (or there is none): one read for these
+        _, tensor_digests = _hash_pass(hasher, path, entries)  # not in SHA256SUMS (or there is none): one read
         _check_tensor_hashes(path, entries, tensor_digests, report)
     if not pairs:
         return
