@@ -14,9 +14,10 @@ from helpers import assert_one_line_error, run_cli, tmpfs
 from synthetic import DEFAULT, make_weights, write_torrent
 
 from convert import stream
-from convert.direct_io import ALIGN, STAGE, StagedWriter, aligned_buffer, open_direct
+from convert.direct_io import ALIGN, O_DIRECT, STAGE, StagedWriter, aligned_buffer, open_direct
 from convert.errors import ConvertError
 from convert.formats.streams import ByteStream
+from convert.residency import cached_fraction
 from convert.workers import CHUNK, run_scope
 
 # 2 layers of 8 experts at dim 256, FFN 2048 and a 32003 vocab: about 84 MB, so the weights file is written
@@ -177,3 +178,43 @@ def test_verify_against_names_a_byte_flipped_deep_inside_a_large_tensor(medium: 
     failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED against")]
     assert failed == [f"FAILED against: {shard}: tensor {EMBED}: differs from the converted source at byte {at} of "
                       "the tensor"], result.stdout  # fmt: skip
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # clean pages only are dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_cached_source_is_read_through_the_cache_and_an_evicted_one_directly(tmp_path: Path) -> None:
+    """The decision, not its timing: mincore says which pages are resident, and the stream follows it."""
+    path = tmp_path / "source.bin"
+    path.write_bytes(_payload(8 * 2**20 + 123, seed=9))
+    _evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        evicted = cached_fraction(fd, path.stat().st_size)
+        path.read_bytes()  # now all of it is in the page cache
+        cached = cached_fraction(fd, path.stat().st_size)
+    finally:
+        os.close(fd)
+    assert evicted is not None and evicted < 0.1 and cached == 1.0, (evicted, cached)
+
+    stream = ByteStream([path])
+    try:
+        assert not stream.reads_directly()  # fully cached: through the cache
+        buffer = aligned_buffer(CHUNK + 2 * ALIGN)
+        assert bytes(stream.read_bulk(buffer, 4096 * 3 + 5, 1000)) == path.read_bytes()[4096 * 3 + 5 : 4096 * 3 + 1005]
+    finally:
+        stream.close()
+    _evict(path)
+    stream = ByteStream([path])
+    try:
+        if not O_DIRECT:
+            pytest.skip("no O_DIRECT on this platform")
+        assert stream.reads_directly()  # evicted: around the cache
+    finally:
+        stream.close()
