@@ -37,6 +37,7 @@ from convert.errors import ConvertError
 from convert.faults import fault_point
 from convert.finite import FiniteCheck
 from convert.formats.streams import ByteStream
+from convert.formats.zip_crc import crc32_combine
 from convert.integrity import file_digest
 from convert.outputs import OutputFile, Piece
 from convert.owned import no_links
@@ -96,9 +97,9 @@ def piece_chunks(
         for start in range(0, piece.nbytes, CHUNK):
             chunk = memoryview(bytearray(min(CHUNK, piece.nbytes - start)))
             piece.record.stream.readinto(chunk, piece.src_offset + start)
-            digests.source_crc.update(piece.record, piece.src_offset + start, chunk)
+            checked = digests.source_crc.update(piece.record, piece.src_offset + start, chunk)
             if crc:
-                running = zlib.crc32(chunk, running)
+                running = _extend_crc(running, chunk, checked)
                 digests.tensor_crc32[piece.tensor] = running
             yield piece.dst_offset + start, chunk, piece.tensor, None
         return
@@ -109,10 +110,10 @@ def piece_chunks(
         start, lease, read = pending.popleft()
         try:
             chunk = read.result()
-            digests.source_crc.update(piece.record, piece.src_offset + start, chunk)
+            checked = digests.source_crc.update(piece.record, piece.src_offset + start, chunk)
             if crc:  # in file order, while the next reads are under way
                 fault_point("crc")
-                running = zlib.crc32(chunk, running)
+                running = _extend_crc(running, chunk, checked)
                 digests.tensor_crc32[piece.tensor] = running
         except BaseException:
             lease.release_all()
@@ -134,6 +135,15 @@ def piece_chunks(
     finally:
         for _, lease, _ in pending:  # reads cut short by a failure: their buffers go back to the pool
             lease.release_all()
+
+
+def _extend_crc(running: int, chunk: memoryview, chunk_crc: int | None) -> int:
+    """The output tensor's CRC-32 continued over chunk, copied unchanged from the source: from the CRC the
+    source's record check just computed over the same bytes when there is one (zip to zip: one crc32 a byte,
+    not two), else by running crc32 over it."""
+    if chunk_crc is not None:
+        return crc32_combine(running, chunk_crc, len(chunk))
+    return zlib.crc32(chunk, running)
 
 
 def _file_chunks(output: OutputFile, digests: Digests, pool: BufferPool, reads: Sequence[Worker]) -> Iterator[Chunk]:
