@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line_error, run_cli, tmpfs
+from helpers import assert_one_line_error, evict, run_cli, tmpfs
 from synthetic import DEFAULT, make_weights, write_torrent
 
 from convert import stream
@@ -28,15 +28,6 @@ MEDIUM = dataclasses.replace(DEFAULT, dim=256, head_dim=64, hidden_dim=2048, n_e
 
 def _payload(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
-
-
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # clean pages only are dropped
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "page-cache"])
@@ -96,7 +87,7 @@ def test_staged_writer_reports_a_full_disk_naming_the_file(tmp_path: Path) -> No
 def test_direct_reads_return_exactly_the_bytes_asked_for(tmp_path: Path) -> None:
     payload = _payload(5 * ALIGN + 1234, seed=3)
     (tmp_path / "f").write_bytes(payload)
-    _evict(tmp_path / "f")  # a file in the page cache is read from there, not directly
+    evict(tmp_path / "f")  # a file in the page cache is read from there, not directly
     source = ByteStream([tmp_path / "f"])
     buffer = aligned_buffer(len(payload) + 2 * ALIGN)
     rng = random.Random(4)
@@ -116,7 +107,7 @@ def test_direct_reads_fall_back_across_split_parts_and_notice_truncation(tmp_pat
     first, second = _payload(3 * ALIGN + 5, seed=5), _payload(2 * ALIGN, seed=6)
     (tmp_path / "a").write_bytes(first)
     (tmp_path / "b").write_bytes(second)
-    _evict(tmp_path / "a")
+    evict(tmp_path / "a")
     source = ByteStream([tmp_path / "a", tmp_path / "b"])
     buffer = aligned_buffer(8 * ALIGN)
     try:
@@ -142,7 +133,7 @@ def test_a_large_conversion_written_directly_verifies_from_disk(medium: Path, tm
     """verify re-reads every byte from the disk and compares it with the hashes taken from the stream, then
     with the mapped source: a wrong tail, stage or offset in the staged writer fails here."""
     hf, back = tmp_path / "hf", tmp_path / "torrent"
-    _evict(medium / "consolidated.00.pth")  # else, just written, it is in the page cache and read from there
+    evict(medium / "consolidated.00.pth")  # else, just written, it is in the page cache and read from there
     run_cli("convert", medium, hf, "--to", "hf", "--no-progress")
     (shard,) = hf.glob("model-*.safetensors")
     assert shard.stat().st_size > stream.DIRECT_MIN  # so it went through the staged writer
@@ -162,7 +153,7 @@ def test_a_full_disk_during_a_direct_write_is_one_line(medium: Path, tmp_path: P
 def test_chunks_read_ahead_covers_the_file_in_order(tmp_path: Path, length: int) -> None:
     payload = _payload(length, seed=length)
     (tmp_path / "f").write_bytes(payload)
-    _evict(tmp_path / "f")  # a file in the page cache is read from there, not directly
+    evict(tmp_path / "f")  # a file in the page cache is read from there, not directly
     source = ByteStream([tmp_path / "f"])
     try:
         pieces = [bytes(piece) for piece in source.chunks(ALIGN)]
@@ -197,7 +188,7 @@ def test_a_cached_source_is_read_through_the_cache_and_an_evicted_one_directly(t
     """The decision, not its timing: mincore says which pages are resident, and the stream follows it."""
     path = tmp_path / "source.bin"
     path.write_bytes(_payload(8 * 2**20 + 123, seed=9))
-    _evict(path)
+    evict(path)
     fd = os.open(path, os.O_RDONLY)
     try:
         evicted = cached_fraction(fd, path.stat().st_size)
@@ -214,7 +205,7 @@ def test_a_cached_source_is_read_through_the_cache_and_an_evicted_one_directly(t
         assert bytes(stream.read_bulk(buffer, 4096 * 3 + 5, 1000)) == path.read_bytes()[4096 * 3 + 5 : 4096 * 3 + 1005]
     finally:
         stream.close()
-    _evict(path)
+    evict(path)
     stream = ByteStream([path])
     try:
         if not O_DIRECT:
