@@ -1,9 +1,11 @@
 """verify: is a checkpoint folder intact, well-formed, and (with --against) a faithful conversion of its source?
 
 Every check adds a result naming its file, tensor and rule; the folder passes only when all pass. Memory stays
-bounded as in conversion: files are hashed and compared in chunks.
+bounded as in conversion: files are hashed (convert/checksums.py) and compared (convert/compare.py) in chunks
+through pooled reads.
 
-manifest.json, when present, records each tensor's file, byte range, dtype, shape and SHA-256. Each tensor's
+manifest.json, when present, records each tensor's file, byte range, dtype, shape and digest (BLAKE3, or SHA-256
+in manifests older than its tensor_digest field). Each tensor's
 bytes are hashed in the same read that hashes its file for SHA256SUMS, so a shard whose bytes were changed is
 caught even when its SHA256SUMS line was rewritten to match (the manifest is itself listed there), and the
 manifest's ranges are checked against the headers, so a renamed or moved tensor is caught too.
