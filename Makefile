@@ -39,6 +39,7 @@ test: lint
 	$(PY) -m pytest -q
 
 # Real-dimension checkpoints (3.4 / 6.3 / 12 GB, cached in bench/cache), cold cache, several minutes a depth.
+# `$(PY) bench/run.py --quick` is a smoke run of the script (one 0.3 GB layer, report under bench/cache/quick).
 bench: $(VENV)/.runtime
 	$(PY) -m pip install --quiet -c constraints.txt matplotlib huggingface_hub  # the plot; the peer shards as save_pretrained
 	$(PY) bench/run.py --layers 1 2 4 --repeats 3 --rev HEAD

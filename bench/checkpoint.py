@@ -34,15 +34,21 @@ BASE_PARAMS: dict[str, object] = {
 }  # fmt: skip
 
 
-def params_for(layers: int) -> dict[str, object]:
-    """params.json of the published model with n_layers replaced."""
-    return {**BASE_PARAMS, "n_layers": layers}
+# --small (bench/run.py --quick): a quarter of the width and of the heads, so one layer is about 0.3 GB; only to
+# check that the bench runs end to end, never for the numbers.
+SMALL_PARAMS: dict[str, object] = {**BASE_PARAMS, "dim": 1024, "hidden_dim": 3584, "n_heads": 8, "n_kv_heads": 2}
+# (tensor_shapes spells the same widths out for both)
 
 
-def tensor_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
+def params_for(layers: int, small: bool = False) -> dict[str, object]:
+    """params.json of the published model (or its --small version) with n_layers replaced."""
+    return {**(SMALL_PARAMS if small else BASE_PARAMS), "n_layers": layers}
+
+
+def tensor_shapes(layers: int, small: bool = False) -> list[tuple[str, tuple[int, ...]]]:
     """Every tensor of the torrent layout for this depth, in the order the original file lists them."""
-    dim, hidden, head_dim = 4096, 14336, 128
-    q_rows, kv_rows, experts = 32 * head_dim, 8 * head_dim, 8
+    dim, hidden, head_dim, heads, kv_heads = (1024, 3584, 128, 8, 2) if small else (4096, 14336, 128, 32, 8)
+    q_rows, kv_rows, experts = heads * head_dim, kv_heads * head_dim, 8
     shapes: list[tuple[str, tuple[int, ...]]] = [("tok_embeddings.weight", (32000, dim))]
     for layer in range(layers):
         p = f"layers.{layer}."
@@ -64,10 +70,10 @@ def tensor_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-def payload_bytes(layers: int) -> int:
+def payload_bytes(layers: int, small: bool = False) -> int:
     """Tensor bytes (bf16) of a checkpoint of this depth: what every contender has to move."""
     total = 0
-    for _, shape in tensor_shapes(layers):
+    for _, shape in tensor_shapes(layers, small):
         count = 1
         for size in shape:
             count *= size
@@ -75,18 +81,18 @@ def payload_bytes(layers: int) -> int:
     return total
 
 
-def expected_stamp(layers: int) -> dict[str, object]:
-    return {"generator_version": GENERATOR_VERSION, "seed": SEED, "params": params_for(layers)}
+def expected_stamp(layers: int, small: bool = False) -> dict[str, object]:
+    return {"generator_version": GENERATOR_VERSION, "seed": SEED, "params": params_for(layers, small)}
 
 
-def is_complete(folder: Path, layers: int) -> bool:
+def is_complete(folder: Path, layers: int, small: bool = False) -> bool:
     """True when the folder holds a finished checkpoint of this generator version and depth."""
     try:
         stamp = json.loads((folder / STAMP).read_text())
         weights_size = (folder / WEIGHTS).stat().st_size
     except (OSError, ValueError):
         return False
-    expected = expected_stamp(layers)
+    expected = expected_stamp(layers, small)
     return all(stamp.get(k) == v for k, v in expected.items()) and stamp.get("weights_size") == weights_size
 
 
@@ -108,7 +114,7 @@ def _fill(shape: tuple[int, ...], pool: torch.Tensor, generator: torch.Generator
     return out.view(shape)
 
 
-def write_checkpoint(folder: Path, layers: int) -> None:
+def write_checkpoint(folder: Path, layers: int, small: bool = False) -> None:
     """Write consolidated.00.pth, params.json and finally the stamp; the whole dict is in RAM meanwhile.
 
     torch is imported here, not at the top: bench/run.py imports this module for its constants, and a driver
@@ -120,7 +126,8 @@ def write_checkpoint(folder: Path, layers: int) -> None:
     (folder / STAMP).unlink(missing_ok=True)
     generator = torch.Generator().manual_seed(SEED)
     pool = (torch.randn(POOL_ELEMENTS, generator=generator) * 0.02).to(torch.bfloat16)
-    weights = {name: _fill(shape, pool, generator, norm=len(shape) == 1) for name, shape in tensor_shapes(layers)}
+    shapes = tensor_shapes(layers, small)
+    weights = {name: _fill(shape, pool, generator, norm=len(shape) == 1) for name, shape in shapes}
     temporary = folder / (WEIGHTS + ".partial")
     try:
         torch.save(weights, temporary)
@@ -130,8 +137,8 @@ def write_checkpoint(folder: Path, layers: int) -> None:
         os.replace(temporary, folder / WEIGHTS)
     finally:
         temporary.unlink(missing_ok=True)
-    (folder / PARAMS).write_text(json.dumps(params_for(layers)) + "\n")
-    stamp = {**expected_stamp(layers), "weights_size": (folder / WEIGHTS).stat().st_size}
+    (folder / PARAMS).write_text(json.dumps(params_for(layers, small)) + "\n")
+    stamp = {**expected_stamp(layers, small), "weights_size": (folder / WEIGHTS).stat().st_size}
     (folder / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
     os.sync()
 
@@ -140,11 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--layers", type=int, required=True)
+    parser.add_argument("--small", action="store_true", help="a quarter of the width: for a quick smoke run only")
     args = parser.parse_args(argv)
-    if is_complete(args.folder, args.layers):
+    if is_complete(args.folder, args.layers, args.small):
         print(f"{args.folder}: already complete", file=sys.stderr)
         return 0
-    write_checkpoint(args.folder, args.layers)
+    write_checkpoint(args.folder, args.layers, args.small)
     return 0
 
 

@@ -1,6 +1,8 @@
-"""Benchmark: mixtral-convert against the copy limit and the load-everything peer, on real-dimension checkpoints.
+"""Benchmark: mixtral-convert against the disk itself, cp + sync and the load-everything peer, on real-dimension
+checkpoints; verify against an O_DIRECT read of the folder, verify --against against a conversion.
 
     python bench/run.py [--layers 1 2 4] [--repeats 3] [--cache bench/cache] [--out bench/BENCHMARKS.md]
+    python bench/run.py --quick   # smoke: one small layer, one round, report under the cache (CI does not run it)
 
 Why it is built this way:
 - Checkpoints have the published tensor shapes and only fewer layers, so the per-tensor work is the real one and
@@ -52,11 +54,14 @@ DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 class Contender:
     key: str
     label: str
-    command: Callable[[Path, Path], list[str]]
+    command: Callable[[Path, Path, Depth], list[str]]  # (the folder it reads, OUT, the depth's sources)
     needs_out_folder: bool = False  # cp copies into an existing folder
     in_converter_root: bool = False  # `python -m convert` must start where the measured convert/ sits
-    direction: str = "torrent-hf"  # which source it reads: the torrent checkpoint, or its hf conversion
-    limit: str = "cp"  # the copy of the same bytes its time is compared with
+    direction: str = "torrent-hf"  # the group it belongs to (--directions)
+    limit: str = "disk"  # the contender its time is compared with ('vs limit')
+    cp: str | None = None  # the cp + sync of the same bytes, for a second ratio
+    reads: str = "torrent"  # which source it reads: the torrent checkpoint, or its hf conversion
+    warm: bool = False  # the source is read into the page cache (untimed) before the run instead of dropped
 
 
 @dataclass(frozen=True)
@@ -110,29 +115,62 @@ def pick_converter(rev: str | None, cache: Path) -> Converter:
     return Converter(root, commit, f"commit {commit[:12]} ({subject}), exported with git archive")
 
 
+def weight_files(folder: Path) -> list[str]:
+    """The bytes a conversion of this folder moves: the torrent checkpoint, or the hf shards."""
+    return [str(p) for p in sorted(folder.glob("*.safetensors")) or [folder / checkpoint.WEIGHTS]]
+
+
+def all_files(folder: Path) -> list[str]:
+    """Every file verify reads in a folder (shards, index, manifest, SHA256SUMS, ...)."""
+    return [str(p) for p in sorted(folder.iterdir()) if p.is_file()]
+
+
+def _disk(src: Path, out: Path, depth: Depth) -> list[str]:
+    return [sys.executable, str(BENCH / "disk_limit.py"), str(out), *weight_files(src)]
+
+
+def _cp(src: Path, out: Path, depth: Depth) -> list[str]:
+    return ["cp", *weight_files(src), f"{out}/"]
+
+
+def _convert(target: str) -> Callable[[Path, Path, Depth], list[str]]:
+    return lambda src, out, depth: [sys.executable, "-m", "convert", "convert", str(src), str(out), "--to", target,
+                                    "--no-progress", "--force"]  # fmt: skip
+
+
 CONTENDERS = (
-    Contender("cp", "cp + sync (limit)", lambda src, out: ["cp", str(src / checkpoint.WEIGHTS), f"{out}/"], True),
-    Contender(
-        "convert",
-        "mixtral-convert",
-        lambda src, out: [sys.executable, "-m", "convert", "convert", str(src), str(out),
-                          "--to", "hf", "--no-progress", "--force"],
-        in_converter_root=True,
-    ),
+    Contender("disk", "disk limit: O_DIRECT read ‖ O_DIRECT write", _disk, True),
+    Contender("cp", "cp + sync", _cp, True),
+    Contender("convert", "mixtral-convert", _convert("hf"), in_converter_root=True, cp="cp"),
     Contender("peer", "peer: torch.load + save_file",
-              lambda src, out: [sys.executable, str(BENCH / "peer_baseline.py"), str(src), str(out)]),
-    Contender("cp-hf", "cp + sync of the hf shards (limit)",
-              lambda src, out: ["cp", *sorted(str(p) for p in src.glob("*.safetensors")), f"{out}/"], True,
-              direction="hf-torrent", limit="cp-hf"),
-    Contender(
-        "to-torrent",
-        "mixtral-convert hf -> torrent",
-        lambda src, out: [sys.executable, "-m", "convert", "convert", str(src), str(out),
-                          "--to", "torrent", "--no-progress", "--force"],
-        in_converter_root=True, direction="hf-torrent", limit="cp-hf",
-    ),
+              lambda src, out, depth: [sys.executable, str(BENCH / "peer_baseline.py"), str(src), str(out)],
+              cp="cp"),
+    Contender("cp-warm", "cp + sync, warm (source in page cache)", _cp, True, warm=True, limit="cp-warm"),
+    Contender("convert-warm", "mixtral-convert, warm", _convert("hf"), in_converter_root=True, warm=True,
+              limit="cp-warm"),
+    Contender("disk-hf", "disk limit of the hf shards", _disk, True, direction="hf-torrent", limit="disk-hf",
+              reads="hf"),
+    Contender("cp-hf", "cp + sync of the hf shards", _cp, True, direction="hf-torrent", limit="disk-hf",
+              reads="hf"),
+    Contender("to-torrent", "mixtral-convert hf -> torrent", _convert("torrent"), in_converter_root=True,
+              direction="hf-torrent", limit="disk-hf", cp="cp-hf", reads="hf"),
+    Contender("cp-hf-warm", "cp + sync of the hf shards, warm", _cp, True, direction="hf-torrent",
+              limit="cp-hf-warm", reads="hf", warm=True),
+    Contender("to-torrent-warm", "mixtral-convert hf -> torrent, warm", _convert("torrent"),
+              in_converter_root=True, direction="hf-torrent", limit="cp-hf-warm", reads="hf", warm=True),
+    Contender("read-hf", "O_DIRECT read of the hf folder",
+              lambda src, out, depth: [sys.executable, str(BENCH / "disk_limit.py"), str(out), *all_files(src),
+                                       "--read-only"],
+              direction="verify", limit="read-hf", reads="hf"),
+    Contender("verify", "mixtral-convert verify (checksums)",
+              lambda src, out, depth: [sys.executable, "-m", "convert", "verify", str(src)],
+              in_converter_root=True, direction="verify", limit="read-hf", reads="hf"),
+    Contender("verify-against", "mixtral-convert verify --against the torrent source",
+              lambda src, out, depth: [sys.executable, "-m", "convert", "verify", str(src), "--against",
+                                       str(depth.source)],
+              in_converter_root=True, direction="verify", limit="convert", reads="hf"),
 )  # fmt: skip
-DIRECTIONS = ("torrent-hf", "hf-torrent")
+DIRECTIONS = ("torrent-hf", "hf-torrent", "verify")
 BY_KEY = {c.key: c for c in CONTENDERS}
 
 
@@ -191,10 +229,12 @@ class Machine:
 class Bench:
     """Runs the contenders and cleans up after them, also on Ctrl-C: at most one output exists at a time."""
 
-    def __init__(self, work: Path, drop_caches: bool, converter: Converter) -> None:
+    def __init__(self, work: Path, drop_caches: bool, converter: Converter, small: bool = False) -> None:
         self.work = work
         self.drop_caches = drop_caches
         self.converter = converter
+        self.small = small  # --quick: checkpoints of a quarter of the width (bench/checkpoint.py --small)
+        self.prefix = "small-" if small else ""
         self.child: subprocess.Popen[bytes] | None = None
         self.partial: Path | None = None
 
@@ -227,21 +267,29 @@ class Bench:
         if self.drop_caches:
             DROP_CACHES.write_text("3\n")
 
+    def warm_up(self, folder: Path) -> None:
+        """Read folder's files through the page cache (untimed): a source the user has just downloaded."""
+        for name in all_files(folder):
+            with open(name, "rb") as handle:
+                while handle.read(8 * MIB):
+                    pass
+
     def ensure_checkpoint(self, layers: int) -> Path:
-        folder = self.work / f"torrent-{layers}L"
-        if checkpoint.is_complete(folder, layers):
+        folder = self.work / f"torrent-{self.prefix}{layers}L"
+        if checkpoint.is_complete(folder, layers, self.small):
             return folder
-        gb = checkpoint.payload_bytes(layers) / 1e9
+        gb = checkpoint.payload_bytes(layers, self.small) / 1e9
         say(f"generating {folder} ({plural(layers, 'layer')}, {gb:.2f} GB of bf16; needs as much RAM for torch.save)")
         shutil.rmtree(folder, ignore_errors=True)
         self.partial = folder
         start = time.perf_counter()
         self.child = subprocess.Popen(
             [sys.executable, str(BENCH / "checkpoint.py"), str(folder), "--layers", str(layers)]
+            + (["--small"] if self.small else [])
         )
         code = self.child.wait()
         self.child = None
-        if code != 0 or not checkpoint.is_complete(folder, layers):
+        if code != 0 or not checkpoint.is_complete(folder, layers, self.small):
             raise SystemExit(f"generating {folder} failed (exit {code})")
         self.partial = None
         say(f"generated {folder} in {time.perf_counter() - start:.0f} s")
@@ -250,7 +298,7 @@ class Bench:
     def ensure_hf(self, depth: Depth) -> None:
         """The hf -> torrent source: this depth's torrent checkpoint converted by the measured converter (untimed,
         kept in the cache; the index is written last, so its presence means complete)."""
-        folder = self.work / f"hf-{depth.layers}L"
+        folder = self.work / f"hf-{self.prefix}{depth.layers}L"
         if not (folder / "model.safetensors.index.json").is_file():
             say(f"converting {depth.source} to {folder} (the source of the hf -> torrent runs)")
             shutil.rmtree(folder, ignore_errors=True)
@@ -264,13 +312,15 @@ class Bench:
         depth.hf_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
     def run(self, depth: Depth, contender: Contender, repeat: int, verify: bool) -> Run:
-        source = depth.hf_source if contender.direction == "hf-torrent" else depth.source
+        source = depth.hf_source if contender.reads == "hf" else depth.source
         assert source is not None, "ensure_hf first"
         out = self.out_folder()
         shutil.rmtree(out, ignore_errors=True)
         if contender.needs_out_folder:
             out.mkdir(parents=True)
         self.settle()
+        if contender.warm:
+            self.warm_up(source)
         log_path = self.work / f"last-{contender.key}.log"
         floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         busy = busy_seconds()
@@ -278,7 +328,7 @@ class Bench:
             start = time.perf_counter()
             cwd = self.converter.root if contender.in_converter_root else REPO
             self.child = subprocess.Popen(
-                contender.command(source, out),
+                contender.command(source, out, depth),
                 cwd=cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -310,13 +360,14 @@ class Bench:
         if code != 0:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
             killed = " (SIGKILL: look for the OOM killer in dmesg)" if code == -signal.SIGKILL else ""
-            say(f"  {contender.label} FAILED with exit {code}{killed}: {' '.join(contender.command(source, out))}")
+            shown = " ".join(contender.command(source, out, depth))
+            say(f"  {contender.label} FAILED with exit {code}{killed}: {shown}")
             for line in tail:
                 say(f"    | {line}")
-        elif repeat == 0:
+        elif repeat == 0 and out.is_dir() and contender.key in ("convert", "peer", "to-torrent"):
             files = sorted(p for p in out.iterdir() if p.is_file())
             depth.output_bytes[contender.key] = sum(p.stat().st_size for p in files)
-            if verify and contender.key not in ("cp", "cp-hf"):
+            if verify and contender.key != "to-torrent":
                 depth.digests[contender.key] = [
                     (p.stat().st_size, sha256(p)) for p in files if p.name.endswith(".safetensors")
                 ]
@@ -422,6 +473,8 @@ class Summary:
     disk_written: float
     floor: float
     other_cpu: float
+    cp_ratio: float | None = None  # median wall over cp + sync's of the same bytes
+    cpu_per_gb: float = float("nan")  # CPU user+sys (median) per GB of source
 
 
 def summarize(depth: Depth) -> list[Summary]:
@@ -448,15 +501,23 @@ def summarize(depth: Depth) -> list[Summary]:
             max(r.floor for r in good), statistics.median(r.other_cpu for r in good),
         ))  # fmt: skip
 
-    def ratio(summary: Summary) -> float | None:
-        limit = medians.get(BY_KEY[summary.contender].limit)
+    def ratio(summary: Summary, against: str | None) -> float | None:
+        limit = medians.get(against) if against else None
         return summary.wall / limit if limit and summary.contender in medians else None
 
-    return [Summary(**{**vars(s), "ratio": ratio(s)}) for s in rows]
+    return [
+        Summary(**{
+            **vars(s),
+            "ratio": ratio(s, BY_KEY[s.contender].limit),
+            "cp_ratio": ratio(s, BY_KEY[s.contender].cp),
+            "cpu_per_gb": s.cpu / (source_bytes(depth, BY_KEY[s.contender]) / 1e9),
+        })
+        for s in rows
+    ]  # fmt: skip
 
 
 def source_bytes(depth: Depth, contender: Contender) -> int:
-    return depth.hf_bytes if contender.direction == "hf-torrent" else depth.input_bytes
+    return depth.hf_bytes if contender.reads == "hf" else depth.input_bytes
 
 
 def rss_text(rss: float, floor: float) -> str:
@@ -485,7 +546,10 @@ def depth_table(depth: Depth, available_bytes: int) -> list[str]:
     lines = [
         f"### {plural(depth.layers, 'layer')}: {gb:.2f} GB source (`consolidated.00.pth`, {depth.input_bytes:,} bytes)",
         "",
-        f"'vs limit' is each contender's median over the median of the copy of the same bytes.{hf_line}",
+        "'vs limit' is each contender's median over its limit's median: the disk limit of the same bytes for "
+        "the cold runs, warm cp + sync for the warm ones, the O_DIRECT read of the folder for verify, the "
+        "conversion of the same source for verify --against. 'vs cp' is over cp + sync of the same bytes (cold). "
+        f"CPU s/GB is user+sys per GB of source.{hf_line}",
         "",
         f"Source + output = {2 * depth.input_bytes / GIB:.1f} GiB, {2 * depth.input_bytes / available_bytes:.0%} of "
         "the memory available at the start"
@@ -495,20 +559,23 @@ def depth_table(depth: Depth, available_bytes: int) -> list[str]:
             else "."
         ),
         "",
-        "| contender | runs | wall median (s) | spread min..max (s) | vs limit | GB/s | peak RSS (MiB) "
-        "| CPU user+sys (s) | CPU / process wall | disk read / written (GB) | other CPU on the machine (s) |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| contender | runs | wall median (s) | spread min..max (s) | vs limit | vs cp | GB/s | peak RSS (MiB) "
+        "| CPU user+sys (s) | CPU s/GB | CPU / process wall | disk read / written (GB) "
+        "| other CPU on the machine (s) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for s in summarize(depth):
         label = BY_KEY[s.contender].label
         runs = f"{s.runs}" + (f" ({s.failed} FAILED)" if s.failed else "")
         if s.failed == s.runs:
-            lines.append(f"| {label} | {runs} | failed | | | | | | | | |")
+            lines.append(f"| {label} | {runs} | failed | | | | | | | | | | |")
             continue
         ratio = f"{s.ratio:.2f}" if s.ratio is not None else "n/a"
+        cp_ratio = f"{s.cp_ratio:.2f}" if s.cp_ratio is not None else ""
         lines.append(
-            f"| {label} | {runs} | {s.wall:.1f} | {s.wall_min:.1f}..{s.wall_max:.1f} | {ratio} | {s.throughput:.3f} "
-            f"| {rss_text(s.rss, s.floor)} | {s.cpu:.1f} | {s.cpu / s.process_wall:.0%} "
+            f"| {label} | {runs} | {s.wall:.1f} | {s.wall_min:.1f}..{s.wall_max:.1f} | {ratio} | {cp_ratio} "
+            f"| {s.throughput:.3f} | {rss_text(s.rss, s.floor)} | {s.cpu:.1f} | {s.cpu_per_gb:.2f} "
+            f"| {s.cpu / s.process_wall:.0%} "
             f"| {s.disk_read / 1e9:.2f} / {s.disk_written / 1e9:.2f} | {s.other_cpu:.1f} |"
         )
     return lines
@@ -737,29 +804,44 @@ def report(
         "VM whose host reclaims free guest memory, cp right after a process freed gigabytes was 3-5x faster), so "
         "a fixed order would favour whoever follows the peer:",
         "",
-        "- **cp + sync (limit)**: `cp SRC/consolidated.00.pth OUT/` then sync: the same bytes, no work.",
+        "- **disk limit**: `bench/disk_limit.py OUT SRC/consolidated.00.pth`: an O_DIRECT read of the source "
+        "into one reused buffer (to nowhere) and, at the same time, an O_DIRECT write of as many bytes to OUT, "
+        "fsynced (`dd iflag=direct` ‖ `dd oflag=direct` in one process): what any converter must at least do, "
+        "with no copy and no work. 'vs limit' of the cold runs is against it.",
+        "- **cp + sync**: `cp SRC/consolidated.00.pth OUT/` then sync: the same bytes through the page cache.",
         "- **mixtral-convert**: `python -m convert convert SRC OUT --to hf --no-progress --force` "
-        f"(streamed; fsyncs its own files), then sync. Measured: {converter.description}."
+        f"(streamed; checksums on; fsyncs its own files), then sync. Measured: {converter.description}."
         + (" **Its files changed while the bench ran, so these numbers mix versions.**" if changed else ""),
         "- **peer**: `bench/peer_baseline.py`: `torch.load(weights_only=True)` of everything, renames and the q/k "
         "rotary permutation in RAM, `safetensors.torch.save_file` per 5e9-byte shard "
         "(`huggingface_hub.split_torch_state_dict_into_shards`, as `save_pretrained`), then sync.",
+        "- **warm** rows: the page cache is dropped, then the source is read through it (untimed) before the run, "
+        "as for a user who has just downloaded it on a machine with enough RAM; mixtral-convert warm is "
+        "compared with cp + sync warm.",
         "",
-        "The other direction (`--directions hf-torrent`, on by default) reads the hf conversion of the same "
-        "checkpoint, made once by the measured converter and cached:",
+        "The other direction (`--directions hf-torrent`) reads the hf conversion of the same checkpoint, made once "
+        "by the measured converter and cached: its disk limit, cp + sync of the shards, and "
+        "`mixtral-convert convert SRC OUT --to torrent --no-progress --force` (the planned torch zip that "
+        "replaces torch.save, CRC-32 included), cold and warm.",
         "",
-        "- **cp + sync of the hf shards (limit)**: `cp SRC/*.safetensors OUT/` then sync.",
-        "- **mixtral-convert hf -> torrent**: `python -m convert convert SRC OUT --to torrent --no-progress "
-        "--force`, then sync (the planned torch zip that replaces torch.save).",
+        "`--directions verify` reads that hf folder too: **O_DIRECT read of the hf folder** (`disk_limit.py "
+        "--read-only` of every file in it: verify only reads), **verify** (`python -m convert verify SRC`: "
+        "SHA256SUMS and the manifest's per-tensor digests) against that read, and **verify --against** "
+        "(`verify SRC --against` the torrent checkpoint: every tensor compared with the source's converted "
+        "bytes) against the torrent -> hf conversion of the same source.",
+        "",
+        "All three directions run by default (`make bench`); `--quick` runs one small-width layer once "
+        "(bench/checkpoint.py --small, about 0.3 GB) to check the script end to end, writing its report under "
+        "the cache folder, never here.",
         "",
         "Wall time runs from process start to the end of the following `sync()` (so data is on disk for all "
         "three). Peak RSS, CPU and disk blocks come from `os.wait4` on the child itself (`ru_maxrss`, "
         "`ru_utime + ru_stime`, `ru_inblock`/`ru_oublock`); the kernel's own writeback threads are not charged to "
         "anyone. Linux charges the memory an exec replaces to the new program's `ru_maxrss`, so no child can read "
         "below this driver's own peak (kept small: the driver never imports torch); such values are shown as "
-        "'≤ driver peak'. GB/s is source bytes / median wall. 'vs limit' is median wall over cp+sync's median "
-        "(or of the hf shards) at the same depth. OUT is deleted after every run (untimed) and the disk flushed "
-        "before the next one.",
+        "'≤ driver peak'. GB/s is source bytes / median wall; CPU s/GB is the median user+sys over the source's "
+        "GB. Medians and spreads (min..max) are over the rounds. OUT is deleted after every run (untimed) and "
+        "the disk flushed before the next one.",
         "",
         "## Results",
         "",
@@ -788,8 +870,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=DIRECTIONS,
         default=list(DIRECTIONS),
-        help="torrent-hf: cp, mixtral-convert and the peer on the torrent checkpoint; hf-torrent: cp and "
-        "mixtral-convert on its hf conversion (made once and cached)",
+        help="torrent-hf: the disk limit, cp, mixtral-convert and the peer on the torrent checkpoint; hf-torrent: "
+        "the disk limit, cp and mixtral-convert on its hf conversion (made once and cached); verify: verify and "
+        "verify --against on that hf conversion, beside an O_DIRECT read of it",
+    )
+    parser.add_argument("--no-warm-runs", action="store_true", help="skip the runs with the source in the page cache")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: one small-width layer (about 0.3 GB), one round, report under --cache (not for numbers)",
     )
     parser.add_argument("--cache", type=Path, default=BENCH / "cache", help="where sources are kept between runs")
     parser.add_argument("--out", type=Path, default=BENCH / "BENCHMARKS.md", help="the report (markdown)")
@@ -802,6 +891,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "work tree, which may change during a long run",
     )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.layers, args.repeats = [1], 1
+        if args.out == BENCH / "BENCHMARKS.md":  # a smoke run never replaces the report
+            args.out = args.cache / "quick" / "BENCHMARKS.md"
     if any(n < 1 for n in args.layers) or args.repeats < 1:
         parser.error("--layers and --repeats need positive numbers")
     args.layers = sorted(set(args.layers))
@@ -823,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
     converter = pick_converter(args.rev, args.cache)
     fingerprint = converter.fingerprint()
     say(f"mixtral-convert: {converter.description}")
-    bench = Bench(args.cache, dropped, converter)
+    bench = Bench(args.cache, dropped, converter, small=args.quick)
     signal.signal(signal.SIGTERM, _interrupt)
     started, clock = datetime.now(UTC), time.perf_counter()
     depths: list[Depth] = []
@@ -831,9 +924,11 @@ def main(argv: list[str] | None = None) -> int:
         for layers in args.layers:
             source = bench.ensure_checkpoint(layers)
             depths.append(Depth(layers, source, (source / checkpoint.WEIGHTS).stat().st_size))
-            if "hf-torrent" in args.directions:
+            if {"hf-torrent", "verify"} & set(args.directions):
                 bench.ensure_hf(depths[-1])
-        contenders = [c for c in CONTENDERS if c.direction in args.directions]
+        contenders = [
+            c for c in CONTENDERS if c.direction in args.directions and not (c.warm and args.no_warm_runs)
+        ]
         for depth in depths:
             for repeat in range(args.repeats):
                 # Shuffled each round (seeded: a rerun uses the same orders). A run changes the machine for the
@@ -843,7 +938,7 @@ def main(argv: list[str] | None = None) -> int:
                     run = bench.run(depth, contender, repeat, verify=not args.no_verify)
                     depth.runs.append(run)
                     say(
-                        f"[{depth.layers} L, round {repeat + 1}/{args.repeats}] {contender.label:<30} "
+                        f"[{depth.layers} L, round {repeat + 1}/{args.repeats}] {contender.label:<44} "
                         f"{run.wall:7.1f} s (sync {run.sync_wall:.1f})  RSS {run.max_rss / MIB:8,.0f} MiB  "
                         f"CPU {run.cpu:6.1f} s{'' if run.ok else '  FAILED'}"
                     )

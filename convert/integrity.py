@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from convert import __version__
-from convert.digests import Digests
+from convert.digests import TENSOR_DIGEST, Digests
 from convert.formats.streams import ByteStream
 from convert.outputs import OutputFile
 
@@ -52,7 +52,7 @@ def _render_manifest(
                 "dtype": t.dtype,
                 "shape": list(t.shape),
                 "offsets": [t.begin, t.end],
-                "sha256": digests.tensor_sha256[t.name] if digests is not None else _PLACEHOLDER,
+                TENSOR_DIGEST: digests.tensor_digest[t.name] if digests is not None else _PLACEHOLDER,
             }
         )
         for t in tensors
@@ -64,9 +64,15 @@ def _render_manifest(
 def manifest_file(
     header: dict, tensors: Sequence[TensorEntry], inputs: Sequence[tuple[str, int]] | None = None
 ) -> OutputFile:
-    """manifest.json: each output tensor's file, dtype, shape, absolute byte range and SHA-256; with inputs,
-    the SHA-256 of each source file too."""
-    header = {"format": MANIFEST_FORMAT, "tool": f"mixtral-convert {__version__}", **header}
+    """manifest.json: each output tensor's file, dtype, shape, absolute byte range and digest (the algorithm
+    named by its "tensor_digest" field: BLAKE3, which has 64 hex digits like SHA-256, so the size is known in
+    advance); with inputs, the SHA-256 of each source file too."""
+    header = {
+        "format": MANIFEST_FORMAT,
+        "tool": f"mixtral-convert {__version__}",
+        "tensor_digest": TENSOR_DIGEST,
+        **header,
+    }
     frozen = tuple(inputs) if inputs is not None else None
     size = len(_render_manifest(header, frozen, tensors, None))
     return OutputFile(MANIFEST, size, deferred=((0, partial(_render_manifest, header, frozen, tuple(tensors))),))

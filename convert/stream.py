@@ -30,13 +30,14 @@ import numpy as np
 from tqdm import tqdm
 
 from convert import faults
-from convert.digests import Digests
+from convert.digests import TENSOR_DIGEST, Digests, Hasher, new_hasher
 from convert.direct_io import ALIGN, StagedWriter, aligned_buffer, open_direct
 from convert.dtypes import ITEM_SIZE, word_dtype
 from convert.errors import ConvertError
 from convert.faults import fault_point
 from convert.finite import FiniteCheck
 from convert.formats.streams import ByteStream
+from convert.formats.zip_crc import crc32_combine
 from convert.integrity import file_digest
 from convert.outputs import OutputFile, Piece
 from convert.owned import no_links
@@ -99,9 +100,9 @@ def piece_chunks(
         for start in range(0, piece.nbytes, CHUNK):
             chunk = memoryview(bytearray(min(CHUNK, piece.nbytes - start)))
             piece.record.stream.readinto(chunk, piece.src_offset + start)
-            digests.source_crc.update(piece.record, piece.src_offset + start, chunk)
+            checked = digests.source_crc.update(piece.record, piece.src_offset + start, chunk)
             if crc:
-                running = zlib.crc32(chunk, running)
+                running = _extend_crc(running, chunk, checked)
                 digests.tensor_crc32[piece.tensor] = running
             yield piece.dst_offset + start, chunk, piece.tensor, None
         return
@@ -112,10 +113,10 @@ def piece_chunks(
         start, lease, read = pending.popleft()
         try:
             chunk = read.result()
-            digests.source_crc.update(piece.record, piece.src_offset + start, chunk)
+            checked = digests.source_crc.update(piece.record, piece.src_offset + start, chunk)
             if crc:  # in file order, while the next reads are under way
                 fault_point("crc")
-                running = zlib.crc32(chunk, running)
+                running = _extend_crc(running, chunk, checked)
                 digests.tensor_crc32[piece.tensor] = running
         except BaseException:
             lease.release_all()
@@ -175,6 +176,15 @@ def _cast_chunks(piece: Piece, digests: Digests, *, crc: bool) -> Iterator[Chunk
             digests.tensor_crc32[piece.tensor] = running
         yield position, converted, piece.tensor, None
         position += len(converted)
+
+
+def _extend_crc(running: int, chunk: memoryview, chunk_crc: int | None) -> int:
+    """The output tensor's CRC-32 continued over chunk, copied unchanged from the source: from the CRC the
+    source's record check just computed over the same bytes when there is one (zip to zip: one crc32 a byte,
+    not two), else by running crc32 over it."""
+    if chunk_crc is not None:
+        return crc32_combine(running, chunk_crc, len(chunk))
+    return zlib.crc32(chunk, running)
 
 
 def _file_chunks(output: OutputFile, digests: Digests, pool: BufferPool, reads: Sequence[Worker]) -> Iterator[Chunk]:
@@ -270,7 +280,7 @@ class _Writer:
         file makes the output complete; once it is in place, the run's outcome is success whatever signal comes."""
         temporary = self.destination / partial_name(output.name)
         file_hash = hashlib.sha256()
-        tensor_hashes: dict[str, hashlib._Hash] = {}
+        tensor_hashes: dict[str, Hasher] = {}
         dtypes = {p.tensor: p.out_dtype for p in output.pieces}
         non_finite: set[str] = set()
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW  # never through a link planted in DST
@@ -301,7 +311,7 @@ class _Writer:
                     whole = file_hash if self.checksums else None
                     self.file_hasher.submit(partial(_hash, "file-hash", whole, data), release)
                     if tensor is not None:
-                        digest = tensor_hashes.setdefault(tensor, hashlib.sha256()) if self.checksums else None
+                        digest = _tensor_hasher(tensor_hashes, tensor) if self.checksums else None
                         check = partial(self.finite_check, data, dtypes[tensor], tensor, non_finite)
                         self.tensor_hasher.submit(partial(_hash, "tensor-hash", digest, data, check), release)
                     elif release is not None:
@@ -334,7 +344,7 @@ class _Writer:
         if self.checksums:
             self.digests.file_sha256[output.name] = file_hash.hexdigest()
             for tensor, digest in tensor_hashes.items():
-                self.digests.tensor_sha256[tensor] = digest.hexdigest()
+                self.digests.tensor_digest[tensor] = digest.hexdigest()
         sources = {p.tensor: p.record for p in output.pieces}  # messages name the source's file and tensor
         for tensor in sorted(non_finite):
             record = sources[tensor]
@@ -351,7 +361,13 @@ class _Writer:
             raise ConvertError(f"cannot rename into place: {exc.strerror}", file=temporary) from None
 
 
-def _hash(site: str, digest: hashlib._Hash | None, data: memoryview, check: Callable[[], None] | None = None) -> None:
+def _tensor_hasher(hashes: dict[str, Hasher], tensor: str) -> Hasher:
+    if tensor not in hashes:
+        hashes[tensor] = new_hasher(TENSOR_DIGEST)
+    return hashes[tensor]
+
+
+def _hash(site: str, digest: Hasher | None, data: memoryview, check: Callable[[], None] | None = None) -> None:
     fault_point(site)
     if digest is not None:
         digest.update(data)
@@ -462,11 +478,11 @@ def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool) 
                 if finished is not None:
                     if finished.sha256 is not None:
                         digests.file_sha256[output.name] = finished.sha256
-                    digests.tensor_sha256.update(finished.tensors)
+                    digests.tensor_digest.update(finished.tensors)
                     continue
                 check = before_last_weights if number == last_weights else source_unchanged
                 writer.write(output, before_commit=check, completes=output is marker)
-                tensors = {p.tensor: digests.tensor_sha256[p.tensor] for p in output.pieces if options.checksums}
+                tensors = {p.tensor: digests.tensor_digest[p.tensor] for p in output.pieces if options.checksums}
                 journal.record(output.name, digests.file_sha256.get(output.name), tensors)
             fsync_folder(destination)
         finally:

@@ -1,9 +1,11 @@
 """verify: is a checkpoint folder intact, well-formed, and (with --against) a faithful conversion of its source?
 
 Every check adds a result naming its file, tensor and rule; the folder passes only when all pass. Memory stays
-bounded as in conversion: files are hashed and compared in chunks.
+bounded as in conversion: files are hashed (convert/checksums.py) and compared (convert/compare.py) in chunks
+through pooled reads.
 
-manifest.json, when present, records each tensor's file, byte range, dtype, shape and SHA-256. Each tensor's
+manifest.json, when present, records each tensor's file, byte range, dtype, shape and digest (BLAKE3, or SHA-256
+in manifests older than its tensor_digest field). Each tensor's
 bytes are hashed in the same read that hashes its file for SHA256SUMS, so a shard whose bytes were changed is
 caught even when its SHA256SUMS line was rewritten to match (the manifest is itself listed there), and the
 manifest's ranges are checked against the headers, so a renamed or moved tensor is caught too.
@@ -11,24 +13,22 @@ manifest's ranges are checked against the headers, so a renamed or moved tensor 
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from convert.digests import Digests
+from convert.checksums import FolderHasher
+from convert.compare import Comparer
+from convert.digests import TENSOR_DIGESTS
 from convert.errors import ConvertError, escape, shown
 from convert.files import MAX_MANIFEST_JSON, MAX_SUMS, is_present, read_small
-from convert.formats.safetensors import TensorRecord
-from convert.formats.streams import ByteStream
 from convert.formats.zip_crc import check_records
 from convert.integrity import MANIFEST, SUMS, TensorEntry, file_digest, parse_sums
 from convert.mapping import data_dir
 from convert.plan import PlanOptions, build_plan, check_source, target_tensors
 from convert.source import Source, open_source
-from convert.stream import PARTIAL_SUFFIX, Chunk, piece_chunks
+from convert.stream import PARTIAL_SUFFIX
 from convert.workers import run_scope
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -107,17 +107,19 @@ def check_pins(folder: Path, pins: Traversable, report: Report) -> None:
 
 @dataclass(frozen=True)
 class ManifestEntry(TensorEntry):
-    """A tensor line of manifest.json: where the tensor was placed, and its SHA-256."""
+    """A tensor line of manifest.json: where the tensor was placed, and its digest (algorithm: the manifest's
+    "tensor_digest", BLAKE3 now, SHA-256 in manifests written before that field existed)."""
 
-    sha256: str
+    digest: str
+    algorithm: str = "sha256"
 
 
-def _manifest_entry(item: object) -> ManifestEntry | None:
+def _manifest_entry(item: object, algorithm: str) -> ManifestEntry | None:
     """One tensor line of manifest.json, or None when it is not one."""
     if not isinstance(item, dict):
         return None
     name, file, dtype, shape, offsets, digest = (
-        item.get(k) for k in ("name", "file", "dtype", "shape", "offsets", "sha256")
+        item.get(k) for k in ("name", "file", "dtype", "shape", "offsets", algorithm)
     )
     fields_ok = isinstance(name, str) and isinstance(file, str) and isinstance(dtype, str)
     shape_ok = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
@@ -125,7 +127,7 @@ def _manifest_entry(item: object) -> ManifestEntry | None:
     digest_ok = isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
     if not (fields_ok and shape_ok and offsets_ok and digest_ok) or offsets[0] > offsets[1]:
         return None
-    return ManifestEntry(name, file, dtype, tuple(shape), offsets[0], offsets[1], digest)
+    return ManifestEntry(name, file, dtype, tuple(shape), offsets[0], offsets[1], digest, algorithm)
 
 
 def read_manifest(folder: Path, report: Report) -> list[ManifestEntry] | None:
@@ -146,11 +148,17 @@ def read_manifest(folder: Path, report: Report) -> list[ManifestEntry] | None:
     if not isinstance(items, list):
         report.results.append(Result("manifest", str(path), False, "has no list of tensors"))
         return None
+    algorithm = data.get("tensor_digest", "sha256")  # older manifests: no field, SHA-256
+    if algorithm not in TENSOR_DIGESTS:
+        known = " or ".join(TENSOR_DIGESTS)
+        problem = f"tensor_digest {algorithm!r} is not one this version can check ({known})"
+        report.results.append(Result("manifest", str(path), False, problem))
+        return None
     entries = []
     for number, item in enumerate(items):
-        entry = _manifest_entry(item)
+        entry = _manifest_entry(item, algorithm)
         if entry is None:
-            problem = f"tensor entry {number} is not {{name, file, dtype, shape, offsets, sha256}}"
+            problem = f"tensor entry {number} is not {{name, file, dtype, shape, offsets, {algorithm}}}"
             report.results.append(Result("manifest", str(path), False, problem))
             return None
         entries.append(entry)
@@ -161,32 +169,10 @@ def read_manifest(folder: Path, report: Report) -> list[ManifestEntry] | None:
     return entries
 
 
-def _hash_pass(path: Path, ranges: list[ManifestEntry]) -> tuple[str, dict[str, str]]:
-    """One sequential read of path: its SHA-256 and that of each range, in bounded memory (two read buffers and
-    a hash state per tensor)."""
-    whole = hashlib.sha256()
-    ordered = sorted(ranges, key=lambda e: (e.begin, e.end))
-    hashers = {e.name: hashlib.sha256() for e in ordered}
-    first = 0  # ordered[:first] end at or before the current chunk: done
-    position = 0
-    stream = ByteStream([path])
-    try:
-        for piece in stream.chunks(READ_CHUNK):
-            whole.update(piece)
-            end = position + len(piece)
-            index = first
-            while index < len(ordered) and ordered[index].begin < end:
-                entry = ordered[index]
-                if entry.end > position:
-                    part = piece[max(entry.begin, position) - position : min(entry.end, end) - position]
-                    hashers[entry.name].update(part)
-                index += 1
-            while first < len(ordered) and ordered[first].end <= end:
-                first += 1
-            position = end
-    finally:
-        stream.close()
-    return whole.hexdigest(), {name: h.hexdigest() for name, h in hashers.items()}
+def _hash_pass(hasher: FolderHasher, path: Path, ranges: list[ManifestEntry]) -> tuple[str, dict[str, str]]:
+    """One sequential read of path: its SHA-256 and the digest of each range, in bounded memory (the pool's
+    buffers and a hash state per tensor)."""
+    return hasher.hash_file(path, ranges, [e.algorithm for e in ranges])
 
 
 def _check_tensor_hashes(path: Path, entries: list[ManifestEntry], digests: dict[str, str], report: Report) -> None:
@@ -196,9 +182,10 @@ def _check_tensor_hashes(path: Path, entries: list[ManifestEntry], digests: dict
         problem = None
         if entry.end > size:
             problem = f"{MANIFEST} places it at bytes [{entry.begin}, {entry.end}) but the file has {size}"
-        elif digests[entry.name] != entry.sha256:
+        elif digests[entry.name] != entry.digest:
             problem = (
-                f"sha256 of bytes [{entry.begin}, {entry.end}) is {digests[entry.name]}, {MANIFEST} says {entry.sha256}"
+                f"{entry.algorithm} of bytes [{entry.begin}, {entry.end}) is {digests[entry.name]}, {MANIFEST} says "
+                f"{entry.digest}"
             )
         if problem:
             failed = True
@@ -208,6 +195,16 @@ def _check_tensor_hashes(path: Path, entries: list[ManifestEntry], digests: dict
 
 
 def _check_sums(folder: Path, report: Report, manifest: list[ManifestEntry] | None) -> None:
+    hasher = FolderHasher()
+    try:
+        _check_sums_with(hasher, folder, report, manifest)
+    finally:
+        hasher.close()
+
+
+def _check_sums_with(
+    hasher: FolderHasher, folder: Path, report: Report, manifest: list[ManifestEntry] | None
+) -> None:
     """Each file's SHA-256 against SHA256SUMS and, in the same read, each of its tensors' against manifest.json."""
     by_file: dict[str, list[ManifestEntry]] = {}
     for entry in manifest or ():
@@ -230,7 +227,7 @@ def _check_sums(folder: Path, report: Report, manifest: list[ManifestEntry] | No
         if not is_present(path):
             report.results.append(Result("sha256", str(path), False, f"listed in {SUMS} but missing"))
             continue
-        actual, tensor_digests = _hash_pass(path, by_file.get(name, []))
+        actual, tensor_digests = _hash_pass(hasher, path, by_file.get(name, []))
         problem = None if actual == expected else f"sha256 is {actual}, {SUMS} says {expected}"
         report.results.append(Result("sha256", str(path), actual == expected, problem))
         if name in by_file:
@@ -243,7 +240,7 @@ def _check_sums(folder: Path, report: Report, manifest: list[ManifestEntry] | No
             problem = f"{MANIFEST} lists tensors in {shown(name)}, which is missing"
             report.results.append(Result("manifest", str(folder / MANIFEST), False, problem))
             continue
-        _, tensor_digests = _hash_pass(path, entries)  # not in SHA256SUMS (or there is none): one read for these
+        _, tensor_digests = _hash_pass(hasher, path, entries)  # not in SHA256SUMS (or there is none): one read
         _check_tensor_hashes(path, entries, tensor_digests, report)
     if not pairs:
         return
@@ -328,32 +325,27 @@ def _compare_against(folder: Source, original: Source, report: Report) -> None:
             report.results.append(Result("against", record.stream.label, False, problem, name))
             continue
         comparable.add(name)
-    for output in plan.files:
-        starts = output.tensor_starts()
-        digests = Digests()
-        failed: set[str] = set()
-        for piece in sorted(output.pieces, key=lambda p: p.dst_offset):
-            if piece.tensor not in comparable or piece.tensor in failed:
-                continue
-            record = folder.records[piece.tensor]
-            mismatch = _first_mismatch(piece_chunks(piece, digests, crc=False), record, starts[piece.tensor])
-            if mismatch is not None:
+    comparer = Comparer()
+    try:
+        for output in plan.files:
+            starts = output.tensor_starts()
+            pieces = [
+                (p, folder.records[p.tensor], starts[p.tensor])
+                for p in sorted(output.pieces, key=lambda p: p.dst_offset)
+                if p.tensor in comparable
+            ]
+            failed: set[str] = set()
+            for piece, mismatch in comparer.mismatches(pieces):
                 failed.add(piece.tensor)
                 problem = f"differs from the converted source at byte {mismatch} of the tensor"
-                report.results.append(Result("against", record.stream.label, False, problem, piece.tensor))
-        for name in sorted({p.tensor for p in output.pieces} & comparable - failed):
-            report.results.append(Result("against", folder.records[name].stream.label, True, None, name))
+                report.results.append(Result("against", folder.records[piece.tensor].stream.label, False, problem,
+                                             piece.tensor))  # fmt: skip
+            for name in sorted({p.tensor for p in output.pieces} & comparable - failed):
+                report.results.append(Result("against", folder.records[name].stream.label, True, None, name))
+    finally:
+        comparer.close()
     for name in sorted(set(folder.records) - set(expected)):
         report.results.append(Result("against", str(folder.folder), False, "not in the source", name))
-
-
-def _first_mismatch(chunks: Iterator[Chunk], record: TensorRecord, start: int) -> int | None:
-    for offset, data, _, _ in chunks:
-        relative = offset - start
-        actual = record.stream.read(len(data), record.offset + relative)
-        if actual != data:
-            return relative + next(i for i, (a, b) in enumerate(zip(actual, bytes(data), strict=True)) if a != b)
-    return None
 
 
 def verify_folder(folder: Path, *, against: Path | None = None, pins: Traversable | None = None) -> Report:

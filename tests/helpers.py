@@ -145,3 +145,14 @@ def tmpfs(folder: Path, options: str) -> Iterator[Path]:
     finally:
         if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def evict(path: Path) -> None:
+    """Drop path's pages from the page cache, so the converter reads it with O_DIRECT (a file it finds in the
+    cache, such as one a test has just written, is read through the cache instead: convert/residency.py)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # only clean pages are dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

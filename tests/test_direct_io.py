@@ -4,22 +4,25 @@ enough to go through both, proven by verify re-reading the output from the disk.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line_error, run_cli, tmpfs
+from helpers import assert_one_line_error, evict, run_cli, tmpfs
 from synthetic import DEFAULT, make_weights, write_torrent
 
 from convert import stream
-from convert.direct_io import ALIGN, STAGE, StagedWriter, aligned_buffer, open_direct
+from convert.direct_io import ALIGN, O_DIRECT, STAGE, StagedWriter, aligned_buffer, open_direct
 from convert.errors import ConvertError
 from convert.formats.streams import ByteStream
-from convert.workers import run_scope
+from convert.residency import cached_fraction
+from convert.workers import CHUNK, run_scope
 
 # 2 layers of 8 experts at dim 256, FFN 2048 and a 32003 vocab: about 84 MB, so the weights file is written
 # through the staged writer (stream.DIRECT_MIN) in more than one STAGE.
+EMBED = "model.embed_tokens.weight"  # 32003 x 256 bf16: about 16 MB, two chunks
 MEDIUM = dataclasses.replace(DEFAULT, dim=256, head_dim=64, hidden_dim=2048, n_experts=8, vocab=32003)
 
 
@@ -84,6 +87,7 @@ def test_staged_writer_reports_a_full_disk_naming_the_file(tmp_path: Path) -> No
 def test_direct_reads_return_exactly_the_bytes_asked_for(tmp_path: Path) -> None:
     payload = _payload(5 * ALIGN + 1234, seed=3)
     (tmp_path / "f").write_bytes(payload)
+    evict(tmp_path / "f")  # a file in the page cache is read from there, not directly
     source = ByteStream([tmp_path / "f"])
     buffer = aligned_buffer(len(payload) + 2 * ALIGN)
     rng = random.Random(4)
@@ -103,6 +107,7 @@ def test_direct_reads_fall_back_across_split_parts_and_notice_truncation(tmp_pat
     first, second = _payload(3 * ALIGN + 5, seed=5), _payload(2 * ALIGN, seed=6)
     (tmp_path / "a").write_bytes(first)
     (tmp_path / "b").write_bytes(second)
+    evict(tmp_path / "a")
     source = ByteStream([tmp_path / "a", tmp_path / "b"])
     buffer = aligned_buffer(8 * ALIGN)
     try:
@@ -128,6 +133,7 @@ def test_a_large_conversion_written_directly_verifies_from_disk(medium: Path, tm
     """verify re-reads every byte from the disk and compares it with the hashes taken from the stream, then
     with the mapped source: a wrong tail, stage or offset in the staged writer fails here."""
     hf, back = tmp_path / "hf", tmp_path / "torrent"
+    evict(medium / "consolidated.00.pth")  # else, just written, it is in the page cache and read from there
     run_cli("convert", medium, hf, "--to", "hf", "--no-progress")
     (shard,) = hf.glob("model-*.safetensors")
     assert shard.stat().st_size > stream.DIRECT_MIN  # so it went through the staged writer
@@ -147,6 +153,7 @@ def test_a_full_disk_during_a_direct_write_is_one_line(medium: Path, tmp_path: P
 def test_chunks_read_ahead_covers_the_file_in_order(tmp_path: Path, length: int) -> None:
     payload = _payload(length, seed=length)
     (tmp_path / "f").write_bytes(payload)
+    evict(tmp_path / "f")  # a file in the page cache is read from there, not directly
     source = ByteStream([tmp_path / "f"])
     try:
         pieces = [bytes(piece) for piece in source.chunks(ALIGN)]
@@ -154,3 +161,55 @@ def test_chunks_read_ahead_covers_the_file_in_order(tmp_path: Path, length: int)
         source.close()
     assert b"".join(pieces) == payload
     assert all(len(piece) == ALIGN for piece in pieces[:-1])
+
+
+def test_verify_against_names_a_byte_flipped_deep_inside_a_large_tensor(medium: Path, tmp_path: Path) -> None:
+    """The byte lies in the embedding's second 8 MiB chunk: found by the pooled compare, at its exact place."""
+    hf = tmp_path / "hf"
+    run_cli("convert", medium, hf, "--to", "hf", "--no-progress")
+    (shard,) = hf.glob("model-*.safetensors")
+    entry = next(e for e in json.loads((hf / "manifest.json").read_text())["tensors"] if e["name"] == EMBED)
+    begin, end = entry["offsets"]
+    assert end - begin > CHUNK + 4096  # more than one chunk
+    at = CHUNK + 4093  # not aligned to anything the reader uses
+    with open(shard, "r+b") as handle:
+        handle.seek(begin + at)
+        byte = handle.read(1)
+        handle.seek(begin + at)
+        handle.write(bytes([byte[0] ^ 0x10]))
+    result = run_cli("verify", hf, "--against", medium, check=False)
+    assert result.returncode == 1
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED against")]
+    assert failed == [f"FAILED against: {shard}: tensor {EMBED}: differs from the converted source at byte {at} of "
+                      "the tensor"], result.stdout  # fmt: skip
+
+
+def test_a_cached_source_is_read_through_the_cache_and_an_evicted_one_directly(tmp_path: Path) -> None:
+    """The decision, not its timing: mincore says which pages are resident, and the stream follows it."""
+    path = tmp_path / "source.bin"
+    path.write_bytes(_payload(8 * 2**20 + 123, seed=9))
+    evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        evicted = cached_fraction(fd, path.stat().st_size)
+        path.read_bytes()  # now all of it is in the page cache
+        cached = cached_fraction(fd, path.stat().st_size)
+    finally:
+        os.close(fd)
+    assert evicted is not None and evicted < 0.1 and cached == 1.0, (evicted, cached)
+
+    stream = ByteStream([path])
+    try:
+        assert not stream.reads_directly()  # fully cached: through the cache
+        buffer = aligned_buffer(CHUNK + 2 * ALIGN)
+        assert bytes(stream.read_bulk(buffer, 4096 * 3 + 5, 1000)) == path.read_bytes()[4096 * 3 + 5 : 4096 * 3 + 1005]
+    finally:
+        stream.close()
+    evict(path)
+    stream = ByteStream([path])
+    try:
+        if not O_DIRECT:
+            pytest.skip("no O_DIRECT on this platform")
+        assert stream.reads_directly()  # evicted: around the cache
+    finally:
+        stream.close()

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, differing_files, run_cli
+from helpers import REPO, differing_files, evict, run_cli
 from synthetic import DEFAULT, make_weights, write_torrent
 
 from convert import stream
@@ -74,6 +74,8 @@ def test_a_failure_anywhere_ends_the_run_within_a_second(
     sources: dict[str, tuple[Path, Path]], tmp_path: Path, site: str, nth: int, direction: str, kind: str
 ) -> None:
     src, reference = sources[direction]
+    for weights in [*src.glob("*.pth"), *src.glob("*.safetensors")]:
+        evict(weights)  # read with O_DIRECT, as a source not in the page cache is
     dst, log = tmp_path / "out", tmp_path / "failed-at"
     extra = ["--hash-input"] if direction == "hf" else []
     command = [sys.executable, "-m", "convert", "convert", src, dst, "--to", direction, "--no-progress", *extra]

@@ -329,7 +329,7 @@ def test_tampered_shard_with_a_rewritten_sums_line(base: Path, tmp_path: Path) -
     _rewrite_sums_line(folder, SHARD2)
     result, peak, _ = run_measured("verify", folder)
     assert result.returncode == 1, result.stdout
-    expected = f"FAILED manifest: {folder / SHARD2}: tensor {entry['name']}: sha256 of bytes"
+    expected = f"FAILED manifest: {folder / SHARD2}: tensor {entry['name']}: blake3 of bytes"
     assert expected in result.stdout, result.stdout
     assert peak <= PEAK_RSS_MIB
 

@@ -55,3 +55,19 @@ def test_peak_rss_is_bounded_and_flat_in_depth(tmp_path: Path) -> None:
     for target in ("hf", "torrent"):
         assert peaks[target, 1] < GIB and peaks[target, 2] < GIB, peaks
         assert peaks[target, 2] <= peaks[target, 1] * 1.10, peaks
+
+
+def test_verify_against_peak_rss_is_bounded_and_flat_in_depth(tmp_path: Path) -> None:
+    """verify --against on 1 and 2 real layers (3.4 and 6.3 GB a side, both sparse: reading holes costs no disk):
+    the pooled reader's buffers and one piece at a time, far below the tensors' size, whatever the depth."""
+    peaks = {}
+    for layers in (1, 2):
+        folder, source = tmp_path / f"folder{layers}", tmp_path / f"source{layers}"
+        write_sparse_mistral(folder, layers)
+        write_sparse_mistral(source, layers)
+        measured = run_measured("verify", folder, "--against", source)
+        assert measured.result.returncode == 0, measured.result.stdout + measured.result.stderr
+        assert measured.result.stdout.strip().splitlines()[-1].startswith(f"verified: {folder} (mistral)")
+        peaks[layers] = measured.peak_mib
+    assert peaks[1] <= 512 and peaks[2] <= 512, peaks
+    assert peaks[2] <= peaks[1] * 1.10, peaks

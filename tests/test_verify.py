@@ -6,8 +6,10 @@ import hashlib
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
+import blake3
 import pytest
 from helpers import assert_one_line_error, run_cli
 
@@ -57,7 +59,7 @@ def test_manifest_hashes_are_the_tensors_bytes(outputs: Path) -> None:
     assert manifest["source"]["layout"] == "torrent" and manifest["target"] == "hf"
     for entry in manifest["tensors"]:
         data = (outputs / "hf" / entry["file"]).read_bytes()[entry["offsets"][0] : entry["offsets"][1]]
-        assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["name"]
+        assert blake3.blake3(data).hexdigest() == entry["blake3"], entry["name"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -157,3 +159,51 @@ def test_hash_input_records_what_sha256sum_says(outputs: Path, tmp_path: Path) -
     assert [f"{e['sha256']}  {e['name']}" for e in inputs] == listing.splitlines()
     assert [e["size"] for e in inputs] == [(src / n).stat().st_size for n in names]
     run_cli("verify", tmp_path / "hf", "--against", src)
+
+
+def _rewrite_manifest(folder: Path, change: Callable[[dict], None]) -> None:
+    """Rewrite manifest.json and its SHA256SUMS line, as an older version (or a forger) would have written it."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    digest = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
+    lines = (folder / "SHA256SUMS").read_text().splitlines()
+    rewritten = [f"{digest}  manifest.json" if line.endswith("  manifest.json") else line for line in lines]
+    (folder / "SHA256SUMS").write_text("".join(line + "\n" for line in rewritten))
+
+
+def _as_sha256_manifest(folder: Path, manifest: dict) -> None:
+    """What versions before BLAKE3 wrote: no tensor_digest field, a "sha256" per tensor."""
+    assert manifest.pop("tensor_digest") == "blake3"
+    for entry in manifest["tensors"]:
+        data = (folder / entry["file"]).read_bytes()[entry["offsets"][0] : entry["offsets"][1]]
+        del entry["blake3"]
+        entry["sha256"] = hashlib.sha256(data).hexdigest()
+
+
+def test_an_older_sha256_manifest_still_verifies(outputs: Path, tmp_path: Path) -> None:
+    folder = _copy(outputs, "hf", tmp_path)
+    _rewrite_manifest(folder, lambda m: _as_sha256_manifest(folder, m))
+    run_cli("verify", folder, "--against", outputs / "src")
+    # and it is really checked: a tensor's bytes changed under a rewritten SHA256SUMS line are named
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = max(manifest["tensors"], key=lambda e: e["offsets"][1] - e["offsets"][0])
+    shard = folder / entry["file"]
+    _flip_byte(shard, (entry["offsets"][0] + entry["offsets"][1]) // 2)
+    _rewrite_manifest(folder, lambda m: None)
+    sums = (folder / "SHA256SUMS").read_text().splitlines()
+    digest = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (folder / "SHA256SUMS").write_text(
+        "".join((f"{digest}  {shard.name}" if line.endswith(f"  {shard.name}") else line) + "\n" for line in sums)
+    )
+    result = run_cli("verify", folder, check=False)
+    assert f"FAILED manifest: {shard}: tensor {entry['name']}: sha256 of bytes [" in result.stdout, result.stdout
+
+
+def test_a_manifest_naming_an_unknown_digest_is_refused(outputs: Path, tmp_path: Path) -> None:
+    folder = _copy(outputs, "hf", tmp_path)
+    _rewrite_manifest(folder, lambda m: m.update(tensor_digest="md4"))
+    result = run_cli("verify", folder, check=False)
+    assert result.returncode == 1
+    expected = f"FAILED manifest: {folder / 'manifest.json'}: tensor_digest 'md4' is not one this version can check"
+    assert expected in result.stdout, result.stdout

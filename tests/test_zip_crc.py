@@ -4,10 +4,12 @@ zlib.crc32 of the whole bytes (the reference), on random data and random ways of
 from __future__ import annotations
 
 import random
+import zipfile
 import zlib
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -93,3 +95,20 @@ def test_a_record_fully_read_fails_before_finish(tmp_path: Path) -> None:
             tracker.update(record, 7, data[:5000])
     finally:
         stream.close()
+
+
+def test_zip_to_zip_conversions_write_crcs_python_zipfile_accepts(tmp_path: Path) -> None:
+    """torrent -> megablocks -> torrent copies records unchanged between two torch zips, so the output's CRC-32s
+    come from the source check's (crc32_combine) rather than a second crc32: zipfile.testzip, which recomputes
+    every member's CRC-32 from its bytes, is the judge."""
+    run_cli("sample", tmp_path / "src")
+    run_cli("convert", tmp_path / "src", tmp_path / "megablocks", "--to", "megablocks", "--no-progress")
+    run_cli("convert", tmp_path / "megablocks", tmp_path / "torrent", "--to", "torrent", "--no-progress")
+    checked = 0
+    for folder in ("megablocks", "torrent"):
+        for path in sorted((tmp_path / folder).iterdir()):
+            if path.suffix in (".pt", ".pth") and zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as archive:
+                    assert archive.testzip() is None, path
+                checked += 1
+    assert checked >= 2

@@ -23,6 +23,7 @@ from convert.direct_io import ALIGN, O_DIRECT, aligned_buffer, read_aligned
 from convert.errors import ConvertError
 from convert.faults import fault_point, stall_point
 from convert.files import open_regular
+from convert.residency import is_cached
 from convert.workers import Worker
 
 
@@ -71,9 +72,15 @@ class ByteStream:
         with self._direct_lock:
             if not self._direct_tried[part] and O_DIRECT:
                 self._direct_tried[part] = True
-                with contextlib.suppress(OSError):  # else this file system reads through the page cache only
-                    self._direct_fds[part] = os.open(self.paths[part], os.O_RDONLY | O_DIRECT)
+                # A file already in the page cache is read from there (convert/residency.py), not from the disk.
+                if not is_cached(self._fds[part]):
+                    with contextlib.suppress(OSError):  # else this file system reads through the page cache only
+                        self._direct_fds[part] = os.open(self.paths[part], os.O_RDONLY | O_DIRECT)
             return self._direct_fds[part]
+
+    def reads_directly(self, part: int = 0) -> bool:
+        """Whether bulk reads of this part bypass the page cache (decided at the first one)."""
+        return self._direct_fd(part) is not None
 
     def read_direct(self, buffer: mmap.mmap, offset: int, size: int) -> memoryview | None:
         """The bytes at offset, read around the page cache into buffer (page-aligned, size + 8 KiB or more);

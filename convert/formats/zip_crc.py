@@ -103,15 +103,18 @@ class SourceCrc:
         self._checked: set[ZipRecord] = set()
         self._lock = threading.Lock()
 
-    def update(self, record: TensorRecord, offset: int, data: memoryview | bytes) -> None:
-        """data was read at absolute offset of record's stream; a record fully covered is checked now."""
+    def update(self, record: TensorRecord, offset: int, data: memoryview | bytes) -> int | None:
+        """data was read at absolute offset of record's stream; a record fully covered is checked now. Returns
+        data's CRC-32 when it computed one, so a zip output copying these bytes unchanged can extend its own
+        CRC with crc32_combine instead of running crc32 over them a second time."""
         zipped = record.zip_record
         if zipped is None or zipped in self._checked or not data:
-            return
+            return None
         crc = zlib.crc32(data)  # outside the lock: this is the part that costs
         with self._lock:
             if zipped not in self._checked:
                 self._add(zipped, offset - zipped.offset, len(data), crc)
+        return crc
 
     def _add(self, record: ZipRecord, start: int, length: int, crc: int) -> None:
         end = start + length
