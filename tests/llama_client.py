@@ -265,7 +265,7 @@ def _short(value: Any) -> str:
 
 
 def _pip_download(requirement: str, folder: Path, constraints: Path | None, *extra: str) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(folder), *extra]
+    command = [sys.executable, "-m", "pip", "download", "-qq", "--no-deps", "--dest", str(folder), *extra]
     if constraints is not None:
         command += ["--constraint", str(constraints)]
     subprocess.run([*command, requirement], check=True)

@@ -22,7 +22,7 @@ import pytest
 import sentencepiece as spm
 import torch
 from conftest import CliRunner
-from reference import forward
+from reference import forward, router_margins
 from synthetic import DEFAULT, TinyConfig, make_weights, write_torrent
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make setup` installs it)")
@@ -33,6 +33,7 @@ from llama_client import (  # noqa: E402
     OUTTYPES,
     compare_gguf,
     llama_converter,
+    llama_converter_many,
     load,
     logits,
     mixtral_tokenizer,
@@ -51,10 +52,19 @@ TOKENS = [
     [1, 263, 264, 265, 1002, 0, 99, 98, 97, 96, 95, 94],
 ]
 F32_BOUND = 1e-4
-# Measured on this model (n_threads 1, F32 KV cache): bf16 ~X, f16 ~X, q8_0 ~X (see the report in the commit); each
-# bound is about 3x the measurement, well below the error of a wrong conversion (the permutation, expert and rope
-# bugs of test_hf_equivalence move logits by > 10% of their scale).
-LOSSY_BOUNDS = {"bf16": 2e-2, "f16": 2e-2, "q8_0": 5e-2}
+# Measured on this model (n_threads 1, F32 KV cache), relative error at the positions with clear routing: f32 4e-7,
+# f16 7e-4, bf16 3.4e-3 (llama.cpp rounds the activations to bf16 for BF16 weights), q8_0 2.4e-2. Each bound is
+# about 3x the measurement and far below what a wrong conversion does (the q/k row-order bug below moves the logits
+# by more than 3x the largest bound).
+LOSSY_BOUNDS = {"bf16": 1e-2, "f16": 2e-3, "q8_0": 5e-2}
+# Positions where some layer's k-th and (k+1)-th router logits are closer than this (router logits are O(1) here)
+# may route to other experts under a lossy type: q8_0 moved two such positions (margins 0.04 and 0.02) by 0.2 and
+# 0.16 relative. Those positions are left out of the error bound and the top-token check; most positions are not.
+ROUTER_MARGIN = 0.1
+# A top token is "clear" where the reference's top-2 logits are at least this fraction of the logit scale apart.
+# Chosen independently of the bounds, so that the top-token check is not implied by the error bound (2x q8_0's bound
+# would be 0.1): it can fail on an error that stays under the bound but concentrates on the leading logits.
+TOP_MARGIN = 0.05
 # Strings for the tokenizer comparison: spaces (leading, double, trailing), digits, punctuation, non-ASCII (byte
 # fallback where a character is not in the vocabulary), special-token text read as text, tabs and newlines.
 TEXTS = [
@@ -103,13 +113,15 @@ def hf_folder(
 
 @pytest.fixture(scope="module")
 def theirs(hf_folder: Path) -> Iterator[Callable[[str], Path]]:
-    """theirs(outtype): llama.cpp's converter's GGUF of hf_folder (converted once per outtype)."""
-    cache: dict[str, Path] = {}
+    """theirs(outtype): llama.cpp's converter's GGUF of hf_folder. The first call converts to every outtype, and
+    to bf16 a second time ("bf16 again", for compare_gguf's test), in one interpreter: most of a run is importing
+    torch and the converter."""
+    files = {name: hf_folder.parent / f"theirs-{name.replace(' ', '-')}.gguf" for name in [*OUTTYPES, "bf16 again"]}
 
-    def get(outtype: str) -> Path:
-        if outtype not in cache:
-            cache[outtype] = llama_converter(hf_folder, hf_folder.parent / f"theirs-{outtype}.gguf", outtype)
-        return cache[outtype]
+    def get(name: str) -> Path:
+        if not files[name].is_file():
+            llama_converter_many(hf_folder, [(path, n.split()[0]) for n, path in files.items() if not path.is_file()])
+        return files[name]
 
     yield get
 
@@ -141,19 +153,28 @@ def test_f32_logits_equal_the_reference(theirs: Callable[[str], Path], reference
     assert error < F32_BOUND, f"f32 logits differ from the reference by {error:.3g} relative (bound {F32_BOUND})"
 
 
+@pytest.fixture(scope="module")
+def clear_routing(weights: dict[str, torch.Tensor]) -> np.ndarray:
+    """[sequences, positions]: True where the reference's expert choice is far from a tie in every layer."""
+    return (router_margins(weights, CFG, torch.tensor(TOKENS)) >= ROUTER_MARGIN).numpy()
+
+
 @pytest.mark.parametrize("outtype", list(LOSSY_BOUNDS))
 def test_lossy_logits_keep_the_top_token(
-    outtype: str, theirs: Callable[[str], Path], reference: np.ndarray
+    outtype: str, theirs: Callable[[str], Path], reference: np.ndarray, clear_routing: np.ndarray
 ) -> None:
-    """bf16, f16, q8_0: the error stays under its bound and the top token is the reference's wherever the
-    reference's top-2 margin exceeds twice the bound (an error below the bound cannot flip such a position)."""
+    """bf16, f16, q8_0, at every position whose expert choice is not a near tie: the error stays under the bound,
+    and the top token is the reference's wherever the reference's top-2 margin is clear (TOP_MARGIN)."""
+    assert clear_routing.mean() > 0.75, "too many near-tie routings for the comparison to mean anything"
     got = llama_logits(theirs(outtype))
-    error = relative_error(got, reference)
-    print(f"{outtype} relative error {error:.3g}")
+    scale = np.abs(reference).max()
+    per_position = np.abs(got - reference).max(-1) / scale
+    error = per_position[clear_routing].max()
+    print(f"{outtype} relative error {error:.3g} (near-tie routing positions: up to {per_position.max():.3g})")
     bound = LOSSY_BOUNDS[outtype]
     assert error < bound, f"{outtype} logits differ from the reference by {error:.3g} relative (bound {bound})"
     top2 = np.sort(reference, axis=-1)[..., -2:]
-    clear = (top2[..., 1] - top2[..., 0]) > 2 * bound * np.abs(reference).max()
+    clear = clear_routing & ((top2[..., 1] - top2[..., 0]) > TOP_MARGIN * scale)
     assert clear.mean() > 0.5, "too few positions with a clear top token for the comparison to mean anything"
     flipped = np.argwhere(clear & (got.argmax(-1) != reference.argmax(-1)))
     assert not len(flipped), f"{outtype}: top token differs at (sequence, position) {flipped.tolist()}"
@@ -224,7 +245,7 @@ def tensor_types(path: Path) -> dict[str, str]:
 def test_llama_cpp_tensor_types(outtype: str, theirs: Callable[[str], Path]) -> None:
     """Norms and the router stay F32; every other tensor takes the outtype (Q8_0 here: all rows are 32-multiples)."""
     types = tensor_types(theirs(outtype))
-    assert len(types) == 3 + 8 * CFG.n_layers
+    assert len(types) == 3 + 10 * CFG.n_layers
     main = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[outtype]
     for name, kind in types.items():
         kept = name.endswith(("_norm.weight", "ffn_gate_inp.weight"))
@@ -330,10 +351,9 @@ def patched(path: Path, to: Path, offset: int, data: bytes) -> Path:
     return to
 
 
-def test_compare_gguf_same_and_different(theirs: Callable[[str], Path], hf_folder: Path, tmp_path: Path) -> None:
+def test_compare_gguf_same_and_different(theirs: Callable[[str], Path]) -> None:
     """Two runs at one outtype compare equal; different outtypes differ in file_type and in each tensor's type."""
-    again = llama_converter(hf_folder, tmp_path / "again-bf16.gguf", "bf16")
-    assert compare_gguf(again, theirs("bf16"), tensor_order=True) == []
+    assert compare_gguf(theirs("bf16 again"), theirs("bf16"), tensor_order=True) == []
     diffs = compare_gguf(theirs("f16"), theirs("bf16"))
     assert "metadata general.file_type: ours 1, theirs 32" in diffs
     retyped = {n for n, kind in tensor_types(theirs("bf16")).items() if kind == "BF16"}
