@@ -5,7 +5,8 @@ vendored in the installed llama-cpp-python's sdist, see tests/llama_client.py) a
 loads each file and its logits are compared with tests/reference.py's forward pass of the ORIGINAL weights, and its
 tokenizer with SentencePiece. The same harness then proves our own GGUF writer: see the notes at the end.
 
-Relative error here is max |llama.cpp - reference| / max |reference| over all positions and the whole vocabulary.
+Relative error here is, at a position, the largest |llama.cpp - reference| over the vocabulary divided by the largest
+|reference| anywhere (the logit scale, ~5); a bound holds for the largest such error over the positions compared.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ TOKENS = [
 ]
 F32_BOUND = 1e-4
 # Measured on this model (n_threads 1, F32 KV cache), relative error at the positions with clear routing: f32 4e-7,
-# f16 7e-4, bf16 3.4e-3 (llama.cpp rounds the activations to bf16 for BF16 weights), q8_0 2.4e-2. Each bound is
-# about 3x the measurement and far below what a wrong conversion does (the q/k row-order bug below moves the logits
-# by more than 3x the largest bound).
+# f16 7e-4, bf16 3.4e-3 (llama.cpp rounds the activations to bf16 for BF16 weights), q8_0 2.5e-2 (2.35e-2 with
+# llama.cpp built at -O3). Each bound is 2-3x the measurement and far below what a wrong conversion does (the q/k
+# row-order bug below moves the logits by 0.56).
 LOSSY_BOUNDS = {"bf16": 1e-2, "f16": 2e-3, "q8_0": 5e-2}
 # Positions where some layer's k-th and (k+1)-th router logits are closer than this (router logits are O(1) here)
 # may route to other experts under a lossy type: q8_0 moved two such positions (margins 0.04 and 0.02) by 0.2 and
@@ -175,7 +176,8 @@ def test_lossy_logits_keep_the_top_token(
     assert error < bound, f"{outtype} logits differ from the reference by {error:.3g} relative (bound {bound})"
     top2 = np.sort(reference, axis=-1)[..., -2:]
     clear = clear_routing & ((top2[..., 1] - top2[..., 0]) > TOP_MARGIN * scale)
-    assert clear.mean() > 0.5, "too few positions with a clear top token for the comparison to mean anything"
+    # 58% of the positions here; a third is enough for the check to mean something.
+    assert clear.mean() > 1 / 3, "too few positions with a clear top token for the comparison to mean anything"
     flipped = np.argwhere(clear & (got.argmax(-1) != reference.argmax(-1)))
     assert not len(flipped), f"{outtype}: top token differs at (sequence, position) {flipped.tolist()}"
 
