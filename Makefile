@@ -17,8 +17,23 @@ $(VENV)/.runtime: pyproject.toml constraints.txt
 	$(PY) -m pip install -qq -c constraints.txt -e .
 	touch $@
 
+# llama-cpp-python (a test dependency) has no wheel on PyPI: pip compiles llama.cpp from its sdist, once (pip keeps
+# the wheel in its cache, ~/.cache/pip/wheels, keyed by the sdist alone: after changing these options, run
+# `pip cache remove llama_cpp_python`). What cuts the build time: LLAVA_BUILD=OFF (the multimodal library, 51 of
+# 193 compile steps), GGML_LLAMAFILE=OFF (a large template file) and -O1 (half of -O3's compile time on the largest
+# file; the tests' tiny model needs no speed). The rest leaves out what the tests never use (OpenMP, BLAS, OpenSSL,
+# the Q4 repacking, the tools); GPU backends are off by default. GGML_NATIVE=OFF compiles for AVX2/FMA/F16C rather
+# than for the build machine's exact CPU, so a cached wheel runs on any x86-64 CPU with AVX2.
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DGGML_BLAS=OFF -DGGML_LLAMAFILE=OFF \
+	-DGGML_CPU_REPACK=OFF -DLLAMA_OPENSSL=OFF -DGGML_CCACHE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+	-DCMAKE_C_FLAGS_RELEASE=-O1 -DCMAKE_CXX_FLAGS_RELEASE=-O1
+
+# Then llama.cpp's own converter (convert_hf_to_gguf.py), from the same sdist, goes to .venv/share/llama.cpp and
+# Mixtral's tokenizer.model, from mistral-common's wheel, to .venv/share/mistral-common (tests/llama_client.py).
 $(VENV)/.test: $(VENV)/.runtime
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) tests/llama_client.py install --constraints constraints.txt
 	touch $@
 
 setup: $(VENV)/.test

@@ -94,3 +94,26 @@ def forward(weights: dict[str, torch.Tensor], cfg: Hyper, tokens: torch.Tensor) 
         x = x + moe(rms_norm(x, w[p + "ffn_norm.weight"], cfg.norm_eps), w, p, cfg)
     x = rms_norm(x, w["norm.weight"], cfg.norm_eps)
     return x @ w["output.weight"].T
+
+
+@torch.no_grad()
+def router_margins(weights: dict[str, torch.Tensor], cfg: Hyper, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, S]: over the layers, the smallest gap between the k-th and (k+1)-th largest router logit of each token.
+
+    Where it is small, a tiny change of the layer's input (a lossy weight type) can swap the chosen experts and so
+    move that position's output far more than the change itself: the near ties a lossy comparison must allow for.
+    """
+    w = {k: v.float() for k, v in weights.items()}
+    theta = 1e6 if cfg.rope_theta is None else cfg.rope_theta
+    factors = rotary_factors(tokens.shape[1], cfg.head_dim, theta)
+    x = w["tok_embeddings.weight"][tokens]
+    margin = torch.full(tokens.shape, float("inf"))
+    for layer in range(cfg.n_layers):
+        p = f"layers.{layer}."
+        x = x + attention(rms_norm(x, w[p + "attention_norm.weight"], cfg.norm_eps), w, p, cfg, factors)
+        h = rms_norm(x, w[p + "ffn_norm.weight"], cfg.norm_eps)
+        ranked = (h @ w[p + "feed_forward.gate.weight"].T).sort(-1, descending=True).values
+        k = cfg.experts_per_tok
+        margin = torch.minimum(margin, ranked[..., k - 1] - ranked[..., k])
+        x = x + moe(h, w, p, cfg)
+    return margin
