@@ -384,7 +384,101 @@ def test_compare_gguf_finds_one_changed_byte(theirs: Callable[[str], Path], tmp_
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# For our writer (convert/formats/gguf.py), the same harness: for each source layout L and outtype T,
-#   ours = `python -m convert convert SRC DST --to gguf --outtype T` of the same checkpoint in layout L, and
-#   assert compare_gguf(ours, theirs(T)) == []          (tensors, types, shapes, bytes, metadata)
-#   test_*_logits / assert_tokenizes_like_sentencepiece on ours, as above on theirs.
+# Our writer (convert/formats/gguf.py), through the same harness: from every source layout, at every outtype, the
+# file equals llama.cpp's converter's (tensors, types, shapes, bytes, metadata; naming keys aside), and llama.cpp
+# loads it and computes the reference's logits.
+
+SOURCE_LAYOUTS = ("torrent", "mistral", "megablocks", "hf")
+
+
+@pytest.fixture(scope="module")
+def sources(hf_folder: Path, cli: CliRunner) -> dict[str, Path]:
+    """The checkpoint in every layout: the torrent written by torch.save (tests/synthetic.py), hf by our
+    conversion (whose equivalence the other tests prove), mistral and megablocks converted from the torrent."""
+    root = hf_folder.parent
+    folders = {"torrent": root / "torrent", "hf": hf_folder}
+    for name in ("mistral", "megablocks"):
+        folders[name] = root / name
+        cli("convert", folders["torrent"], folders[name], "--to", name, "--no-progress")
+    return folders
+
+
+@pytest.fixture(scope="module")
+def ours(sources: dict[str, Path], cli: CliRunner) -> Callable[[str, str], Path]:
+    """ours(layout, outtype): our GGUF of the checkpoint as stored in layout."""
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(layout: str, outtype: str) -> Path:
+        if (layout, outtype) not in made:
+            out = sources[layout].parent / f"ours-{layout}-{outtype}"
+            cli("convert", sources[layout], out, "--to", "gguf", "--outtype", outtype, "--no-progress")
+            made[layout, outtype] = out / "model.gguf"
+        return made[layout, outtype]
+
+    return get
+
+
+@pytest.mark.parametrize("outtype", OUTTYPES)
+@pytest.mark.parametrize("layout", SOURCE_LAYOUTS)
+def test_our_gguf_is_llama_cpps(
+    layout: str, outtype: str, ours: Callable[[str, str], Path], theirs: Callable[[str], Path]
+) -> None:
+    """Same tensors (names, GGML types, shapes, bytes, Q8_0 blocks included) and metadata values as the file
+    llama.cpp's converter writes from our hf output, whichever layout the checkpoint came from."""
+    assert compare_gguf(ours(layout, outtype), theirs(outtype)) == []
+
+
+@pytest.mark.parametrize("layout", SOURCE_LAYOUTS)
+def test_llama_cpp_runs_our_f32_gguf(layout: str, ours: Callable[[str, str], Path], reference: np.ndarray) -> None:
+    error = relative_error(llama_logits(ours(layout, "f32")), reference)
+    assert error < F32_BOUND, f"{layout}: f32 logits differ from the reference by {error:.3g} relative"
+
+
+@pytest.mark.parametrize("outtype", list(LOSSY_BOUNDS))
+def test_llama_cpp_runs_our_lossy_gguf(
+    outtype: str, ours: Callable[[str, str], Path], reference: np.ndarray, clear_routing: np.ndarray
+) -> None:
+    """As test_lossy_logits_keep_the_top_token, on our file from the torrent."""
+    got = llama_logits(ours("torrent", outtype))
+    scale = np.abs(reference).max()
+    error = (np.abs(got - reference).max(-1) / scale)[clear_routing].max()
+    assert error < LOSSY_BOUNDS[outtype], f"{outtype}: {error:.3g} relative (bound {LOSSY_BOUNDS[outtype]})"
+    top2 = np.sort(reference, axis=-1)[..., -2:]
+    clear = clear_routing & ((top2[..., 1] - top2[..., 0]) > TOP_MARGIN * scale)
+    flipped = np.argwhere(clear & (got.argmax(-1) != reference.argmax(-1)))
+    assert not len(flipped), f"{outtype}: top token differs at (sequence, position) {flipped.tolist()}"
+
+
+def test_llama_cpp_tokenizes_our_gguf_like_sentencepiece(
+    ours: Callable[[str, str], Path], tokenizer_model: bytes
+) -> None:
+    assert_tokenizes_like_sentencepiece(ours("torrent", "bf16"), tokenizer_model)
+
+
+def test_our_mixtral_vocabulary_is_llama_cpps(tmp_path: Path, cli: CliRunner) -> None:
+    """Mixtral's own tokenizer.model (32000 pieces): our GGUF's vocabulary keys equal those llama.cpp's converter
+    writes from our hf output, and llama.cpp tokenizes with them as SentencePiece does."""
+    model_bytes = mixtral_tokenizer().read_bytes()
+    cfg: TinyConfig = replace(CFG, n_layers=1, vocab=32000)
+    src, hf, ggml = tmp_path / "torrent", tmp_path / "hf", tmp_path / "gguf"
+    write_torrent(src, cfg, make_weights(cfg, SEED))
+    (src / "tokenizer.model").write_bytes(model_bytes)
+    cli("convert", src, hf, "--to", "hf", "--from", "torrent", "--no-progress")
+    cli("convert", src, ggml, "--to", "gguf", "--outtype", "f32", "--no-progress")
+    theirs = llama_converter(hf, tmp_path / "theirs.gguf", "f32")
+    assert compare_gguf(ggml / "model.gguf", theirs) == []
+    assert_tokenizes_like_sentencepiece(ggml / "model.gguf", model_bytes)
+
+
+def test_our_instruct_gguf_has_llama_cpps_chat_template(
+    hf_folder: Path, sources: dict[str, Path], cli: CliRunner
+) -> None:
+    """With --instruct, tokenizer.chat_template is the one llama.cpp's converter copies from our hf output's
+    tokenizer_config.json (compare_gguf compares every key but the naming ones)."""
+    root = hf_folder.parent
+    cli("convert", sources["torrent"], root / "hf-instruct", "--to", "hf", "--instruct", "--no-progress")
+    cli("convert", sources["torrent"], root / "ours-instruct", "--to", "gguf", "--instruct", "--no-progress")
+    theirs = llama_converter(root / "hf-instruct", root / "theirs-instruct.gguf", "bf16")
+    assert compare_gguf(root / "ours-instruct" / "model.gguf", theirs) == []
+    reader = gguf.GGUFReader(root / "ours-instruct" / "model.gguf")
+    assert "tokenizer.chat_template" in reader.fields
