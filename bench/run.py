@@ -169,8 +169,13 @@ CONTENDERS = (
               lambda src, out, depth: [sys.executable, "-m", "convert", "verify", str(src), "--against",
                                        str(depth.source)],
               in_converter_root=True, direction="verify", limit="convert", reads="hf"),
+    # torrent -> GGUF bf16 (llama.cpp), its own references so that `--directions torrent-gguf` stands alone.
+    Contender("disk-gguf", "disk limit (torrent -> gguf)", _disk, True, direction="torrent-gguf", limit="disk-gguf"),
+    Contender("cp-gguf", "cp + sync (torrent -> gguf)", _cp, True, direction="torrent-gguf", limit="disk-gguf"),
+    Contender("to-gguf", "mixtral-convert torrent -> gguf (bf16)", _convert("gguf"), in_converter_root=True,
+              direction="torrent-gguf", limit="disk-gguf", cp="cp-gguf"),
 )  # fmt: skip
-DIRECTIONS = ("torrent-hf", "hf-torrent", "verify")
+DIRECTIONS = ("torrent-hf", "hf-torrent", "verify", "torrent-gguf")
 BY_KEY = {c.key: c for c in CONTENDERS}
 
 
@@ -830,7 +835,11 @@ def report(
         "(`verify SRC --against` the torrent checkpoint: every tensor compared with the source's converted "
         "bytes) against the torrent -> hf conversion of the same source.",
         "",
-        "All three directions run by default (`make bench`); `--quick` runs one small-width layer once "
+        "`--directions torrent-gguf`: `mixtral-convert convert SRC OUT --to gguf --no-progress --force` (one "
+        "model.gguf in bf16, the release's own type: llama.cpp's F32 norms and router, every other byte straight "
+        "through) beside its own disk limit and cp + sync of the torrent.",
+        "",
+        "All four directions run by default (`make bench`); `--quick` runs one small-width layer once "
         "(bench/checkpoint.py --small, about 0.3 GB) to check the script end to end, writing its report under "
         "the cache folder, never here.",
         "",
@@ -872,7 +881,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=list(DIRECTIONS),
         help="torrent-hf: the disk limit, cp, mixtral-convert and the peer on the torrent checkpoint; hf-torrent: "
         "the disk limit, cp and mixtral-convert on its hf conversion (made once and cached); verify: verify and "
-        "verify --against on that hf conversion, beside an O_DIRECT read of it",
+        "verify --against on that hf conversion, beside an O_DIRECT read of it; torrent-gguf: the disk limit, cp and "
+        "mixtral-convert --to gguf (bf16, as released) on the torrent checkpoint",
     )
     parser.add_argument("--no-warm-runs", action="store_true", help="skip the runs with the source in the page cache")
     parser.add_argument(
