@@ -205,7 +205,6 @@ def target_tensors(
             offset += piece.out_nbytes
         if len(dtypes) > 1:
             raise ConvertError(f"cannot stack experts of different dtypes {sorted(dtypes)}", tensor=stored.name)
-        dtypes.pop()
         result.append(TargetTensor(stored.name, stored.layer, pieces[0].out_dtype, shape, tuple(pieces)))
     return result
 
