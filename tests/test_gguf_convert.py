@@ -48,7 +48,7 @@ def origin(folder: Path, cfg: TinyConfig, dtype: torch.dtype, seed: int, split_p
     """A torrent-layout checkpoint with a real SentencePiece tokenizer.model when its vocabulary fits the model."""
     weights = make_weights(cfg, seed, dtype)
     write_torrent(folder, cfg, weights, split_parts=split_parts)
-    if split_parts is None:  # as torch.save writes a file (its records under "consolidated.00/"), as in the release
+    if split_parts is None:  # as torch.save writes a named file (records under "consolidated.00/", not "archive/")
         torch.save(weights, folder / "consolidated.00.pth")
     if cfg.vocab == DEFAULT.vocab:
         (folder / "tokenizer.model").write_bytes(tokenizer_model(cfg.vocab))
