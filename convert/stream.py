@@ -169,7 +169,14 @@ def _cast_chunks(piece: Piece, digests: Digests, *, crc: bool) -> Iterator[Chunk
 
     position = piece.dst_offset
     for start in range(0, piece.nbytes, step):
-        converted = cast(sliced(start), piece.tensor, start // ITEM_SIZE[piece.record.dtype])
+        try:
+            converted = cast(sliced(start), piece.tensor, start // ITEM_SIZE[piece.record.dtype])
+        except ConvertError as error:
+            if error.file is not None:
+                raise
+            # A value that does not fit is in the source: its line names that file and tensor, as every reader's
+            # line does (the cast itself knows neither).
+            raise ConvertError(error.rule, file=piece.record.stream.label, tensor=piece.record.name) from None
         if crc:
             fault_point("crc")
             running = zlib.crc32(converted, running)
