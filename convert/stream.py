@@ -169,8 +169,10 @@ def _cast_chunks(piece: Piece, digests: Digests, *, crc: bool) -> Iterator[Chunk
 
     position = piece.dst_offset
     for start in range(0, piece.nbytes, step):
+        # Elements counted in the source tensor (for a q/k piece whose rows the steps reorder: in the reordered rows).
+        first = (piece.src_offset - piece.record.offset + start) // ITEM_SIZE[piece.record.dtype]
         try:
-            converted = cast(sliced(start), piece.tensor, start // ITEM_SIZE[piece.record.dtype])
+            converted = cast(sliced(start), piece.tensor, first)
         except ConvertError as error:
             if error.file is not None:
                 raise

@@ -245,6 +245,19 @@ def test_tensors_that_span_several_chunks_convert_as_one(wide: Path, tmp_path: P
         assert types["blk.0.ffn_down_exps.weight"] == F16 and types["blk.0.ffn_gate_exps.weight"] == Q8_0
 
 
+def test_a_value_past_the_first_chunk_is_named_by_its_place_in_the_tensor(tmp_path: Path) -> None:
+    """The element a failing line names counts from the tensor's start, not from the slice being converted."""
+    weights = make_weights(WIDE, seed=9, dtype=torch.float32)
+    row, column = 39000, 7  # 39000 * 128 * 4 bytes: in the third 8 MiB chunk of the embedding
+    weights["tok_embeddings.weight"][row, column] = 1e6
+    assert row * WIDE.dim * 4 > 2 * CHUNK
+    write_torrent(tmp_path / "src", WIDE, weights)
+    failed = run_cli("convert", tmp_path / "src", tmp_path / "out", "--to", "gguf", "--outtype", "f16", check=False)
+    assert_one_line_error(
+        failed, f"tensor tok_embeddings.weight: value 1e+06 at element {row * WIDE.dim + column} overflows F16"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Values that do not fit
 
@@ -259,7 +272,9 @@ def test_f16_overflow_names_the_tensor_and_leaves_no_model(tmp_path: Path) -> No
     assert failed.returncode == 2
     # the line names where the value is: the source file and its tensor, as every other line does
     source = tmp_path / "src" / "consolidated.00.pth"
-    assert_one_line_error(failed, f"error: {source}: tensor layers.1.attention.wk.weight: value 70144 overflows F16")
+    assert_one_line_error(
+        failed, f"error: {source}: tensor layers.1.attention.wk.weight: value 70144 at element 197 overflows F16"
+    )
     assert not (dst / "model.gguf").exists() and not (dst / "SHA256SUMS").exists()
     assert not (dst / "manifest.json").exists()
 

@@ -278,7 +278,7 @@ def test_f16_overflow_names_the_tensor() -> None:
     with pytest.raises(ConvertError) as error:
         G.convert_elements(bf16_bytes(values), "BF16", T.F16, tensor="blk.0.attn_q.weight", file="out.gguf")
     line = str(error.value)
-    assert line.startswith("out.gguf: tensor blk.0.attn_q.weight: value 65536 overflows F16 (element 2")
+    assert line.startswith("out.gguf: tensor blk.0.attn_q.weight: value 65536 at element 2 overflows F16")
     assert "\n" not in line
     # 65504 is the largest finite f16; infinities in the source are not an overflow
     fine = np.array([65504.0, np.inf, -np.inf, np.nan], dtype=np.float32)

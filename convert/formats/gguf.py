@@ -176,14 +176,14 @@ def _round_half_away(values: np.ndarray) -> np.ndarray:
     return np.sign(values) * (floored + np.floor(2 * (magnitude - floored)))
 
 
-def _quantize_q8_0(values: np.ndarray, tensor: str, file: str | None) -> np.ndarray:
+def _quantize_q8_0(values: np.ndarray, tensor: str, file: str | None, first: int = 0) -> np.ndarray:
     """Q8_0 blocks as gguf-py's quants.Q8_0.quantize_blocks (bit-exact with ggml's reference quantize_row_q8_0):
     d = max|x| / 127 in float32, stored as float16; q = round(x * (1/d)), 0 where d = 0; 2 + 32 bytes a block."""
     blocks = values.reshape(-1, Q8_BLOCK)
     if not np.isfinite(blocks).all():
         bad = int(np.flatnonzero(~np.isfinite(values))[0])
         raise ConvertError(
-            f"value {values[bad]} cannot be quantized to Q8_0 (element {bad} of this slice); the checkpoint holds "
+            f"value {values[bad]} at element {first + bad} cannot be quantized to Q8_0; the checkpoint holds "
             "NaN or infinite weights",
             file=file,
             tensor=tensor,
@@ -198,8 +198,8 @@ def _quantize_q8_0(values: np.ndarray, tensor: str, file: str | None) -> np.ndar
     if np.isinf(scale16).any():
         bad = int(np.flatnonzero(np.isinf(scale16))[0])
         raise ConvertError(
-            f"a Q8_0 block's scale overflows float16 (max |x| = {float(scale[bad, 0]) * 127:g} in block {bad} of this "
-            "slice); use --outtype f32 or bf16",
+            f"a Q8_0 block's scale overflows float16 (max |x| = {float(scale[bad, 0]) * 127:g} in the block at "
+            f"element {first + bad * Q8_BLOCK}); use --outtype f32 or bf16",
             file=file,
             tensor=tensor,
         )
@@ -210,7 +210,13 @@ def _quantize_q8_0(values: np.ndarray, tensor: str, file: str | None) -> np.ndar
 
 
 def convert_elements(
-    data: Any, src_dtype: str, dst: GGMLQuantizationType, *, tensor: str, file: str | None = None
+    data: Any,
+    src_dtype: str,
+    dst: GGMLQuantizationType,
+    *,
+    tensor: str,
+    file: str | None = None,
+    first_element: int = 0,
 ) -> np.ndarray:
     """A slice of a tensor's source elements (little-endian F32, F16 or BF16 bytes) converted to dst, as a uint8
     array of converted_nbytes(n, dst) bytes. Every type goes through float32 as llama.cpp's converter does (it
@@ -220,32 +226,35 @@ def convert_elements(
 
     A finite value that becomes infinite (beyond float16's 65504, or bfloat16's range for an F32 source) raises a
     ConvertError naming the tensor: a cast that silently loses a value is not allowed. So does a NaN or infinity
-    to be quantized to Q8_0 (its block's scale would be meaningless), and a Q8_0 scale beyond float16."""
+    to be quantized to Q8_0 (its block's scale would be meaningless), and a Q8_0 scale beyond float16. Messages
+    count elements from first_element, the slice's position in the tensor."""
     values = _as_float32(data, src_dtype)
     if dst == F32:
         return values.view(np.uint8)
     if dst == F16:
         with np.errstate(over="ignore"):
             half = values.astype(np.float16)
-        _check_overflow(values, np.isinf(half), "F16", tensor, file)
+        _check_overflow(values, np.isinf(half), "F16", tensor, file, first_element)
         return half.view(np.uint8)
     if dst == BF16:
         bits = _bf16_bits(values)
-        _check_overflow(values, (bits & 0x7FFF) == 0x7F80, "BF16", tensor, file)
+        _check_overflow(values, (bits & 0x7FFF) == 0x7F80, "BF16", tensor, file, first_element)
         return bits.view(np.uint8)
     if dst == Q8_0:
         if values.size % Q8_BLOCK:
             raise ValueError(f"a Q8_0 slice must hold whole blocks of {Q8_BLOCK}, got {values.size} elements")
-        return _quantize_q8_0(values, tensor, file)
+        return _quantize_q8_0(values, tensor, file, first_element)
     raise ValueError(f"no conversion to {dst.name}")
 
 
-def _check_overflow(values: np.ndarray, infinite: np.ndarray, name: str, tensor: str, file: str | None) -> None:
+def _check_overflow(
+    values: np.ndarray, infinite: np.ndarray, name: str, tensor: str, file: str | None, first: int = 0
+) -> None:
     lost = infinite & np.isfinite(values)
     if lost.any():
         index = int(np.flatnonzero(lost)[0])
         raise ConvertError(
-            f"value {float(values[index]):g} overflows {name} (element {index} of this slice would become infinite); "
+            f"value {float(values[index]):g} at element {first + index} overflows {name} (it would become infinite); "
             "choose an outtype that holds it (f32, or bf16 for a bf16 checkpoint)",
             file=file,
             tensor=tensor,
@@ -989,7 +998,7 @@ class _Cast:
             converted = restore_elements(data, GGML_OF_DTYPE[self.src_dtype], self.dst_dtype, tensor=tensor,
                                          first_element=first)  # fmt: skip
         else:
-            converted = convert_elements(data, self.src_dtype, self._dst, tensor=tensor)
+            converted = convert_elements(data, self.src_dtype, self._dst, tensor=tensor, first_element=first)
         return memoryview(np.ascontiguousarray(converted)).cast("B")
 
 
