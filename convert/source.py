@@ -10,12 +10,11 @@ from pathlib import Path
 
 from convert.errors import ConvertError, shown
 from convert.files import is_present
+from convert.formats.base import TOKENIZER
 from convert.formats.safetensors import TensorRecord
 from convert.formats.streams import ByteStream
 from convert.mapping import LayoutTable, layout, layout_names
 from convert.params import ModelParams
-
-TOKENIZER = "tokenizer.model"  # every container keeps Mistral's SentencePiece model beside the weights
 
 
 @dataclass

@@ -82,14 +82,7 @@ def piece_chunks(
         yield from _cast_chunks(piece, digests, crc=crc)
         return
     if piece.steps:
-        buffer = aligned_buffer(piece.nbytes + 2 * ALIGN)
-        data = piece.record.stream.read_bulk(buffer, piece.src_offset, piece.nbytes)
-        digests.source_crc.update(piece.record, piece.src_offset, data)
-        tensor = np.frombuffer(data, dtype=word_dtype(piece.record.dtype)).reshape(piece.shape)
-        fault_point("transform")
-        result = np.ascontiguousarray(run_steps(tensor, piece.steps, piece.tensor))
-        del data, tensor, buffer  # only the transformed copy stays in flight
-        view = memoryview(result.reshape(-1).view(np.uint8))
+        view = _moved(piece, digests)
         if crc:
             fault_point("crc")
             digests.tensor_crc32[piece.tensor] = zlib.crc32(view, running)
@@ -140,6 +133,19 @@ def piece_chunks(
             lease.release_all()
 
 
+def _moved(piece: Piece, digests: Digests) -> memoryview:
+    """A piece with steps, read whole (the steps move elements across it) and transformed: only the transformed copy
+    stays in flight."""
+    buffer = aligned_buffer(piece.nbytes + 2 * ALIGN)
+    data = piece.record.stream.read_bulk(buffer, piece.src_offset, piece.nbytes)
+    digests.source_crc.update(piece.record, piece.src_offset, data)
+    tensor = np.frombuffer(data, dtype=word_dtype(piece.record.dtype)).reshape(piece.shape)
+    fault_point("transform")
+    result = np.ascontiguousarray(run_steps(tensor, piece.steps, piece.tensor))
+    del data, tensor, buffer
+    return memoryview(result.reshape(-1).view(np.uint8))
+
+
 def _cast_chunks(piece: Piece, digests: Digests, *, crc: bool) -> Iterator[Chunk]:
     """A piece whose elements change type: read (and moved by its steps, which need the whole piece) in whole
     granules, converted slice by slice so that no converted chunk exceeds CHUNK."""
@@ -148,14 +154,7 @@ def _cast_chunks(piece: Piece, digests: Digests, *, crc: bool) -> Iterator[Chunk
     running = digests.tensor_crc32.get(piece.tensor, 0)
     step = cast.granule * max(1, CHUNK // max(cast.out_nbytes(cast.granule), cast.granule))
     if piece.steps:
-        buffer = aligned_buffer(piece.nbytes + 2 * ALIGN)
-        data = piece.record.stream.read_bulk(buffer, piece.src_offset, piece.nbytes)
-        digests.source_crc.update(piece.record, piece.src_offset, data)
-        tensor = np.frombuffer(data, dtype=word_dtype(piece.record.dtype)).reshape(piece.shape)
-        fault_point("transform")
-        result = np.ascontiguousarray(run_steps(tensor, piece.steps, piece.tensor))
-        del data, tensor, buffer  # only the moved copy stays in flight
-        moved = memoryview(result.reshape(-1).view(np.uint8))
+        moved = _moved(piece, digests)
 
         def sliced(start: int) -> memoryview:
             return moved[start : start + step]

@@ -345,7 +345,7 @@ def _added_token(index: int, text: str) -> dict:
     }
 
 
-def _special_ids(model: SentencePieceModel) -> list[int]:
+def special_ids(model: SentencePieceModel) -> list[int]:
     """Pieces SentencePiece never produces from text: matched as whole tokens by tokenizers, skipped on decode."""
     return [i for i, p in enumerate(model.pieces) if p.kind in (UNKNOWN, CONTROL)]
 
@@ -383,7 +383,7 @@ def tokenizer_json(model: SentencePieceModel) -> dict:
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": [_added_token(i, model.pieces[i].text) for i in _special_ids(model)],
+        "added_tokens": [_added_token(i, model.pieces[i].text) for i in special_ids(model)],
         "normalizer": {"type": "Sequence", "normalizers": normalizers},
         "pre_tokenizer": None,
         "post_processor": {
@@ -437,7 +437,7 @@ def tokenizer_config(model: SentencePieceModel, *, instruct: bool) -> dict:
         "add_bos_token": True,
         "add_eos_token": False,
         "added_tokens_decoder": {
-            str(i): {**_token_entry(model.pieces[i].text), "special": True} for i in _special_ids(model)
+            str(i): {**_token_entry(model.pieces[i].text), "special": True} for i in special_ids(model)
         },
         "clean_up_tokenization_spaces": False,
         "model_max_length": MODEL_MAX_LENGTH,
@@ -469,20 +469,31 @@ def _tokenizer_json_text(data: dict) -> str:
     return head + merges + tail + "\n"
 
 
-def hf_tokenizer_files(model: bytes, *, vocab_size: int | None, instruct: bool, source: str) -> dict[str, str]:
-    """{file name: exact text} of the Hugging Face tokenizer files for the SentencePiece model in `model` (the bytes
-    of tokenizer.model, read from `source`). vocab_size is the model's embedding rows, checked against the piece
-    count; instruct adds the Mixtral instruction chat template."""
+def read_model(model: bytes, source: str) -> SentencePieceModel:
+    """The SentencePiece model in `model` (the bytes of tokenizer.model, read from `source`), or a ConvertError."""
     try:
-        parsed = parse_model(bytes(model))
+        return parse_model(bytes(model))
     except _Corrupt as error:
         raise ConvertError(f"not a SentencePiece model: {error}", file=source) from None
+
+
+def checked_model(model: bytes, *, vocab_size: int | None, instruct: bool, source: str) -> SentencePieceModel:
+    """read_model, checked for translation (every other container's tokenizer is built from it): vocab_size is the
+    model's embedding rows, checked against the piece count; instruct needs the dummy prefix, whose space the chat
+    template's spaces stand for."""
+    parsed = read_model(model, source)
     check_model(parsed, vocab_size=vocab_size, source=source)
     if instruct and not parsed.add_dummy_prefix:
-        # The template's spaces stand for the prefix space SentencePiece adds to each part.
         raise ConvertError(
             "the chat template needs SentencePiece's dummy prefix, which add_dummy_prefix turns off", file=source
         )
+    return parsed
+
+
+def hf_tokenizer_files(model: bytes, *, vocab_size: int | None, instruct: bool, source: str) -> dict[str, str]:
+    """{file name: exact text} of the Hugging Face tokenizer files for the SentencePiece model in `model` (see
+    checked_model); instruct adds the Mixtral instruction chat template."""
+    parsed = checked_model(model, vocab_size=vocab_size, instruct=instruct, source=source)
     return {
         "tokenizer.json": _tokenizer_json_text(tokenizer_json(parsed)),
         "tokenizer_config.json": _json(tokenizer_config(parsed, instruct=instruct)),

@@ -9,15 +9,16 @@ container's Format only; the stream, integrity and resume code never see one.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
 from convert.errors import ConvertError
-from convert.files import is_present
+from convert.files import MAX_TOKENIZER, is_present, read_small
 from convert.formats.safetensors import TensorRecord, layout_header
 from convert.formats.torchzip_writer import layout_torch_zip
 from convert.outputs import Cast, OutputFile, Piece, TargetTensor
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
     from convert.mapping import LayoutTable
     from convert.params import ModelParams
 
+log = logging.getLogger("mixtral-convert")
 Ambiguities = list[ConvertError]
+TOKENIZER = "tokenizer.model"  # every container keeps Mistral's SentencePiece model beside the weights
 SAFETENSORS_METADATA = MappingProxyType({"format": "pt"})  # what safetensors.torch.save_file writes
 
 
@@ -108,6 +111,35 @@ class Format(ABC):
     @abstractmethod
     def plan(self, request: OutputRequest) -> PlannedOutput:
         """The output's files, each with its exact size, headers and the pieces streamed into it."""
+
+
+T = TypeVar("T")
+
+
+class _TokenizerBuilder(Protocol[T]):
+    def __call__(self, model: bytes, *, vocab_size: int | None, instruct: bool, source: str) -> T: ...
+
+
+def from_tokenizer(request: OutputRequest, build: _TokenizerBuilder[T], without: str) -> T | None:
+    """What a container builds from the source's tokenizer.model (hf's tokenizer.json, GGUF's vocabulary), or None
+    when there is none (plan warned already). A tokenizer that cannot be translated is a warning saying what the
+    output is then `without` (the weights are still right), and an error when --instruct asked for the chat
+    template."""
+    if request.tokenizer is None:
+        return None
+    try:
+        return build(
+            read_small(request.tokenizer, MAX_TOKENIZER, TOKENIZER),
+            vocab_size=request.params.vocab_size,
+            instruct=request.instruct,
+            source=str(request.tokenizer),
+        )
+    except ConvertError as exc:
+        if request.instruct:
+            raise
+        # the line is escaped already: as the message itself, not an argument (arguments are shown() again)
+        log.warning(exc.line() + "; " + without)
+        return None
 
 
 def embedding_vocab(records: Sequence[TensorRecord], table: LayoutTable) -> int | None:

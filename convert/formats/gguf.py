@@ -20,7 +20,6 @@ here only. The data path (conversion, quantization, layout, reading) is ours.
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import struct
@@ -51,17 +50,16 @@ from gguf import (
 
 from convert.errors import ConvertError, shown
 from convert.files import MAX_TOKENIZER, is_present, read_small
-from convert.formats.base import Format, OpenedWeights, OutputRequest, PlannedOutput, placed
+from convert.formats.base import TOKENIZER, Format, OpenedWeights, OutputRequest, PlannedOutput, from_tokenizer, placed
 from convert.formats.safetensors import TensorRecord
 from convert.formats.streams import ByteStream
 from convert.outputs import OutputFile
 from convert.params import DEFAULT_MAX_POSITIONS, ModelParams
-from convert.tokenizer import CHAT_TEMPLATE, SentencePieceModel, _Corrupt, _special_ids, check_model, parse_model
+from convert.tokenizer import CHAT_TEMPLATE, SentencePieceModel, checked_model, read_model, special_ids
 
 if TYPE_CHECKING:
     from convert.mapping import LayoutTable
 
-log = logging.getLogger("mixtral-convert")
 ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]  # Mixtral is the llama architecture with experts ("llama")
 ALIGNMENT = GGUF_DEFAULT_ALIGNMENT  # 32; no general.alignment key is written, so readers use this default
 F32, F16, BF16, Q8_0 = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
@@ -391,15 +389,7 @@ def tokenizer_metadata(model: bytes, *, vocab_size: int | None, instruct: bool, 
       (its pair template has <s> between A and B, which is neither sep nor eos), add_eos_token false
       (tokenizer_config.json); then tokenizer.chat_template when instruct (CHAT_TEMPLATE, as tokenizer_config.json).
     """
-    try:
-        parsed = parse_model(bytes(model))
-    except _Corrupt as error:
-        raise ConvertError(f"not a SentencePiece model: {error}", file=source) from None
-    check_model(parsed, vocab_size=vocab_size, source=source)
-    if instruct and not parsed.add_dummy_prefix:
-        raise ConvertError(
-            "the chat template needs SentencePiece's dummy prefix, which add_dummy_prefix turns off", file=source
-        )
+    parsed = checked_model(model, vocab_size=vocab_size, instruct=instruct, source=source)
     return _tokenizer_entries(parsed, instruct=instruct)
 
 
@@ -407,7 +397,7 @@ def _tokenizer_entries(model: SentencePieceModel, *, instruct: bool) -> list[KV]
     tokens = [piece.text for piece in model.pieces]
     scores = [float(np.float32(piece.score)) for piece in model.pieces]
     types = [int(piece.kind) for piece in model.pieces]
-    for index in _special_ids(model):  # what tokenizer_config.json's added_tokens_decoder marks special
+    for index in special_ids(model):  # what tokenizer_config.json's added_tokens_decoder marks special
         scores[index] = -1000.0
         types[index] = int(TokenType.CONTROL)
     T = Keys.Tokenizer
@@ -975,7 +965,6 @@ def metadata_values(metadata: Mapping[str, KV]) -> dict[str, Any]:
 # The container: what plan, source, verify and inspect call
 
 STEM = "model"  # the output is model.gguf, or model-0000i-of-0000N.gguf when split
-TOKENIZER = "tokenizer.model"
 
 
 class _Cast:
@@ -1094,21 +1083,8 @@ def _vocabulary(request: OutputRequest) -> list[KV]:
     """The tokenizer keys from tokenizer.model. As for hf's tokenizer.json, a tokenizer that cannot be translated is
     a warning (the weights are still right, but llama.cpp needs the vocabulary to load the file), and an error when
     --instruct asked for the chat template; no tokenizer.model was warned about already."""
-    if request.tokenizer is None:
-        return []
-    try:
-        return tokenizer_metadata(
-            read_small(request.tokenizer, MAX_TOKENIZER, TOKENIZER),
-            vocab_size=request.params.vocab_size,
-            instruct=request.instruct,
-            source=str(request.tokenizer),
-        )
-    except ConvertError as exc:
-        if request.instruct:
-            raise
-        # the line is escaped already: as the message itself, not an argument (arguments are shown() again)
-        log.warning(exc.line() + "; the GGUF has no vocabulary (llama.cpp will not load it)")
-        return []
+    built = from_tokenizer(request, tokenizer_metadata, "the GGUF has no vocabulary (llama.cpp will not load it)")
+    return built or []
 
 
 def _written_outtype(metadata: Mapping[str, KV]) -> str | None:
@@ -1134,9 +1110,9 @@ def _check_beside_tokenizer(folder: Path, metadata: Mapping[str, KV], ambiguitie
     if not is_present(path) or tokens is None:
         return
     try:
-        pieces = [p.text for p in parse_model(read_small(path, MAX_TOKENIZER, TOKENIZER)).pieces]
-    except _Corrupt as error:
-        ambiguities.append(ConvertError(f"not a SentencePiece model: {error}", file=path))
+        pieces = [p.text for p in read_model(read_small(path, MAX_TOKENIZER, TOKENIZER), str(path)).pieces]
+    except ConvertError as error:
+        ambiguities.append(error)
         return
     if pieces != list(tokens.value):
         ambiguities.append(

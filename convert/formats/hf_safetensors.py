@@ -7,7 +7,6 @@ kept as data in mappings/release/mixtral-8x7b-v0.1.toml."""
 
 from __future__ import annotations
 
-import logging
 import tomllib
 from collections.abc import Sequence
 from functools import cache
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from convert.dtypes import CONFIG_NAME
 from convert.errors import ConvertError, shown
-from convert.files import MAX_INDEX_JSON, MAX_TOKENIZER, is_present, read_small
+from convert.files import MAX_INDEX_JSON, is_present
 from convert.formats.base import (
     Ambiguities,
     Format,
@@ -25,6 +24,7 @@ from convert.formats.base import (
     OutputRequest,
     PlannedOutput,
     embedding_vocab,
+    from_tokenizer,
     safetensors_file,
     text_file,
 )
@@ -38,13 +38,10 @@ if TYPE_CHECKING:
     from convert.formats.streams import ByteStream
     from convert.mapping import LayoutTable
 
-log = logging.getLogger("mixtral-convert")
-
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
-TOKENIZER = "tokenizer.model"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # decimal, as transformers sharded the published checkpoint
 RELEASE = "mixtral-8x7b-v0.1.toml"  # mappings/release/: config.json fields params.json does not carry
 
@@ -191,24 +188,10 @@ class HfSafetensors(Format):
 
 
 def _tokenizer_files(request: OutputRequest) -> list[OutputFile]:
-    """tokenizer.json and its configs, built from tokenizer.model. A tokenizer that cannot be translated is a
-    warning (the weights are still right), and an error when --instruct asked for the chat template."""
-    if request.tokenizer is None:
-        return []
-    try:
-        texts = hf_tokenizer_files(
-            read_small(request.tokenizer, MAX_TOKENIZER, TOKENIZER),
-            vocab_size=request.params.vocab_size,
-            instruct=request.instruct,
-            source=str(request.tokenizer),
-        )
-    except ConvertError as exc:
-        if request.instruct:
-            raise
-        # the line is escaped already: as the message itself, not an argument (arguments are shown() again)
-        log.warning(exc.line() + "; tokenizer.json not written (transformers will need sentencepiece)")
-        return []
-    return [text_file(name, text) for name, text in sorted(texts.items())]
+    """tokenizer.json and its configs, built from tokenizer.model (see base.from_tokenizer)."""
+    without = "tokenizer.json not written (transformers will need sentencepiece)"
+    texts = from_tokenizer(request, hf_tokenizer_files, without)
+    return [text_file(name, text) for name, text in sorted((texts or {}).items())]
 
 
 def _check_transformers_weights(folder: Path, read: str, ambiguities: Ambiguities) -> None:
