@@ -482,3 +482,14 @@ def test_our_instruct_gguf_has_llama_cpps_chat_template(
     assert compare_gguf(root / "ours-instruct" / "model.gguf", theirs) == []
     reader = gguf.GGUFReader(root / "ours-instruct" / "model.gguf")
     assert "tokenizer.chat_template" in reader.fields
+
+
+def test_llama_cpp_runs_our_split_gguf(sources: dict[str, Path], cli: CliRunner, reference: np.ndarray) -> None:
+    """A gguf-split set written with --max-shard-size: llama.cpp opens it from its first file, finds the other files
+    by their names and split keys, and computes the reference's logits."""
+    out = sources["torrent"].parent / "ours-split"
+    cli("convert", sources["torrent"], out, "--to", "gguf", "--outtype", "f32", "--max-shard-size", "200000")
+    files = sorted(out.glob("model-*-of-*.gguf"))
+    assert len(files) >= 3, files
+    error = relative_error(llama_logits(files[0]), reference)
+    assert error < F32_BOUND, f"split f32 logits differ from the reference by {error:.3g} relative"

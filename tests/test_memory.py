@@ -71,3 +71,23 @@ def test_verify_against_peak_rss_is_bounded_and_flat_in_depth(tmp_path: Path) ->
         peaks[layers] = measured.peak_mib
     assert peaks[1] <= 512 and peaks[2] <= 512, peaks
     assert peaks[2] <= peaks[1] * 1.10, peaks
+
+
+@pytest.mark.skipif(
+    os.statvfs("/tmp").f_bavail * os.statvfs("/tmp").f_frsize < 8 * 10**9,
+    reason="needs 8 GB free for the real-dimension outputs",
+)
+def test_gguf_q8_0_peak_rss_is_bounded_and_flat_in_depth(tmp_path: Path) -> None:
+    """torrent-like source -> GGUF q8_0, the path that converts every element while streaming, on 1 and 2 real
+    layers: the casts go slice by slice, never a whole expert in float32."""
+    peaks = {}
+    for layers in (1, 2):
+        src, out = tmp_path / f"src{layers}", tmp_path / f"gguf{layers}"
+        write_sparse_mistral(src, layers)
+        measured = run_measured("convert", src, out, "--to", "gguf", "--outtype", "q8_0", "--no-progress")
+        assert measured.result.returncode == 0, measured.result.stderr
+        peaks[layers] = measured.peak_mib
+        assert (out / "model.gguf").stat().st_size > layers * 1.5 * 10**9
+        shutil.rmtree(out)
+    assert peaks[1] < 512 and peaks[2] < 512, peaks
+    assert peaks[2] <= peaks[1] * 1.10, peaks
