@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shard-size",
         type=_size,
         metavar="SIZE",
-        help="largest shard: 5GB (10^9), 5GiB (2^30) or bytes (default: hf 5GB shards, gguf one file)",
+        help="largest shard or split file: 5GB (10^9), 5GiB (2^30) or bytes (default: the layout's own; hf 5GB)",
     )
     convert.add_argument(
         "--dry-run", action="store_true", help="write nothing, print the plan (reads metadata only, unless --expect)"

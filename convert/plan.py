@@ -33,7 +33,7 @@ EXPECTED_SLACK_TENSORS = 64
 class PlanOptions:
     """How a conversion is planned, as the command line sets it."""
 
-    max_shard_size: int | None = None  # None: the container's default (hf: 5 GB shards; gguf: one file)
+    max_shard_size: int | None = None  # None: the container's default (hf: 5 GB shards; others: one file)
     hash_input: bool = False  # record each source file's SHA-256 in the manifest
     instruct: bool = False  # add the chat template (hf)
     strict: bool = False  # warnings about tensors are errors
