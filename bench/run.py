@@ -892,7 +892,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--cache", type=Path, default=BENCH / "cache", help="where sources are kept between runs")
     parser.add_argument("--out", type=Path, default=BENCH / "BENCHMARKS.md", help="the report (markdown)")
-    parser.add_argument("--plot", type=Path, help="PNG plot (default: results.png next to --out)")
+    parser.add_argument(
+        "--plot", type=Path, help="PNG plot (default: results.png beside BENCHMARKS.md, else OUT's name with .png)"
+    )
     parser.add_argument("--warm", action="store_true", help="do not drop the page cache even where allowed")
     parser.add_argument("--no-verify", action="store_true", help="skip hashing the first outputs of each depth")
     parser.add_argument(
@@ -958,7 +960,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         bench.cleanup()
-    plot_path = args.plot or args.out.parent / "results.png"
+    default_plot = "results.png" if args.out.name == "BENCHMARKS.md" else args.out.with_suffix(".png").name
+    plot_path = args.plot or args.out.parent / default_plot
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     plot_name = plot(depths, plot_path)
