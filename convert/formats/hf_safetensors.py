@@ -53,7 +53,7 @@ def shard_name(number: int, count: int) -> str:
 @cache
 def release_metadata() -> MappingProxyType[str, MappingProxyType[str, object]]:
     """[config_defaults] and [generation_config] of the shipped release table, checked on load."""
-    path = data_dir("mappings") / "release" / RELEASE
+    path = data_dir("mappings.release") / RELEASE
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
