@@ -52,6 +52,7 @@ class Plan:
     dtype: str
     files: tuple[OutputFile, ...]  # in write order; the last one marks the output complete
     options: PlanOptions = DEFAULT_OPTIONS  # what the run does beyond the files: hashing, strictness
+    tensors: tuple[TargetTensor, ...] = ()  # the target's tensors the files hold (verify --against checks them)
 
     @property
     def total_bytes(self) -> int:
@@ -167,15 +168,12 @@ def _source_pieces(source: Source) -> dict[tuple, tuple[TensorRecord, int, KindL
     return pieces
 
 
-def target_tensors(
-    source: Source, target: LayoutTable, *, main: str | None = None, outtype: str | None = None
-) -> list[TargetTensor]:
+def target_tensors(source: Source, target: LayoutTable, *, main: str, outtype: str | None) -> list[TargetTensor]:
     """The target's tensors in its module order, each with the source pieces that fill it. A tensor whose dtype
     the containers change (the target's rules for outtype, or the source's own widening undone) gets a cast."""
     params = source.params
     env = params.shape_env()
     sources = _source_pieces(source)
-    main = main or main_dtype(source)
     result = []
     for stored in target.tensors(params.n_layers, params.n_experts):
         pieces = []
@@ -281,9 +279,9 @@ def build_plan(source: Source, target_name: str, options: PlanOptions = DEFAULT_
         [(p.name, p.stat().st_size) for p in source.input_files] if options.hash_input else None,
     )
     if not options.checksums:
-        return Plan(source, target, source.params, dtype, (*body, *last), options)
+        return Plan(source, target, source.params, dtype, (*body, *last), options, tuple(tensors))
     sums = integrity.sums_file([*body, manifest, *last])
-    return Plan(source, target, source.params, dtype, (*body, manifest, sums, *last), options)
+    return Plan(source, target, source.params, dtype, (*body, manifest, sums, *last), options, tuple(tensors))
 
 
 def _placements(tensors: list[TargetTensor], weights: list[OutputFile]) -> list[integrity.TensorEntry]:

@@ -26,7 +26,7 @@ from convert.files import MAX_MANIFEST_JSON, MAX_SUMS, is_present, read_small
 from convert.formats.zip_crc import check_records
 from convert.integrity import MANIFEST, SUMS, TensorEntry, file_digest, parse_sums
 from convert.mapping import data_dir
-from convert.plan import PlanOptions, build_plan, check_source, target_tensors
+from convert.plan import PlanOptions, build_plan, check_source
 from convert.source import Source, open_source
 from convert.stream import PARTIAL_SUFFIX
 from convert.workers import run_scope
@@ -309,7 +309,7 @@ def _compare_against(folder: Source, original: Source, report: Report) -> None:
     """Every tensor of the folder equals the source's tensor mapped through the tables: first its name, dtype,
     shape and length (a prefix of equal bytes proves nothing about a longer tensor), then byte for byte."""
     plan = build_plan(original, folder.layout.name, PlanOptions(outtype=folder.outtype))
-    expected = {t.name: t for t in target_tensors(original, folder.layout, main=plan.dtype, outtype=folder.outtype)}
+    expected = {t.name: t for t in plan.tensors}
     comparable = set()
     for name, tensor in expected.items():
         record = folder.records.get(name)
