@@ -14,7 +14,7 @@ from helpers import assert_one_line_error, evict, run_cli, tmpfs
 from synthetic import DEFAULT, make_weights, write_torrent
 
 from convert import stream
-from convert.direct_io import ALIGN, O_DIRECT, STAGE, StagedWriter, aligned_buffer, open_direct
+from convert.direct_io import ALIGN, BATCH, O_DIRECT, STAGE, StagedWriter, aligned_buffer, open_direct
 from convert.errors import ConvertError
 from convert.formats.streams import ByteStream
 from convert.residency import cached_fraction
@@ -30,10 +30,13 @@ def _payload(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
+@pytest.mark.parametrize("stages", [2, 3 * BATCH + 1], ids=["few-blocks", "several-batches"])
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "page-cache"])
-def test_staged_writer_writes_odd_chunks_and_cuts_the_tail(tmp_path: Path, direct: bool) -> None:
+def test_staged_writer_writes_odd_chunks_and_cuts_the_tail(tmp_path: Path, direct: bool, stages: int) -> None:
+    """Blocks queued while the disk writes go out as one pwritev of up to BATCH blocks: every batch boundary and
+    the odd tail must land where they belong."""
     path = tmp_path / "out"
-    payload = _payload(2 * STAGE + 3 * ALIGN + 17, seed=1)
+    payload = _payload(stages * STAGE + 3 * ALIGN + 17, seed=1)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     fd, is_open_direct = open_direct(path, flags) if direct else (os.open(path, flags, 0o644), False)
     if direct and not is_open_direct:
