@@ -4,11 +4,11 @@ that looks complete.
 
 Threads overlap the work: a reader turns the file's parts (known bytes, source pieces read and transformed,
 deferred bytes) into chunks in file order; the main thread writes them; two hashers compute each file's and each
-tensor's SHA-256 (and check floats for NaN/Inf) from the same chunks, so nothing is read twice. Large files
-bypass the page cache both ways (convert/direct_io.py): the reader reads into the pool's aligned buffers and a
-disk-writer thread writes aligned staging blocks. Chunks come from a fixed pool and queues are short, so memory
-is bounded by scheduling: a few chunks in flight, and at most one transformed piece (a q/k matrix, a transposed
-expert block).
+tensor's digest (and check floats for NaN/Inf) from the same chunks, so nothing is read twice. Large files
+bypass the page cache both ways (convert/direct_io.py): the reader reads READ_SIZE at a time into the pool's
+aligned buffers and a disk-writer thread writes aligned staging blocks, several at once when they queue up.
+Buffers come from a fixed pool and queues are short, so memory is bounded by scheduling: a few reads in flight,
+and at most one transformed piece (a q/k matrix, a transposed expert block).
 """
 
 from __future__ import annotations
@@ -62,8 +62,13 @@ Chunk = tuple[int, memoryview, str | None, Lease | None]  # offset in the file, 
 # Reads in flight at once: direct reads have no kernel readahead, and one at a time left the disk idle while the
 # reader computed a zip's CRC-32.
 READ_AHEAD = 2
-# Every queue full, plus the reads in flight, one being written and one spare.
-POOL_BUFFERS = 3 * QUEUE_DEPTH + READ_AHEAD + 2
+# One source read: this VM's disk read 8 MiB requests at about half the speed of 32-64 MiB ones
+# (bench/profiles.md). Each read is handed on in CHUNK slices, so queues and hashers see the same chunks as before.
+READ_SIZE = 32 * 2**20
+# Pool buffers (READ_SIZE each): the reads in flight, the one being handed on, and the slices downstream (the
+# writer's and both hashers' queues, 3 * QUEUE_DEPTH chunks, span up to three reads). Fewer only slows the reader:
+# every slice handed on is released without it, so a take always ends.
+POOL_BUFFERS = READ_AHEAD + 1 + -(-3 * QUEUE_DEPTH * CHUNK // READ_SIZE)
 
 
 def piece_chunks(
@@ -73,10 +78,12 @@ def piece_chunks(
     crc: bool,
     pool: BufferPool | None = None,
     reads: Sequence[Worker] = (),
+    read_size: int = CHUNK,
 ) -> Iterator[Chunk]:
     """A piece's bytes as chunks; a pure rename is copied in CHUNK slices without building a tensor.
-    crc: accumulate the tensor's CRC-32 (a zip needs it); pool and reads: read into the pool's buffers, one
-    chunk in flight on each of the reads workers (else one fresh buffer after another)."""
+    crc: accumulate the tensor's CRC-32 (a zip needs it); pool and reads: read_size bytes at a time into the
+    pool's buffers (read_size + 2 * ALIGN long), one read in flight on each of the reads workers, handed on in
+    CHUNK slices that share the read's lease (else one fresh CHUNK buffer after another)."""
     running = digests.tensor_crc32.get(piece.tensor, 0)
     if piece.cast is not None:
         yield from _cast_chunks(piece, digests, crc=crc)
@@ -101,33 +108,36 @@ def piece_chunks(
         return
     pending: deque[tuple[int, Lease, Pending[memoryview]]] = deque()
 
-    def arrived() -> Chunk:
+    def arrived() -> Iterator[Chunk]:
         nonlocal running
         start, lease, read = pending.popleft()
         try:
-            chunk = read.result()
-            checked = digests.source_crc.update(piece.record, piece.src_offset + start, chunk)
-            if crc:  # in file order, while the next reads are under way
-                fault_point("crc")
-                running = _extend_crc(running, chunk, checked)
-                digests.tensor_crc32[piece.tensor] = running
-        except BaseException:
+            data = read.result()
+            for at in range(0, len(data), CHUNK):  # one read of read_size, handed on in CHUNK slices
+                chunk = data[at : at + CHUNK]
+                checked = digests.source_crc.update(piece.record, piece.src_offset + start + at, chunk)
+                if crc:  # in file order, while the next reads are under way
+                    fault_point("crc")
+                    running = _extend_crc(running, chunk, checked)
+                    digests.tensor_crc32[piece.tensor] = running
+                yield piece.dst_offset + start + at, chunk, piece.tensor, lease
+        except BaseException:  # a failure, or the consumer gone: slices not handed on would hold it for ever
             lease.release_all()
             raise
-        return piece.dst_offset + start, chunk, piece.tensor, lease
 
     try:
-        for number, start in enumerate(range(0, piece.nbytes, CHUNK)):
-            size = min(CHUNK, piece.nbytes - start)
-            lease = Lease(pool, pool.take(), 3)  # the writer, the file hasher, the tensor hasher
+        for number, start in enumerate(range(0, piece.nbytes, read_size)):
+            size = min(read_size, piece.nbytes - start)
+            # Each slice is held by the writer, the file hasher and the tensor hasher.
+            lease = Lease(pool, pool.take(), 3 * -(-size // CHUNK))
             read = reads[number % len(reads)].submit(
                 partial(piece.record.stream.read_bulk, lease.buffer, piece.src_offset + start, size)
             )
             pending.append((start, lease, read))
             if len(pending) == len(reads):
-                yield arrived()
+                yield from arrived()
         while pending:
-            yield arrived()
+            yield from arrived()
     finally:
         for _, lease, _ in pending:  # reads cut short by a failure: their buffers go back to the pool
             lease.release_all()
@@ -202,7 +212,7 @@ def _file_chunks(output: OutputFile, digests: Digests, pool: BufferPool, reads: 
     crc = bool(output.deferred) and bool(output.pieces)
     for offset, item in sorted(items, key=lambda entry: entry[0]):
         if isinstance(item, Piece):
-            yield from piece_chunks(item, digests, crc=crc, pool=pool, reads=reads)
+            yield from piece_chunks(item, digests, crc=crc, pool=pool, reads=reads, read_size=READ_SIZE)
         elif isinstance(item, bytes):
             yield offset, memoryview(item), None, None
         else:
@@ -277,7 +287,7 @@ class _Writer:
         # computes a zip's CRC-32.
         self.reads = [Worker(f"read-{n}", depth=1) for n in range(READ_AHEAD)]
         self.finite_check = FiniteCheck()  # runs in the tensor hasher's thread
-        self.pool = BufferPool(POOL_BUFFERS, partial(aligned_buffer, CHUNK + 2 * ALIGN))
+        self.pool = BufferPool(POOL_BUFFERS, partial(aligned_buffer, READ_SIZE + 2 * ALIGN))
 
     def close(self) -> None:
         for worker in [self.file_hasher, self.tensor_hasher, *self.reads]:
