@@ -1,0 +1,235 @@
+"""verify --against reads each of the folder's weight files once: the comparison's reads are also what the
+checksum pass hashes. Counted by the kernel (wait4's ru_inblock: the bytes the process had read from the disk,
+O_DIRECT reads included), with the files evicted from the page cache before each run; and the results must be
+those of the separate checksum pass, whether the folder follows the plan's order or not."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import blake3
+import pytest
+import torch
+from helpers import REPO, run_cli
+from safetensors import safe_open
+from synthetic import TinyConfig, make_weights, write_torrent
+
+# Tensors bigger than one 8 MiB chunk (the embedding and output: 5000 x 1024 bf16), so a differing tensor leaves
+# chunks the comparison skips; about 70 MB a side in all.
+CONFIG = TinyConfig(dim=1024, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=128, hidden_dim=1792, vocab=5000)
+SHARD = "model-00001-of-00001.safetensors"
+SECTOR = 512  # ru_inblock's unit
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("one-pass")
+    write_torrent(root / "src", CONFIG, make_weights(CONFIG, seed=3))
+    run_cli("convert", root / "src", root / "hf", "--to", "hf", "--no-progress")
+    assert [p.name for p in (root / "hf").glob("*.safetensors")] == [SHARD]
+    return root / "src", root / "hf"
+
+
+def _evict(*folders: Path) -> None:
+    """Out of the page cache, so every read of these files is a read from the disk that the kernel counts."""
+    for folder in folders:
+        for path in folder.iterdir():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _disk_bytes_read(*args: object) -> tuple[int, str]:
+    """`python -m convert ARGS`: the bytes it read from the disk (wait4's ru_inblock), and its stdout."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    command = [sys.executable, "-m", "convert", *map(str, args)]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert process.stdout is not None
+    out = process.stdout.read().decode()
+    _, status, usage = os.wait4(process.pid, 0)  # reaped here: Popen's own wait would not return the usage
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.returncode == 0, out
+    return usage.ru_inblock * SECTOR, out
+
+
+def _size(folder: Path, suffix: str) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.endswith(suffix))
+
+
+def test_verify_against_reads_each_folder_file_once(pair: tuple[Path, Path]) -> None:
+    """verify alone reads the folder once; --against adds the source, and not the folder a second time."""
+    src, hf = pair
+    folder_bytes, source_bytes = _size(hf, ".safetensors"), _size(src, ".pth")
+    _evict(src, hf)
+    alone, out = _disk_bytes_read("verify", hf)
+    assert out.strip().splitlines()[-1].startswith(f"verified: {hf} (hf)"), out
+    if alone < 0.9 * folder_bytes:
+        pytest.skip(f"this file system does not count the reads ({alone:,} bytes for {folder_bytes:,})")
+    _evict(src, hf)
+    against, out = _disk_bytes_read("verify", hf, "--against", src)
+    assert out.strip().splitlines()[-1].startswith(f"verified: {hf} (hf)"), out
+    added = against - alone
+    print(f"folder {folder_bytes:,} source {source_bytes:,}: verify read {alone:,}, --against {against:,}")
+    # One read of the source (the half folder of slack is far above headers, readahead and metadata, and far
+    # below a second read of the folder).
+    assert source_bytes * 0.95 <= added < source_bytes + folder_bytes // 2, (alone, against)
+
+
+def _verify_json(folder: Path, *args: object) -> dict:
+    result = run_cli("verify", folder, "--json", *args, check=False)
+    assert result.returncode in (0, 1), result.stderr
+    return json.loads(result.stdout)
+
+
+def _checks_as_without_against(folder: Path, src: Path) -> list[dict]:
+    """verify --against's results; those that are not its comparison must be exactly (same lines, same order)
+    what verify alone, whose checksum pass reads every file itself, reports."""
+    against = _verify_json(folder, "--against", src)["results"]
+    alone = _verify_json(folder)["results"]
+    assert [r for r in against if r["check"] != "against"] == alone
+    return against
+
+
+def _rewrite_sums(folder: Path) -> None:
+    """SHA256SUMS made to match the files as they are now (the manifest first, if it changed)."""
+    lines = (folder / "SHA256SUMS").read_text().splitlines()
+    names = [line.split("  ", 1)[1] for line in lines]
+    digests = [hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in names]
+    (folder / "SHA256SUMS").write_text("".join(f"{d}  {n}\n" for d, n in zip(digests, names, strict=True)))
+
+
+def _rewrite_manifest(folder: Path) -> None:
+    """manifest.json's places and digests made to match the shards' headers and bytes as they are now."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["tensors"]:
+        path = folder / entry["file"]
+        data = path.read_bytes()
+        header = 8 + int.from_bytes(data[:8], "little")
+        begin, end = json.loads(data[8:header])[entry["name"]]["data_offsets"]
+        entry["offsets"] = [header + begin, header + end]
+        entry["blake3"] = blake3.blake3(data[header + begin : header + end]).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0x01]))
+
+
+def _tensor_place(path: Path, name: str) -> tuple[int, int]:
+    data = path.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8:header])[name]["data_offsets"]
+    return header + begin, header + end
+
+
+def test_a_wrong_sha256sums_line_still_fails_under_against(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """The tensors match the source, but SHA256SUMS says another digest for the shard: the sha256 line fails."""
+    src, hf = pair
+    folder = Path(shutil.copytree(hf, tmp_path / "hf"))
+    sums = (folder / "SHA256SUMS").read_text()
+    right = hashlib.sha256((folder / SHARD).read_bytes()).hexdigest()
+    wrong = f"{int(right[0], 16) ^ 1:x}{right[1:]}"
+    (folder / "SHA256SUMS").write_text(sums.replace(f"{right}  {SHARD}", f"{wrong}  {SHARD}"))
+    results = _checks_as_without_against(folder, src)
+    failed = [r for r in results if not r["ok"]]
+    assert failed == [
+        {
+            "check": "sha256",
+            "file": str(folder / SHARD),
+            "ok": False,
+            "problem": f"sha256 is {right}, SHA256SUMS says {wrong}",
+            "tensor": None,
+        }
+    ]
+    assert any(r["check"] == "against" for r in results)
+
+
+def test_changed_tensor_with_regenerated_checksums_still_fails_against(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A byte of the embedding changed and SHA256SUMS and manifest.json regenerated to match: every checksum
+    passes (hashed right, although the comparison skips the rest of that tensor once it differs), and the
+    comparison names the tensor and the byte."""
+    src, hf = pair
+    folder = Path(shutil.copytree(hf, tmp_path / "hf"))
+    begin, end = _tensor_place(folder / SHARD, "model.embed_tokens.weight")
+    assert end - begin > 8 * 2**20  # more than one chunk: the rest of it is what the comparison skips
+    _flip_byte(folder / SHARD, begin + 1000)
+    _rewrite_manifest(folder)
+    _rewrite_sums(folder)
+    results = _checks_as_without_against(folder, src)
+    failed = [r for r in results if not r["ok"]]
+    assert failed == [
+        {
+            "check": "against",
+            "file": str(folder / SHARD),
+            "ok": False,
+            "problem": "differs from the converted source at byte 1000 of the tensor",
+            "tensor": "model.embed_tokens.weight",
+        }
+    ]
+    assert {r["check"] for r in results if r["ok"]} >= {"sha256", "manifest", "structure", "against"}
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_folder_in_another_order_gives_the_same_results(pair: tuple[Path, Path], tmp_path: Path, flip: bool) -> None:
+    """The shard rewritten by another writer, its tensors' bytes in reverse order (this tool and safetensors'
+    save_file both sort them by name), SHA256SUMS and manifest.json made to match: the comparison would read it
+    back to front, so the checksum pass reads it on its own and says what it always said; with a changed byte,
+    the comparison fails and the regenerated checksums still pass."""
+    src, hf = pair
+    folder = Path(shutil.copytree(hf, tmp_path / "hf"))
+    before = _file_order(folder / SHARD)
+    _write_reversed(folder / SHARD)
+    assert _file_order(folder / SHARD) == before[::-1]
+    with safe_open(folder / SHARD, "pt") as handle, safe_open(hf / SHARD, "pt") as original:
+        assert all(torch.equal(handle.get_tensor(n), original.get_tensor(n)) for n in before)
+    if flip:
+        begin, _ = _tensor_place(folder / SHARD, "lm_head.weight")
+        _flip_byte(folder / SHARD, begin + 3)
+    _rewrite_manifest(folder)
+    _rewrite_sums(folder)
+    results = _checks_as_without_against(folder, src)
+    failed = [(r["check"], r["tensor"], r["problem"]) for r in results if not r["ok"]]
+    expected = [("against", "lm_head.weight", "differs from the converted source at byte 3 of the tensor")]
+    assert failed == (expected if flip else [])
+
+
+def _write_reversed(path: Path) -> None:
+    """path rewritten as a safetensors file whose tensors' bytes come in reverse order, header keys in file order
+    (the format puts no order on either)."""
+    data = path.read_bytes()
+    start = 8 + int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:start])
+    metadata = header.pop("__metadata__", None)
+    names = sorted(header, key=lambda name: header[name]["data_offsets"][0], reverse=True)
+    new_header: dict = {} if metadata is None else {"__metadata__": metadata}
+    body = bytearray()
+    for name in names:
+        begin, end = header[name]["data_offsets"]
+        new_header[name] = {**header[name], "data_offsets": [len(body), len(body) + end - begin]}
+        body += data[start + begin : start + end]
+    text = json.dumps(new_header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + body)
+
+
+def _file_order(path: Path) -> list[str]:
+    """The tensors of a safetensors file in the order of their bytes."""
+    with open(path, "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    header.pop("__metadata__", None)
+    return sorted(header, key=lambda name: header[name]["data_offsets"][0])
