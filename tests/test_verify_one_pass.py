@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import blake3
@@ -19,6 +20,13 @@ import torch
 from helpers import REPO, run_cli
 from safetensors import safe_open
 from synthetic import TinyConfig, make_weights, write_torrent
+
+from convert.checksums import FolderHasher
+from convert.direct_io import ALIGN, aligned_buffer
+from convert.formats.streams import ByteStream
+from convert.integrity import TensorEntry
+from convert.onepass import FileHashes, FolderFeed
+from convert.workers import CHUNK, BufferPool, Lease, run_scope
 
 # Tensors bigger than one 8 MiB chunk (the embedding and output: 5000 x 1024 bf16), so a differing tensor leaves
 # chunks the comparison skips; about 70 MB a side in all.
@@ -233,3 +241,48 @@ def _file_order(path: Path) -> list[str]:
         header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
     header.pop("__metadata__", None)
     return sorted(header, key=lambda name: header[name]["data_offsets"][0])
+
+
+def _entry(name: str, begin: int, end: int) -> TensorEntry:
+    return TensorEntry(name, "f.bin", "U8", (end - begin,), begin, end)
+
+
+def _fed(path: Path, ranges: list[TensorEntry], reads: list[tuple[int, int]]) -> dict[Path, FileHashes]:
+    """What a FolderFeed makes of path when the comparison reads these ranges of it, in this order."""
+    with run_scope():
+        hasher = FolderHasher()
+        stream = ByteStream([path])
+        pool = BufferPool(1, partial(aligned_buffer, CHUNK + 2 * ALIGN))
+        try:
+            feed = FolderFeed(hasher, {path: [(r, "blake3") for r in ranges]})
+            feed.follow((stream, begin, end) for begin, end in reads)
+            for begin, end in reads:
+                lease = Lease(pool, pool.take(), 3)  # the comparison's and the two hashers'
+                feed.chunk(stream, begin, stream.read_bulk(lease.buffer, begin, end - begin), lease)
+                lease.release()
+            return feed.finish()
+        finally:
+            stream.close()
+            hasher.close()
+
+
+def test_a_feed_hashes_the_bytes_the_comparison_skips(tmp_path: Path) -> None:
+    """Header, a tensor skipped after its first difference, the gap between records and the end of the file are
+    read by the feed: the digests are those of the whole file and of each range, as sha256sum and blake3 say."""
+    path = tmp_path / "f.bin"
+    data = os.urandom(3 * CHUNK + 12345)
+    path.write_bytes(data)
+    end = len(data)
+    ranges = [_entry("a", 100, CHUNK + 100), _entry("b", CHUNK + 100, 3 * CHUNK), _entry("c", 3 * CHUNK + 64, end)]
+    reads = [(100, CHUNK + 100), (2 * CHUNK, 3 * CHUNK), (3 * CHUNK + 64, 3 * CHUNK + 4000)]
+    whole, tensors = _fed(path, ranges, reads)[path]
+    assert whole == hashlib.sha256(data).hexdigest()
+    assert tensors == {r.name: blake3.blake3(data[r.begin : r.end]).hexdigest() for r in ranges}
+
+
+def test_a_feed_leaves_a_file_read_out_of_order_to_the_checksum_pass(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(2 * CHUNK))
+    assert _fed(path, [_entry("a", 0, CHUNK)], [(CHUNK, 2 * CHUNK), (0, CHUNK)]) == {}
+    assert _fed(path, [_entry("a", 0, CHUNK)], [(0, CHUNK), (CHUNK // 2, CHUNK)]) == {}  # overlapping
+    assert list(_fed(path, [_entry("a", 0, CHUNK)], [(0, CHUNK), (CHUNK, CHUNK + 10)])) == [path]
