@@ -9,20 +9,23 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
 import blake3
 import pytest
 import torch
-from helpers import REPO, run_cli
+from helpers import REPO, evict, handles_sigterm, run_cli
 from safetensors import safe_open
 from synthetic import TinyConfig, make_weights, write_torrent
 
 from convert.checksums import FolderHasher
 from convert.direct_io import ALIGN, aligned_buffer
+from convert.faults import FAULT_ENV
 from convert.formats.streams import ByteStream
 from convert.integrity import TensorEntry
 from convert.onepass import FileHashes, FolderFeed
@@ -48,12 +51,7 @@ def _evict(*folders: Path) -> None:
     """Out of the page cache, so every read of these files is a read from the disk that the kernel counts."""
     for folder in folders:
         for path in folder.iterdir():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            evict(path)
 
 
 def _disk_bytes_read(*args: object) -> tuple[int, str]:
@@ -286,3 +284,36 @@ def test_a_feed_leaves_a_file_read_out_of_order_to_the_checksum_pass(tmp_path: P
     assert _fed(path, [_entry("a", 0, CHUNK)], [(CHUNK, 2 * CHUNK), (0, CHUNK)]) == {}
     assert _fed(path, [_entry("a", 0, CHUNK)], [(0, CHUNK), (CHUNK // 2, CHUNK)]) == {}  # overlapping
     assert list(_fed(path, [_entry("a", 0, CHUNK)], [(0, CHUNK), (CHUNK, CHUNK + 10)])) == [path]
+
+
+def test_a_signal_while_the_comparison_hashes_ends_verify_as_before(pair: tuple[Path, Path]) -> None:
+    """Held where the comparison starts hashing the shard (the stall FolderHasher has at each file), a SIGTERM
+    ends verify --against with the interrupt line and 130, as it ends verify alone."""
+    src, hf = pair
+    env = dict(os.environ, MIXTRAL_CONVERT_STALL_AT=SHARD)
+    command = [sys.executable, "-m", "convert", "verify", hf, "--against", src]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not handles_sigterm(process.pid) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    time.sleep(3)  # the imports are done and verify is held at its stall
+    assert process.poll() is None, process.communicate()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 130, stderr
+    said = "mixtral-convert: interrupted; verify did not finish; it changes nothing, run it again"
+    # the stand-in tokenizer.model of the source draws a warning; besides it, exactly the one line
+    assert [line for line in stderr.splitlines() if not line.startswith("mixtral-convert: warning:")] == [said]
+
+
+def test_a_bug_in_a_read_while_the_comparison_hashes_is_exit_3(pair: tuple[Path, Path]) -> None:
+    """An exception that is not an input error, in a read worker of verify --against (the reads that now also
+    feed the hashers), is the run's failure: --json says so, exit 3."""
+    src, hf = pair
+    command = [sys.executable, "-m", "convert", "verify", hf, "--against", src, "--json"]
+    env = dict(os.environ, **{FAULT_ENV: "source-read:4:RuntimeError"})
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    report = json.loads(result.stdout)
+    assert result.returncode == 3, result.stderr
+    assert report["ok"] is False and report["error"]["exit"] == 3 and "injected" in report["error"]["line"]
