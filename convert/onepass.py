@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convert.checksums import FolderHasher, RunningDigests
+from convert.errors import ConvertError
 from convert.faults import stall_point
 from convert.formats.streams import ByteStream
 from convert.integrity import TensorEntry
@@ -81,7 +82,10 @@ class FolderFeed:
             if not followed.started:
                 stall_point(stream.paths[0].name)  # where a test holds verify, as in FolderHasher.hash_file
                 followed.started = True
-            self._read_up_to(followed, offset)
+            if not self._read_up_to(followed, offset):
+                lease.release()
+                lease.release()
+                return
         except BaseException:
             lease.release_all()
             raise
@@ -91,14 +95,22 @@ class FolderFeed:
         """After the comparison: each followed file read to its end and hashed. A file the comparison never
         read from is left to FolderHasher, whose pooled reads are faster than reading it here."""
         done = {path: f for path, f in self._followed.items() if f.started}
-        for followed in done.values():
+        for followed in list(done.values()):
             self._read_up_to(followed, followed.stream.size)
+        done = {path: f for path, f in done.items() if path in self._followed}
         self._hasher.join()
         return {path: followed.running.result() for path, followed in done.items()}
 
-    def _read_up_to(self, followed: _Followed, end: int) -> None:
-        """Hash the bytes the comparison does not read, from where the file's hashing is up to end."""
+    def _read_up_to(self, followed: _Followed, end: int) -> bool:
+        """Hash the bytes the comparison does not read, from where the file's hashing is up to end. A read that
+        fails leaves the file to FolderHasher (False), whose own read then fails, or not, as it always did: an
+        error in reading for the checksums is never reported as one of the comparison."""
         while (position := followed.running.position) < end:
             data = memoryview(bytearray(min(CHUNK, end - position)))
-            followed.stream.readinto(data, position)
+            try:
+                followed.stream.readinto(data, position)
+            except ConvertError:
+                del self._followed[followed.stream.paths[0]]
+                return False
             self._hasher.hash(followed.running, data, followed.running.split(data), None)
+        return True

@@ -390,11 +390,10 @@ def _compare_and_hash(
     try:
         with open_source(against) as original:
             _compare_against(opened, original, compared, feed)
-        hashed = feed.finish()
     except ConvertError as exc:
         compared.add_error("against", exc)
-        hashed = {}
-    return compared.results, hashed
+        return compared.results, {}
+    return compared.results, feed.finish()
 
 
 def _verify(folder: Path, against: Path | None, pins: Traversable | None) -> Report:
