@@ -85,9 +85,11 @@ def test_verify_against_reads_each_folder_file_once(pair: tuple[Path, Path]) -> 
     assert out.strip().splitlines()[-1].startswith(f"verified: {hf} (hf)"), out
     added = against - alone
     print(f"folder {folder_bytes:,} source {source_bytes:,}: verify read {alone:,}, --against {against:,}")
-    # One read of the source (the half folder of slack is far above headers, readahead and metadata, and far
-    # below a second read of the folder).
-    assert source_bytes * 0.95 <= added < source_bytes + folder_bytes // 2, (alone, against)
+    # Both sides read, and beyond verify alone's one read of the folder, one read of the source: the half folder
+    # of slack is far above headers, readahead and metadata, and far below a second read of the folder. (Only
+    # the first run can have library files to read from the disk: that makes `added` smaller, not larger.)
+    assert against >= 0.95 * (source_bytes + folder_bytes), (alone, against)
+    assert added < source_bytes + folder_bytes // 2, (alone, against)
 
 
 def _verify_json(folder: Path, *args: object) -> dict:
