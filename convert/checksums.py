@@ -36,6 +36,40 @@ def _update_ranges(parts: list[tuple[Hasher, memoryview]]) -> None:
         hasher.update(part)
 
 
+class RunningDigests:
+    """A file's SHA-256 and the digests of its ranges, fed the file's bytes front to back in pieces of any size:
+    split() hands out which part of each piece goes to which hash state, so the caller can run the updates on
+    the hasher threads in the order it calls split()."""
+
+    def __init__(self, ranges: Sequence[TensorEntry], algorithms: Sequence[str]) -> None:
+        self.whole = hashlib.sha256()
+        self._ranges = ranges
+        self._hashers = [new_hasher(a) for a in algorithms]
+        self._ordered = sorted(range(len(ranges)), key=lambda i: (ranges[i].begin, ranges[i].end))
+        self._first = 0  # _ordered[:_first] end at or before the bytes fed so far: done
+        self.position = 0  # bytes fed so far
+
+    def split(self, data: memoryview) -> list[tuple[Hasher, memoryview]]:
+        """The parts of data (the file's bytes at self.position) for each range it overlaps; advances."""
+        position, end = self.position, self.position + len(data)
+        parts = []
+        index = self._first
+        while index < len(self._ordered) and self._ranges[self._ordered[index]].begin < end:
+            entry = self._ranges[self._ordered[index]]
+            if entry.end > position:
+                part = data[max(entry.begin, position) - position : min(entry.end, end) - position]
+                parts.append((self._hashers[self._ordered[index]], part))
+            index += 1
+        while self._first < len(self._ordered) and self._ranges[self._ordered[self._first]].end <= end:
+            self._first += 1
+        self.position = end
+        return parts
+
+    def result(self) -> tuple[str, dict[str, str]]:
+        """Once every update has run: the file's SHA-256 and each range's digest by name."""
+        return self.whole.hexdigest(), {r.name: h.hexdigest() for r, h in zip(self._ranges, self._hashers, strict=True)}
+
+
 class FolderHasher:
     """The pool, read workers and hashers of one verify; close() ends the threads."""
 
@@ -55,34 +89,19 @@ class FolderHasher:
         """path's SHA-256 and, for each range (algorithms[i] for ranges[i]), the digest of its bytes that the
         file holds; in one read."""
         stall_point(path.name)
-        whole = hashlib.sha256()
-        hashers = [new_hasher(a) for a in algorithms]
-        ordered = sorted(range(len(ranges)), key=lambda i: (ranges[i].begin, ranges[i].end))
-        first = 0  # ordered[:first] end at or before the current chunk: done
+        running = RunningDigests(ranges, algorithms)
         stream = ByteStream([path])
         pending: deque[tuple[int, Lease, Pending[memoryview]]] = deque()
 
         def hand_over() -> None:
-            nonlocal first
-            position, lease, read = pending.popleft()
+            _, lease, read = pending.popleft()
             try:
                 data = read.result()
-                end = position + len(data)
-                parts = []
-                index = first
-                while index < len(ordered) and ranges[ordered[index]].begin < end:
-                    entry = ranges[ordered[index]]
-                    if entry.end > position:
-                        part = data[max(entry.begin, position) - position : min(entry.end, end) - position]
-                        parts.append((hashers[ordered[index]], part))
-                    index += 1
-                while first < len(ordered) and ranges[ordered[first]].end <= end:
-                    first += 1
+                parts = running.split(data)
             except BaseException:
                 lease.release_all()
                 raise
-            self._file_hasher.submit(partial(_update, whole, data), lease.release)
-            self._tensor_hasher.submit(partial(_update_ranges, parts), lease.release)
+            self.hash(running, data, parts, lease)
 
         try:
             for number, start in enumerate(range(0, stream.size, CHUNK)):
@@ -96,11 +115,24 @@ class FolderHasher:
                     hand_over()
             while pending:
                 hand_over()
-            self._file_hasher.join()
-            self._tensor_hasher.join()
+            self.join()
         except BaseException:
             for _, lease, _ in pending:  # cut short by a failure: nobody takes from the pool any more
                 lease.release_all()
             raise  # the stream stays open: a read may still be under way on it, and the run is ending
         stream.close()
-        return whole.hexdigest(), {ranges[i].name: hashers[i].hexdigest() for i in range(len(ranges))}
+        return running.result()
+
+    def hash(
+        self, running: RunningDigests, data: memoryview, parts: list[tuple[Hasher, memoryview]], lease: Lease | None
+    ) -> None:
+        """Hand data (split by running.split) to the file hasher and its parts to the tensor hasher; each gives
+        back one of lease's holds when done (the lease was made with two for them)."""
+        release = lease.release if lease is not None else None
+        self._file_hasher.submit(partial(_update, running.whole, data), release)
+        self._tensor_hasher.submit(partial(_update_ranges, parts), release)
+
+    def join(self) -> None:
+        """Wait until every update handed over so far has run."""
+        self._file_hasher.join()
+        self._tensor_hasher.join()

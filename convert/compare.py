@@ -5,7 +5,8 @@ The source side is exactly what a conversion writes: convert/stream.py's piece_c
 on READ_AHEAD read workers and transforming a q/k matrix or expert block whole. For each chunk that arrives, the
 same byte range of the folder's tensor is read into another buffer of the same pool on a second pair of workers,
 while the next source chunks are being read; the main thread compares each pair once both are in. Memory is
-the pool (COMPARE_BUFFERS chunks) plus at most one transformed piece, whatever the model's size.
+the pool (COMPARE_BUFFERS chunks) plus at most one transformed piece, whatever the model's size. With a FolderFeed
+(convert/onepass.py) the folder chunks are hashed for the checksum pass too, so that pass need not read them again.
 
 A read that fails with a ConvertError (a truncated folder file, a source record failing its CRC-32) is handed
 back to the main thread and raised there, so verify reports it as a failed check, as it always has; anything
@@ -14,7 +15,6 @@ else is the run's failure, as in a conversion.
 
 from __future__ import annotations
 
-import mmap
 from collections import deque
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -26,9 +26,10 @@ from convert.digests import Digests
 from convert.direct_io import ALIGN, aligned_buffer
 from convert.errors import ConvertError
 from convert.formats.safetensors import TensorRecord
+from convert.onepass import FolderFeed
 from convert.outputs import Piece
 from convert.stream import READ_AHEAD, piece_chunks
-from convert.workers import CHUNK, BufferPool, Lease, Pending, Worker
+from convert.workers import CHUNK, QUEUE_DEPTH, BufferPool, Lease, Pending, Worker
 
 T = TypeVar("T")
 
@@ -36,6 +37,8 @@ T = TypeVar("T")
 IN_FLIGHT = READ_AHEAD + 1
 # The source reads in flight and the pairs waiting, each pair two buffers, and one spare for the next take.
 COMPARE_BUFFERS = READ_AHEAD + 2 * (IN_FLIGHT + 1) + 1
+# With a FolderFeed, folder chunks also wait in the hashers' queues (and one in each hasher's hands).
+FEED_BUFFERS = QUEUE_DEPTH + 2
 
 
 def _capture(call: Callable[[], T]) -> T | ConvertError:
@@ -85,8 +88,10 @@ def _first_difference(expected: memoryview, actual: memoryview) -> int | None:
 class Comparer:
     """The pool and the read workers of one verify --against; close() ends the workers."""
 
-    def __init__(self) -> None:
-        self.pool = BufferPool(COMPARE_BUFFERS, partial(aligned_buffer, CHUNK + 2 * ALIGN))
+    def __init__(self, feed: FolderFeed | None = None) -> None:
+        self._feed = feed
+        count = COMPARE_BUFFERS + (FEED_BUFFERS if feed is not None else 0)
+        self.pool = BufferPool(count, partial(aligned_buffer, CHUNK + 2 * ALIGN))
         self._source_reads = [_Reads(f"read-{n}") for n in range(READ_AHEAD)]
         self._folder_reads = [_Reads(f"against-read-{n}") for n in range(READ_AHEAD)]
 
@@ -96,16 +101,23 @@ class Comparer:
 
     def mismatches(self, pieces: list[tuple[Piece, TensorRecord, int]]) -> Iterator[tuple[Piece, int]]:
         """For pieces (a source piece, the folder's record of its tensor, where that tensor starts in the planned
-        output file) in order: (piece, byte of the tensor) at the first difference of each tensor that differs."""
+        output file) in order: (piece, byte of the tensor) at the first difference of each tensor that differs.
+        Each folder chunk read goes to the feed, if there is one, in this order."""
         digests = Digests()  # the source records' CRC-32s, checked as the pieces read them, as in a conversion
         failed: set[str] = set()
-        waiting: deque[tuple[Piece, int, memoryview, Lease | None, mmap.mmap, _Raised[memoryview]]] = deque()
+        waiting: deque[tuple[Piece, TensorRecord, int, memoryview, Lease | None, Lease, _Raised[memoryview]]]
+        waiting = deque()
         count = 0  # chunks so far: their folder reads alternate between the workers
+        feed = self._feed
 
         def compare() -> tuple[Piece, int] | None:
-            piece, relative, expected, lease, buffer, read = waiting.popleft()
+            piece, record, relative, expected, lease, folder, read = waiting.popleft()
+            fed = False
             try:
                 actual = read.result()
+                if feed is not None:
+                    fed = True  # the feed gives back its holds on folder whatever happens
+                    feed.chunk(record.stream, record.offset + relative, actual, folder)
                 if piece.tensor in failed:
                     return None
                 at = _first_difference(expected, actual)
@@ -116,7 +128,10 @@ class Comparer:
             finally:
                 if lease is not None:
                     lease.release_all()
-                self.pool.give_back(buffer)
+                if fed:
+                    folder.release()
+                else:
+                    folder.release_all()
 
         try:
             for piece, record, start in pieces:
@@ -132,12 +147,13 @@ class Comparer:
                             lease.release_all()
                         continue
                     relative = offset - start
-                    buffer = self.pool.take()
+                    # Held by this comparison, and by the feed's two hashers when there is a feed.
+                    folder = Lease(self.pool, self.pool.take(), 3 if feed is not None else 1)
                     read = self._folder_reads[count % READ_AHEAD].submit(
-                        partial(record.stream.read_bulk, buffer, record.offset + relative, len(data))
+                        partial(record.stream.read_bulk, folder.buffer, record.offset + relative, len(data))
                     )
                     count += 1
-                    waiting.append((piece, relative, data, lease, buffer, read))
+                    waiting.append((piece, record, relative, data, lease, folder, read))
                     if len(waiting) > IN_FLIGHT:
                         found = compare()
                         if found is not None:
@@ -147,7 +163,7 @@ class Comparer:
                 if found is not None:
                     yield found
         finally:
-            for _, _, _, lease, buffer, _ in waiting:  # after a failure: nobody takes from the pool any more
+            for _, _, _, _, lease, folder, _ in waiting:  # after a failure: nobody takes from the pool any more
                 if lease is not None:
                     lease.release_all()
-                self.pool.give_back(buffer)
+                folder.release_all()

@@ -14,6 +14,7 @@ manifest's ranges are checked against the headers, so a renamed or moved tensor 
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -26,6 +27,7 @@ from convert.files import MAX_MANIFEST_JSON, MAX_SUMS, is_present, read_small
 from convert.formats.zip_crc import check_records
 from convert.integrity import MANIFEST, SUMS, TensorEntry, file_digest, parse_sums
 from convert.mapping import data_dir
+from convert.onepass import FileHashes, FolderFeed
 from convert.plan import PlanOptions, build_plan, check_source
 from convert.source import Source, open_source
 from convert.stream import PARTIAL_SUFFIX
@@ -169,10 +171,30 @@ def read_manifest(folder: Path, report: Report) -> list[ManifestEntry] | None:
     return entries
 
 
-def _hash_pass(hasher: FolderHasher, path: Path, ranges: list[ManifestEntry]) -> tuple[str, dict[str, str]]:
+def _hash_pass(
+    hasher: FolderHasher, path: Path, ranges: list[ManifestEntry], hashed: dict[Path, FileHashes]
+) -> tuple[str, dict[str, str]]:
     """One sequential read of path: its SHA-256 and the digest of each range, in bounded memory (the pool's
-    buffers and a hash state per tensor)."""
+    buffers and a hash state per tensor); no read at all when verify --against hashed it already (same ranges)."""
+    if path in hashed:
+        return hashed[path]
     return hasher.hash_file(path, ranges, [e.algorithm for e in ranges])
+
+
+def _hash_targets(folder: Path, manifest: list[ManifestEntry] | None) -> dict[Path, list[tuple[ManifestEntry, str]]]:
+    """The files _check_sums_with will hash, each with the ranges it will ask for: those SHA256SUMS lists and
+    those manifest.json places tensors in (a SHA256SUMS that cannot be read lists none here; the pass says why)."""
+    by_file: dict[str, list[ManifestEntry]] = {}
+    for entry in manifest or ():
+        by_file.setdefault(entry.file, []).append(entry)
+    names = set(by_file)
+    try:
+        if is_present(folder / SUMS):
+            names.update(name for _, name in parse_sums(read_small(folder / SUMS, MAX_SUMS, SUMS).decode("utf-8")))
+    except (ConvertError, ValueError, UnicodeDecodeError):
+        pass
+    # Plain names only: "./x" and "x" would be one file asked for with two lists of ranges.
+    return {folder / n: [(e, e.algorithm) for e in by_file.get(n, [])] for n in names if Path(n).name == n}
 
 
 def _check_tensor_hashes(path: Path, entries: list[ManifestEntry], digests: dict[str, str], report: Report) -> None:
@@ -194,18 +216,15 @@ def _check_tensor_hashes(path: Path, entries: list[ManifestEntry], digests: dict
         report.results.append(Result("manifest", str(path), True))
 
 
-def _check_sums(folder: Path, report: Report, manifest: list[ManifestEntry] | None) -> None:
-    hasher = FolderHasher()
-    try:
-        _check_sums_with(hasher, folder, report, manifest)
-    finally:
-        hasher.close()
-
-
 def _check_sums_with(
-    hasher: FolderHasher, folder: Path, report: Report, manifest: list[ManifestEntry] | None
+    hasher: FolderHasher,
+    folder: Path,
+    report: Report,
+    manifest: list[ManifestEntry] | None,
+    hashed: dict[Path, FileHashes],
 ) -> None:
-    """Each file's SHA-256 against SHA256SUMS and, in the same read, each of its tensors' against manifest.json."""
+    """Each file's SHA-256 against SHA256SUMS and, in the same read, each of its tensors' against manifest.json;
+    hashed: the files verify --against hashed already as it compared them."""
     by_file: dict[str, list[ManifestEntry]] = {}
     for entry in manifest or ():
         by_file.setdefault(entry.file, []).append(entry)
@@ -227,7 +246,7 @@ def _check_sums_with(
         if not is_present(path):
             report.results.append(Result("sha256", str(path), False, f"listed in {SUMS} but missing"))
             continue
-        actual, tensor_digests = _hash_pass(hasher, path, by_file.get(name, []))
+        actual, tensor_digests = _hash_pass(hasher, path, by_file.get(name, []), hashed)
         problem = None if actual == expected else f"sha256 is {actual}, {SUMS} says {expected}"
         report.results.append(Result("sha256", str(path), actual == expected, problem))
         if name in by_file:
@@ -240,7 +259,7 @@ def _check_sums_with(
             problem = f"{MANIFEST} lists tensors in {shown(name)}, which is missing"
             report.results.append(Result("manifest", str(folder / MANIFEST), False, problem))
             continue
-        _, tensor_digests = _hash_pass(hasher, path, entries)  # not in SHA256SUMS (or there is none): one read
+        _, tensor_digests = _hash_pass(hasher, path, entries, hashed)  # not in SHA256SUMS (or none): one read
         _check_tensor_hashes(path, entries, tensor_digests, report)
     if not pairs:
         return
@@ -253,14 +272,10 @@ def _check_sums_with(
             report.notes.append(f"{shown(path.name)} is not covered by {SUMS}")
 
 
-def _check_files(folder: Path, report: Report) -> list[ManifestEntry] | None:
-    """The pass over the files: SHA256SUMS and manifest.json, each file read once. Returns the manifest's entries
-    for the structural checks. A folder that is not there is an error (exit 2), not a failed check."""
+def _check_folder(folder: Path) -> None:
+    """A folder that is not there is an error (exit 2), not a failed check."""
     if not folder.is_dir():
         raise ConvertError("not a folder" if folder.exists() else "no such folder", file=folder)
-    manifest = read_manifest(folder, report)
-    _check_sums(folder, report, manifest)
-    return manifest
 
 
 def _check_manifest_places(source: Source, manifest: list[ManifestEntry], report: Report) -> None:
@@ -305,9 +320,10 @@ def _check_zip_crcs(source: Source, report: Report) -> None:
             report.results.append(Result("crc32", stream.label, True))
 
 
-def _compare_against(folder: Source, original: Source, report: Report) -> None:
+def _compare_against(folder: Source, original: Source, report: Report, feed: FolderFeed | None = None) -> None:
     """Every tensor of the folder equals the source's tensor mapped through the tables: first its name, dtype,
-    shape and length (a prefix of equal bytes proves nothing about a longer tensor), then byte for byte."""
+    shape and length (a prefix of equal bytes proves nothing about a longer tensor), then byte for byte. feed:
+    hashes the folder's bytes as they are read (its follow() is told the ranges to come, in order)."""
     plan = build_plan(original, folder.layout.name, PlanOptions(outtype=folder.outtype))
     expected = {t.name: t for t in plan.tensors}
     comparable = set()
@@ -325,15 +341,25 @@ def _compare_against(folder: Source, original: Source, report: Report) -> None:
             report.results.append(Result("against", record.stream.label, False, problem, name))
             continue
         comparable.add(name)
-    comparer = Comparer()
-    try:
-        for output in plan.files:
-            starts = output.tensor_starts()
-            pieces = [
+    compared = []
+    for output in plan.files:
+        starts = output.tensor_starts()
+        compared.append(
+            [
                 (p, folder.records[p.tensor], starts[p.tensor])
                 for p in sorted(output.pieces, key=lambda p: p.dst_offset)
                 if p.tensor in comparable
             ]
+        )
+    if feed is not None:
+        feed.follow(
+            (r.stream, r.offset + p.dst_offset - start, r.offset + p.dst_offset - start + p.out_nbytes)
+            for pieces in compared
+            for p, r, start in pieces
+        )
+    comparer = Comparer(feed)
+    try:
+        for output, pieces in zip(plan.files, compared, strict=True):
             failed: set[str] = set()
             for piece, mismatch in comparer.mismatches(pieces):
                 failed.add(piece.tensor)
@@ -353,19 +379,48 @@ def verify_folder(folder: Path, *, against: Path | None = None, pins: Traversabl
         return _verify(folder, against, pins)
 
 
+def _compare_and_hash(
+    hasher: FolderHasher, opened: Source, against: Path, wanted: dict[Path, list[tuple[ManifestEntry, str]]]
+) -> tuple[list[Result], dict[Path, FileHashes]]:
+    """verify --against's results, and the files it hashed for the checksum pass from the same reads. After a
+    failed read nothing is taken from it: the checksum pass then reads every file itself, as it always did, so
+    a read error there is still the error it was."""
+    compared = Report(str(opened.folder))
+    feed = FolderFeed(hasher, wanted)
+    try:
+        with open_source(against) as original:
+            _compare_against(opened, original, compared, feed)
+    except ConvertError as exc:
+        compared.add_error("against", exc)
+        return compared.results, {}
+    return compared.results, feed.finish()
+
+
 def _verify(folder: Path, against: Path | None, pins: Traversable | None) -> Report:
     report = Report(str(folder))
-    manifest = _check_files(folder, report)
-    if pins is not None:
-        check_pins(folder, pins, report)
-    try:
-        opened = open_source(folder)
-    except ConvertError as exc:
-        report.add_error("structure", exc)
-        return report
-    with opened:
+    _check_folder(folder)
+    manifest = read_manifest(folder, report)
+    with ExitStack() as stack:
+        hasher = FolderHasher()
+        stack.callback(hasher.close)
+        # The folder is opened before its files are hashed, so that with --against the comparison can hash
+        # them as it reads them; the results keep their order: checksums, pins, structure, against.
+        try:
+            opened: Source | None = stack.enter_context(open_source(folder))
+        except ConvertError as exc:
+            opened, unopened = None, exc
+        problems = check_source(opened) if opened is not None else []
+        compared: list[Result] = []
+        hashed: dict[Path, FileHashes] = {}
+        if against is not None and opened is not None and not problems:
+            compared, hashed = _compare_and_hash(hasher, opened, against, _hash_targets(folder, manifest))
+        _check_sums_with(hasher, folder, report, manifest, hashed)
+        if pins is not None:
+            check_pins(folder, pins, report)
+        if opened is None:
+            report.add_error("structure", unopened)
+            return report
         report.layout = opened.layout.name
-        problems = check_source(opened)
         for problem in problems:
             report.add_error("structure", problem)
         if not problems:
@@ -374,10 +429,5 @@ def _verify(folder: Path, against: Path | None, pins: Traversable | None) -> Rep
             _check_manifest_places(opened, manifest, report)
         if not (folder / SUMS).is_file():
             _check_zip_crcs(opened, report)
-        if against is not None and not problems:
-            try:
-                with open_source(against) as original:
-                    _compare_against(opened, original, report)
-            except ConvertError as exc:
-                report.add_error("against", exc)
+        report.results.extend(compared)
     return report
