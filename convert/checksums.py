@@ -20,11 +20,13 @@ from convert.direct_io import ALIGN, aligned_buffer
 from convert.faults import stall_point
 from convert.formats.streams import ByteStream
 from convert.integrity import TensorEntry
-from convert.stream import READ_AHEAD
-from convert.workers import CHUNK, QUEUE_DEPTH, BufferPool, Lease, Pending, Worker
+from convert.stream import READ_AHEAD, READ_SIZE
+from convert.workers import BufferPool, Lease, Pending, Worker
 
 # The reads in flight, each hasher's queue and the call it runs, and the chunk being handed over.
-HASH_BUFFERS = READ_AHEAD + 2 * (QUEUE_DEPTH + 1) + 1
+# Reads of READ_SIZE, the size this disk serves fastest: the reads in flight, the one each hasher works on, and
+# one for the next take. Hashing a chunk takes less time than reading it, so the hashers' queues stay short.
+HASH_BUFFERS = READ_AHEAD + 3
 
 
 def _update(hasher: Hasher, data: memoryview) -> None:
@@ -74,7 +76,7 @@ class FolderHasher:
     """The pool, read workers and hashers of one verify; close() ends the threads."""
 
     def __init__(self) -> None:
-        self._pool = BufferPool(HASH_BUFFERS, partial(aligned_buffer, CHUNK + 2 * ALIGN))
+        self._pool = BufferPool(HASH_BUFFERS, partial(aligned_buffer, READ_SIZE + 2 * ALIGN))
         self._reads = [Worker(f"read-{n}", depth=1) for n in range(READ_AHEAD)]
         self._file_hasher = Worker("file-hasher")
         self._tensor_hasher = Worker("tensor-hasher")
@@ -104,9 +106,9 @@ class FolderHasher:
             self.hash(running, data, parts, lease)
 
         try:
-            for number, start in enumerate(range(0, stream.size, CHUNK)):
+            for number, start in enumerate(range(0, stream.size, READ_SIZE)):
                 lease = Lease(self._pool, self._pool.take(), 2)  # the file hasher, the tensor hasher
-                size = min(CHUNK, stream.size - start)
+                size = min(READ_SIZE, stream.size - start)
                 read = self._reads[number % READ_AHEAD].submit(
                     partial(stream.read_bulk, lease.buffer, start, size)
                 )
