@@ -98,6 +98,28 @@ def handles_sigterm(pid: int) -> bool:
     return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
 
 
+def start_held(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    """Start command (run with a MIXTRAL_CONVERT_STALL_AT in env) and return once it is held at its stall: its
+    SIGTERM handler is installed, so the imports are done, and it is still running 3 s later."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not handles_sigterm(process.pid) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    time.sleep(3)  # past the imports, into the run: held at the stall
+    assert process.poll() is None, process.communicate()
+    return process
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Change one bit of the byte at offset, in place."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0x01]))
+
+
 def differing_files(got: Path, want: Path) -> list[str]:
     """What differs between two folders: the file lists, else the names of files whose bytes differ."""
     names = sorted(p.name for p in want.iterdir())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from full_size import write_sparse_mistral
-from helpers import REPO, handles_sigterm, run_cli
+from helpers import REPO, run_cli, start_held
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -54,12 +54,7 @@ def test_signal_during_verify_says_verify_did_not_finish(tmp_path: Path, signum:
     run_cli("convert", src, hf, "--to", "hf")
     env = dict(os.environ, MIXTRAL_CONVERT_STALL_AT="model-00001-of-00001.safetensors")  # stalls verify's read
     command = [sys.executable, "-m", "convert", "verify", hf]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not handles_sigterm(process.pid) and time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.01)
-    time.sleep(3)  # the imports are done and verify is held at its stall
+    process = start_held(command, env, REPO)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=10)
     assert process.returncode == 130, stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import blake3
 import pytest
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, flip_byte, run_cli
 
 LAYOUTS = ("hf", "torrent", "mistral", "megablocks")
 
@@ -28,14 +28,6 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _copy(outputs: Path, layout: str, tmp_path: Path) -> Path:
     return Path(shutil.copytree(outputs / layout, tmp_path / layout))
-
-
-def _flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as handle:
-        handle.seek(offset)
-        byte = handle.read(1)
-        handle.seek(offset)
-        handle.write(bytes([byte[0] ^ 0x01]))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -67,7 +59,7 @@ def test_one_flipped_byte_is_named(outputs: Path, layout: str, tmp_path: Path) -
     folder = _copy(outputs, layout, tmp_path)
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".pt", ".pth"))
     weights = max(files, key=lambda p: p.stat().st_size)  # one holding tensors (megablocks pads with empty files)
-    _flip_byte(weights, weights.stat().st_size // 2)
+    flip_byte(weights, weights.stat().st_size // 2)
     result = run_cli("verify", folder, "--against", outputs / "src", check=False)
     assert result.returncode == 1
     failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
@@ -106,7 +98,7 @@ def test_folder_without_checksums_gets_structure_and_crc_checks(outputs: Path, t
     clean = run_cli("verify", folder)
     assert "note: no SHA256SUMS: no checksums were available" in clean.stdout
     checkpoint = folder / "consolidated.00.pth"
-    _flip_byte(checkpoint, checkpoint.stat().st_size // 2)
+    flip_byte(checkpoint, checkpoint.stat().st_size // 2)
     result = run_cli("verify", folder, check=False)
     failed = [line for line in result.stdout.splitlines() if line.startswith(f"FAILED crc32: {checkpoint}: tensor ")]
     assert len(failed) == 1 and "record consolidated.00/data/" in failed[0], result.stdout  # names tensor and record
@@ -189,7 +181,7 @@ def test_an_older_sha256_manifest_still_verifies(outputs: Path, tmp_path: Path) 
     manifest = json.loads((folder / "manifest.json").read_text())
     entry = max(manifest["tensors"], key=lambda e: e["offsets"][1] - e["offsets"][0])
     shard = folder / entry["file"]
-    _flip_byte(shard, (entry["offsets"][0] + entry["offsets"][1]) // 2)
+    flip_byte(shard, (entry["offsets"][0] + entry["offsets"][1]) // 2)
     _rewrite_manifest(folder, lambda m: None)
     sums = (folder / "SHA256SUMS").read_text().splitlines()
     digest = hashlib.sha256(shard.read_bytes()).hexdigest()

@@ -12,14 +12,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
 import blake3
 import pytest
 import torch
-from helpers import REPO, evict, handles_sigterm, run_cli
+from helpers import REPO, evict, flip_byte, run_cli, start_held
 from safetensors import safe_open
 from synthetic import TinyConfig, make_weights, write_torrent
 
@@ -128,14 +127,6 @@ def _rewrite_manifest(folder: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
-def _flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as handle:
-        handle.seek(offset)
-        byte = handle.read(1)
-        handle.seek(offset)
-        handle.write(bytes([byte[0] ^ 0x01]))
-
-
 def _tensor_place(path: Path, name: str) -> tuple[int, int]:
     data = path.read_bytes()
     header = 8 + int.from_bytes(data[:8], "little")
@@ -175,7 +166,7 @@ def test_changed_tensor_with_regenerated_checksums_still_fails_against(
     folder = Path(shutil.copytree(hf, tmp_path / "hf"))
     begin, end = _tensor_place(folder / SHARD, "model.embed_tokens.weight")
     assert end - begin > 8 * 2**20  # more than one chunk: the rest of it is what the comparison skips
-    _flip_byte(folder / SHARD, begin + 1000)
+    flip_byte(folder / SHARD, begin + 1000)
     _rewrite_manifest(folder)
     _rewrite_sums(folder)
     results = _checks_as_without_against(folder, src)
@@ -207,7 +198,7 @@ def test_a_folder_in_another_order_gives_the_same_results(pair: tuple[Path, Path
         assert all(torch.equal(handle.get_tensor(n), original.get_tensor(n)) for n in before)
     if flip:
         begin, _ = _tensor_place(folder / SHARD, "lm_head.weight")
-        _flip_byte(folder / SHARD, begin + 3)
+        flip_byte(folder / SHARD, begin + 3)
     _rewrite_manifest(folder)
     _rewrite_sums(folder)
     results = _checks_as_without_against(folder, src)
@@ -294,13 +285,7 @@ def test_a_signal_while_the_comparison_hashes_ends_verify_as_before(pair: tuple[
     src, hf = pair
     env = dict(os.environ, MIXTRAL_CONVERT_STALL_AT=SHARD)
     command = [sys.executable, "-m", "convert", "verify", hf, "--against", src]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not handles_sigterm(process.pid) and time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.01)
-    time.sleep(3)  # the imports are done and verify is held at its stall
-    assert process.poll() is None, process.communicate()
+    process = start_held(command, env, REPO)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=10)
     assert process.returncode == 130, stderr
