@@ -181,12 +181,18 @@ def _hash_pass(
     return hasher.hash_file(path, ranges, [e.algorithm for e in ranges])
 
 
-def _hash_targets(folder: Path, manifest: list[ManifestEntry] | None) -> dict[Path, list[tuple[ManifestEntry, str]]]:
-    """The files _check_sums_with will hash, each with the ranges it will ask for: those SHA256SUMS lists and
-    those manifest.json places tensors in (a SHA256SUMS that cannot be read lists none here; the pass says why)."""
+def _entries_by_file(manifest: list[ManifestEntry] | None) -> dict[str, list[ManifestEntry]]:
+    """manifest.json's entries grouped by the file they place their tensor in."""
     by_file: dict[str, list[ManifestEntry]] = {}
     for entry in manifest or ():
         by_file.setdefault(entry.file, []).append(entry)
+    return by_file
+
+
+def _hash_targets(folder: Path, manifest: list[ManifestEntry] | None) -> dict[Path, list[tuple[ManifestEntry, str]]]:
+    """The files _check_sums_with will hash, each with the ranges it will ask for: those SHA256SUMS lists and
+    those manifest.json places tensors in (a SHA256SUMS that cannot be read lists none here; the pass says why)."""
+    by_file = _entries_by_file(manifest)
     names = set(by_file)
     try:
         if is_present(folder / SUMS):
@@ -225,9 +231,7 @@ def _check_sums_with(
 ) -> None:
     """Each file's SHA-256 against SHA256SUMS and, in the same read, each of its tensors' against manifest.json;
     hashed: the files verify --against hashed already as it compared them."""
-    by_file: dict[str, list[ManifestEntry]] = {}
-    for entry in manifest or ():
-        by_file.setdefault(entry.file, []).append(entry)
+    by_file = _entries_by_file(manifest)
     sums = folder / SUMS
     pairs: list[tuple[str, str]] = []
     if not is_present(sums):
