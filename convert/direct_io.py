@@ -13,6 +13,7 @@ the page cache instead: slower, never wrong.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -34,8 +35,22 @@ O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux only; 0 elsewhere means "through 
 
 
 def aligned_buffer(size: int) -> mmap.mmap:
-    """Page-aligned anonymous memory (a bytearray has no alignment guarantee)."""
-    return mmap.mmap(-1, _round_up(size))
+    """Page-aligned anonymous memory (a bytearray has no alignment guarantee), in transparent huge pages where
+    the kernel offers them.
+
+    Why huge pages: a direct request is built from the buffer's physical pages, and a disk takes a limited number
+    of separate segments per request (this VM's virtio disk: 254, `max_segments`). Scattered 4 KiB pages cap a
+    request near 1 MiB, so an 8 MiB write became eight requests or more; 2 MiB pages are one segment each and
+    requests reach the disk's own maximum (4 MiB here, `max_sectors_kb`). Measured on 6.3 GB written: 1.6-2.9 MB
+    a write request -> 4.0 MB (bench/profiles.md). Private, because a shared anonymous mapping (mmap's default)
+    is shmem, which this kernel never backs with huge pages."""
+    private = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    buffer = mmap.mmap(-1, _round_up(size), flags=private) if private else mmap.mmap(-1, _round_up(size))
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        # A kernel without transparent huge pages refuses the advice: 4 KiB pages, smaller requests, same bytes.
+        with contextlib.suppress(OSError):
+            buffer.madvise(mmap.MADV_HUGEPAGE)
+    return buffer
 
 
 def _round_up(size: int) -> int:
