@@ -5,9 +5,10 @@ threads) raise an exception of KIND, so that tests can fail every thread and eve
 once and check how the whole run stops. The moment of the failure (time.time()) is written to the file named by
 MIXTRAL_CONVERT_FAULT_LOG, so a test can measure the time from failure to exit.
 
-MIXTRAL_CONVERT_STALL_AT=FILE stalls for good after the writer's first chunk of output FILE, or before a whole-file
-read of FILE (verify, hashing), so that a test can kill or signal the process at a known point; the stall still
-ends when the run stops.
+MIXTRAL_CONVERT_STALL_AT=FILE stalls for good after the writer's first chunk of output FILE (the files before it
+in place: the writer waits for their commits first, so a kill there finds them done), or before a whole-file
+read of FILE (verify, hashing); =commit:FILE stalls the committer before it syncs output FILE. A test can then kill
+or signal the process at a known point; the stall still ends when the run stops.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ SITES = {
     "file-hash": "the file hasher",
     "tensor-hash": "the tensor hasher",
     "finite": "the tensor hasher (the NaN/Inf check)",
-    "fsync": "the main thread (a finished file)",
-    "rename": "the main thread (NAME.partial to NAME)",
-    "journal": "the main thread (the resume journal)",
+    "fsync": "the committer (a finished file)",
+    "rename": "the committer (NAME.partial to NAME)",
+    "journal": "the committer (the resume journal), or the main thread (starting it)",
     "input-hash": "the input hasher (--hash-input)",
 }
 
@@ -85,9 +86,14 @@ def fault_point(site: str) -> None:
         raise _exception(_PLAN[2], site)
 
 
+def stalls_at(name: str) -> bool:
+    """Whether a test asked for a stall at this name."""
+    return os.environ.get(STALL_AT_ENV) == name
+
+
 def stall_point(name: str) -> None:
     """Stall here for good if a test asked for it at this file; a failure or signal still ends the stall."""
-    if os.environ.get(STALL_AT_ENV) != name:
+    if not stalls_at(name):
         return
     stop = run_stop()
     while True:

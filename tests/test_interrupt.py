@@ -22,8 +22,11 @@ def test_signal_mid_run_stops_cleanly_and_resumes(tmp_path: Path, signum: int) -
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     # Signalled once shard 1 is done and shard 2 under way, so that something is cut short (between two files,
-    # e.g. while the journal is synced, there would be nothing partial to name).
-    while not list(dst.glob("model-00002-of-*.safetensors.partial")) and time.monotonic() < deadline:
+    # e.g. while the journal is synced, there would be nothing partial to name). Shard 2 streams while shard 1 is
+    # synced and renamed, so the one does not imply the other.
+    while time.monotonic() < deadline and not (
+        list(dst.glob("model-00001-of-*.safetensors")) and list(dst.glob("model-00002-of-*.safetensors.partial"))
+    ):
         assert process.poll() is None, process.stderr.read() if process.stderr else ""
         time.sleep(0.05)
     process.send_signal(signum)

@@ -118,3 +118,38 @@ def test_without_checksums_the_rest_is_identical_and_resumable(sample: tuple[Pat
     assert names == sorted(p.name for p in reference.iterdir() if p.name not in ("SHA256SUMS", "manifest.json"))
     for name in names:
         assert (dst / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_the_next_shard_streams_while_the_one_before_commits(sample: tuple[Path, Path], tmp_path: Path) -> None:
+    """A finished file is synced and renamed on the committer thread while the next shard streams (a sync waits
+    for the disk's cache, with no byte moving). Held in the first shard's commit, the run must already be writing
+    the second; SIGINT there stops it within a second with one line, the held shard is not put in place, and
+    --resume finishes the same bytes as an uninterrupted run."""
+    src, reference = sample
+    dst = tmp_path / "hf"
+    first, second = "model-00001-of-00005.safetensors", "model-00002-of-00005.safetensors"
+    env = dict(os.environ, MIXTRAL_CONVERT_STALL_AT=f"commit:{first}")
+    command = [sys.executable, "-m", "convert", "convert", src, dst, "--to", "hf", "--max-shard-size", SHARD_SIZE]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((dst / f"{second}.partial").is_file() and (dst / f"{second}.partial").stat().st_size > 0):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the second shard never started while the first was committing"
+            time.sleep(0.02)
+        assert (dst / f"{first}.partial").is_file() and not (dst / first).exists()
+        sent = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+    assert process.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if not line.startswith("mixtral-convert: warning:")]
+    assert len(lines) == 1 and lines[0].startswith("mixtral-convert: interrupted;"), stderr
+    assert took < 1.5, f"took {took:.2f} s to stop after SIGINT"
+    assert not (dst / first).exists() and not (dst / INDEX).exists()
+    run_cli("convert", src, dst, "--to", "hf", "--max-shard-size", SHARD_SIZE, "--resume")
+    same_files(reference, dst)
