@@ -88,7 +88,16 @@ def git(*args: str) -> str:
 
 
 def pick_converter(rev: str | None, cache: Path) -> Converter:
-    """The work tree (default), or REV's convert/ and mappings/ exported to the cache (read-only git use)."""
+    """The work tree (default), or REV's convert/ and mappings/ exported to the cache (read-only git use), its
+    modules compiled to bytecode first."""
+    converter = _pick_converter(rev, cache)
+    # As pip does when it installs the package. Without it, where PYTHONDONTWRITEBYTECODE is set (this machine,
+    # CI), every timed run compiled the converter's modules again: 0.15 s warm and 0.3-0.5 s cold of a 7-10 s run.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(converter.root / "convert")], check=True)
+    return converter
+
+
+def _pick_converter(rev: str | None, cache: Path) -> Converter:
     try:
         head = git("rev-parse", "HEAD")
     except (OSError, subprocess.CalledProcessError):
