@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
 from collections import Counter
 from itertools import pairwise
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 from convert.digests import Digests
 from convert.formats.torchzip_writer import layout_torch_zip
+from convert.formats.zip_crc import crc32
 from convert.tokenizer import BYTE, CONTROL, NORMAL, SPACE, UNKNOWN
 
 SAMPLE_PARAMS = {
@@ -175,7 +175,7 @@ def _write_torch_zip(path: Path, tensors: dict[str, np.ndarray]) -> None:
         raw = np.ascontiguousarray(array, dtype="<u2").tobytes()
         start = layout.tensor_offsets[name]
         data[start : start + len(raw)] = raw
-        digests.tensor_crc32[name] = zlib.crc32(raw)
+        digests.tensor_crc32[name] = crc32(raw)
     for offset, produce in layout.deferred:
         blob = produce(digests)
         data[offset : offset + len(blob)] = blob

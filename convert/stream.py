@@ -20,7 +20,6 @@ import os
 import queue
 import sys
 import threading
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,7 +37,7 @@ from convert.errors import ConvertError
 from convert.faults import fault_point
 from convert.finite import FiniteCheck
 from convert.formats.streams import ByteStream
-from convert.formats.zip_crc import crc32_combine
+from convert.formats.zip_crc import crc32, crc32_combine
 from convert.integrity import file_digest
 from convert.outputs import OutputFile, Piece
 from convert.owned import no_links
@@ -93,7 +92,7 @@ def piece_chunks(
         view = _moved(piece, digests)
         if crc:
             fault_point("crc")
-            digests.tensor_crc32[piece.tensor] = zlib.crc32(view, running)
+            digests.tensor_crc32[piece.tensor] = crc32(view, running)
         for start in range(0, piece.nbytes, CHUNK):
             yield piece.dst_offset + start, view[start : start + CHUNK], piece.tensor, None
         return
@@ -191,7 +190,7 @@ def _cast_chunks(piece: Piece, digests: Digests, *, crc: bool) -> Iterator[Chunk
             raise ConvertError(error.rule, file=piece.record.stream.label, tensor=piece.record.name) from None
         if crc:
             fault_point("crc")
-            running = zlib.crc32(converted, running)
+            running = crc32(converted, running)
             digests.tensor_crc32[piece.tensor] = running
         yield position, converted, piece.tensor, None
         position += len(converted)
@@ -203,7 +202,7 @@ def _extend_crc(running: int, chunk: memoryview, chunk_crc: int | None) -> int:
     not two), else by running crc32 over it."""
     if chunk_crc is not None:
         return crc32_combine(running, chunk_crc, len(chunk))
-    return zlib.crc32(chunk, running)
+    return crc32(chunk, running)
 
 
 def _file_chunks(output: OutputFile, digests: Digests, pool: BufferPool, reads: Sequence[Worker]) -> Iterator[Chunk]:

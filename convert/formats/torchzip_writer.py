@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 
 from convert.digests import Digests, Producer
 from convert.dtypes import STORAGE_CLASS, nbytes_of
+from convert.formats.zip_crc import crc32
 
 ALIGNMENT = 64
 _FLAGS = 0x0808  # bit 3: sizes and CRC in a data descriptor; bit 11: UTF-8 names (what torch writes)
@@ -172,12 +172,12 @@ def layout_torch_zip(archive: str, tensors: list[tuple[str, str, tuple[int, ...]
         header, data_offset = _local_header(f"{archive}/{entry}", offset)
         blobs.append((offset, header))
         record = _Record(
-            f"{archive}/{entry}", offset, data_offset, size, None if data is None else zlib.crc32(data), tensor
+            f"{archive}/{entry}", offset, data_offset, size, None if data is None else crc32(data), tensor
         )
         records.append(record)
         if data is not None:
             blobs.append((data_offset, data))
-            blobs.append((data_offset + size, _descriptor(zlib.crc32(data), size)))
+            blobs.append((data_offset + size, _descriptor(crc32(data), size)))
         else:
             deferred.append((data_offset + size, partial(_tensor_descriptor, record)))
         offset = data_offset + size + _descriptor_size(size)
