@@ -7,7 +7,6 @@ from types import MappingProxyType
 import numpy as np
 
 from convert.faults import fault_point
-from convert.workers import CHUNK
 
 # A float is NaN or Inf when all its exponent bits are set, i.e. when its magnitude bits (all but the sign) are
 # at least those of infinity: one mask and one max over the raw words, no float conversion.
@@ -21,12 +20,17 @@ _INFINITY_BITS = MappingProxyType(
 )
 
 
+# Words are checked BLOCK bytes at a time: the masked copy is still in cache when max() reads it. On whole 8 MiB
+# chunks both passes went to memory; 1 MiB blocks ran 1.6-2.7x faster here (5.8-9.6 -> 15.8 GiB/s, one core).
+BLOCK = 2**20
+
+
 class FiniteCheck:
     """Notes tensors holding NaN or Inf. Used by one thread (the tensor hasher): its scratch buffer is reused,
     so no chunk allocates."""
 
     def __init__(self) -> None:
-        self._scratch = np.empty(CHUNK, dtype=np.uint8)
+        self._scratch = np.empty(BLOCK, dtype=np.uint8)
 
     def __call__(self, data: memoryview, dtype: str, tensor: str, non_finite: set[str]) -> None:
         fault_point("finite")
@@ -35,8 +39,13 @@ class FiniteCheck:
             return
         word, infinity = spec
         words = np.frombuffer(data, dtype=word)
-        scratch = self._scratch[: words.nbytes].view(word)
-        sign = word(1) << word(8 * words.itemsize - 1)
-        np.bitwise_and(words, ~sign, out=scratch)
-        if scratch.max() >= infinity:
-            non_finite.add(tensor)
+        scratch = self._scratch.view(word)
+        magnitude = ~(word(1) << word(8 * words.itemsize - 1))  # every bit but the sign
+        step = len(scratch)
+        for start in range(0, len(words), step):
+            part = words[start : start + step]
+            masked = scratch[: len(part)]
+            np.bitwise_and(part, magnitude, out=masked)
+            if masked.max() >= infinity:
+                non_finite.add(tensor)
+                return
