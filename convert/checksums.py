@@ -4,10 +4,6 @@ aligned buffers by READ_AHEAD read workers, and each chunk is handed to two hash
 hashing: on 2 cores SHA-256 (about 1.3-2 GB/s with SHA-NI) and BLAKE3 each get a core, and the disk is what is
 left to wait for.
 
-A file's SHA-256 is one sequential computation (about 1.4 GB/s a core here), slower than a read served from a
-warm host cache (3 GB/s): hash_files() therefore hashes LANES files at once, each on its own FolderHasher, so
-that a folder of several shards keeps both cores hashing.
-
 A failure in any of these threads is the run's failure, as it was when verify read and hashed in one thread.
 """
 
@@ -31,12 +27,6 @@ from convert.workers import BufferPool, Lease, Pending, Worker
 # Reads of READ_SIZE, the size this disk serves fastest: the reads in flight, the one each hasher works on, and
 # one for the next take. Hashing a chunk takes less time than reading it, so the hashers' queues stay short.
 HASH_BUFFERS = READ_AHEAD + 3
-# Files hashed at once by hash_files: two SHA-256 streams and two tensor hashers keep 2 cores busy; each lane has
-# its own pool (HASH_BUFFERS of READ_SIZE), so memory grows by one pool per lane.
-LANES = 2
-
-FileHashes = tuple[str, dict[str, str]]  # a file's SHA-256, and the digest of each of its ranges by name
-HashJob = tuple[Path, Sequence[TensorEntry], Sequence[str]]  # a file, its ranges, and the algorithm of each
 
 
 def _update(hasher: Hasher, data: memoryview) -> None:
@@ -148,32 +138,3 @@ class FolderHasher:
         """Wait until every update handed over so far has run."""
         self._file_hasher.join()
         self._tensor_hasher.join()
-
-
-def hash_files(hasher: FolderHasher, jobs: Sequence[HashJob]) -> dict[Path, FileHashes]:
-    """Every job's file hashed as hash_file does, LANES files at once: the largest files first, each to the lane
-    with the fewest bytes so far; hasher's lane runs in this thread, each other lane on a worker with its own
-    FolderHasher. A failure in any lane is the run's failure (the others stop at their next wait)."""
-    lanes: list[list[HashJob]] = [[] for _ in range(min(LANES, len(jobs)))]
-    loads = [0] * len(lanes)
-    for job in sorted(jobs, key=lambda j: j[0].stat().st_size, reverse=True):
-        lane = loads.index(min(loads))
-        lanes[lane].append(job)
-        loads[lane] += job[0].stat().st_size
-    others: list[tuple[FolderHasher, Worker]] = []
-    try:
-        pending: list[tuple[Path, Pending[FileHashes]]] = []
-        for number, lane_jobs in enumerate(lanes[1:], start=1):
-            if not lane_jobs:  # empty files weigh nothing: a lane may get none
-                continue
-            other = FolderHasher()
-            worker = Worker(f"hash-lane-{number}", depth=len(lane_jobs))
-            others.append((other, worker))
-            pending += [(job[0], worker.submit(partial(other.hash_file, *job))) for job in lane_jobs]
-        results = {job[0]: hasher.hash_file(*job) for job in (lanes[0] if lanes else [])}
-        results.update((path, result.result()) for path, result in pending)
-        return results
-    finally:
-        for other, worker in others:
-            worker.close()
-            other.close()

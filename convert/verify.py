@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from convert.checksums import FolderHasher, HashJob, hash_files
+from convert.checksums import FolderHasher
 from convert.compare import Comparer
 from convert.digests import TENSOR_DIGESTS
 from convert.errors import ConvertError, escape, shown
@@ -243,15 +243,6 @@ def _check_sums_with(
             report.results.append(Result("sha256", str(sums), False, f"not in sha256sum format: {exc}"))
     if pairs and manifest is None and not (folder / MANIFEST).exists():
         report.notes.append(f"no {MANIFEST}: the tensors' own checksums were not available")
-    # Every file the loops below hash, hashed first, several at once; the loops then find them in hashed. Plain
-    # names only: "./x" and "x" are one file, which the manifest may give ranges under one name and not the other.
-    jobs: dict[Path, HashJob] = {}
-    for name in [*(name for _, name in pairs), *sorted(by_file)]:
-        path = folder / name
-        if Path(name).name == name and path not in hashed and path not in jobs and is_present(path):
-            ranges = by_file.get(name, [])
-            jobs[path] = (path, ranges, [e.algorithm for e in ranges])
-    hashed = {**hashed, **hash_files(hasher, list(jobs.values()))}
     listed = set()
     for expected, name in pairs:
         listed.add(name)
