@@ -108,7 +108,6 @@ class StagedWriter:
         self._pending: queue.Queue[tuple[mmap.mmap, int, int] | None] = queue.Queue()
         self._written = 0  # bytes the thread has written, in order; read by finish() once it has ended
         self._stage, self._fill, self._base = self._stop.get(self._free), 0, 0
-        self._stage_words = np.frombuffer(self._stage, dtype=np.uint8)
         self._thread = self._stop.spawn(self._run, "disk-writer")
 
     def write(self, data: memoryview) -> None:
@@ -117,7 +116,7 @@ class StagedWriter:
             size = min(len(view), STAGE - self._fill)
             # numpy copies without the GIL; an mmap slice assignment holds it for the whole 8 MiB memcpy, and every
             # other thread of the run (hashers, reads, the disk writer) then waits to run its next line.
-            np.copyto(self._stage_words[self._fill : self._fill + size], view[:size])
+            np.copyto(np.frombuffer(self._stage, dtype=np.uint8)[self._fill : self._fill + size], view[:size])
             self._fill += size
             view = view[size:]
             if self._fill == STAGE:
@@ -147,7 +146,6 @@ class StagedWriter:
         self._pending.put((self._stage, self._base, length))
         self._base += length
         self._stage, self._fill = self._stop.get(self._free), 0
-        self._stage_words = np.frombuffer(self._stage, dtype=np.uint8)
 
     def _run(self) -> None:
         ending = False
