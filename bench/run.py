@@ -171,6 +171,10 @@ CONTENDERS = (
               lambda src, out, depth: [sys.executable, str(BENCH / "disk_limit.py"), str(out), *all_files(src),
                                        "--read-only"],
               direction="verify", limit="read-hf", reads="hf"),
+    # Not a limit to beat but a floor under verify: what checking SHA256SUMS alone costs on this machine's cores.
+    Contender("sha-floor", "SHA-256 floor: O_DIRECT read + hashlib SHA-256, a file per core",
+              lambda src, out, depth: [sys.executable, str(BENCH / "sha256_floor.py"), *all_files(src)],
+              direction="verify", limit="read-hf", reads="hf"),
     Contender("verify", "mixtral-convert verify (checksums)",
               lambda src, out, depth: [sys.executable, "-m", "convert", "verify", str(src)],
               in_converter_root=True, direction="verify", limit="read-hf", reads="hf"),
@@ -633,7 +637,29 @@ def target_lines(depths: list[Depth]) -> list[str]:
              for n in layers]  # fmt: skip
     row = " | ".join(cell(p, RSS_BUDGET, f"{p / MIB:,.0f} MiB" if p else "") for p in peaks)
     lines += [f"| mixtral-convert's peak RSS (largest median of its rows) ≤ 512 MiB | {row} |", ""]
+    floors = [floor_ratio(summaries[n]) for n in layers]
+    if any(f is not None for f in floors):
+        lines += [
+            "Not a target: verify over the SHA-256 floor (bench/sha256_floor.py: an O_DIRECT read and hashlib's "
+            "SHA-256 of every file, a file per core, nothing else), and that floor over the read of the folder. A "
+            "file's SHA-256 is sequential: where the floor is above 1.05x the read, so is any verify that checks "
+            "SHA256SUMS.",
+            "",
+            "| ratio | " + " | ".join(plural(n, "layer") for n in layers) + " |",
+            "|---|" + "--:|" * len(layers),
+            "| verify / SHA-256 floor | " + " | ".join(f"{f[0]:.2f}x" if f else "n/a" for f in floors) + " |",
+            "| SHA-256 floor / O_DIRECT read | " + " | ".join(f"{f[1]:.2f}x" if f else "n/a" for f in floors) + " |",
+            "",
+        ]
     return lines
+
+
+def floor_ratio(summaries: dict[str, Summary]) -> tuple[float, float] | None:
+    """(verify's median over the SHA-256 floor's, the floor's over the read's), where all three ran."""
+    verify, floor, read = (summaries.get(k) for k in ("verify", "sha-floor", "read-hf"))
+    if verify is None or floor is None or read is None or any(s.failed == s.runs for s in (verify, floor, read)):
+        return None
+    return verify.wall / floor.wall, floor.wall / read.wall
 
 
 def cache_overflows(depth: Depth, available_bytes: int) -> bool:
@@ -882,7 +908,9 @@ def report(
         "replaces torch.save, CRC-32 included), cold and warm.",
         "",
         "`--directions verify` reads that hf folder too: **O_DIRECT read of the hf folder** (`disk_limit.py "
-        "--read-only` of every file in it: verify only reads), **verify** (`python -m convert verify SRC`: "
+        "--read-only` of every file in it: verify only reads), the **SHA-256 floor** (`sha256_floor.py`: the same "
+        "read and hashlib's SHA-256 of each file, a file per core: what checking SHA256SUMS alone costs; not a "
+        "limit to beat, a floor under verify), **verify** (`python -m convert verify SRC`: "
         "SHA256SUMS and the manifest's per-tensor digests) against that read, and **verify --against** "
         "(`verify SRC --against` the torrent checkpoint: every tensor compared with the source's converted "
         "bytes) against the torrent -> hf conversion of the same source.",
