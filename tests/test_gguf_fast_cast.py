@@ -6,6 +6,7 @@ make d a denormal whose inverse is infinite."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import gguf
@@ -77,18 +78,28 @@ def adversarial() -> np.ndarray:
 
 def test_adversarial_blocks_match() -> None:
     values = adversarial()
+    for block in values.reshape(-1, 32):  # alone: a denormal scale elsewhere would send the slice to the reference
+        assert_same(block)
     assert_same(values)
-    assert_same(values[::-1].copy())  # the refusal-free blocks in another order across the steps
+    assert_same(values[::-1].copy())
+
+
+def test_adversarial_blocks_take_the_fast_path() -> None:
+    """The blocks whose scale has a finite inverse are the fast path's own (assert_same alone cannot tell)."""
+    for block in adversarial().reshape(-1, 32):
+        if np.abs(block).max() >= np.float32(2.0**-128) * 127:
+            assert G._convert_fast(block.tobytes(), "F32", T.Q8_0) is not None
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 70000.0, 3.4e38])
 def test_refusals_match_wherever_they_fall(bad: float) -> None:
     """A NaN/infinity (Q8_0's refusal), a float16 overflow, a bfloat16 overflow or a Q8_0 scale beyond float16,
     in the first, a middle and the last step, with an earlier step's other oddity: the reference's line."""
-    for at in (0, 150, 300, 383):
+    for at, denormal in itertools.product((0, 150, 300, 383), (False, True)):
         values = RNG.standard_normal(384).astype(np.float32)
         values[at] = bad
-        values[200:232] = np.float32(2.0**-140)  # a denormal block maximum in another step
+        if denormal:
+            values[200:232] = np.float32(2.0**-140)  # a denormal Q8_0 block maximum in another step
         assert_same(values)
 
 
