@@ -86,7 +86,7 @@ def piece_chunks(
     CHUNK slices that share the read's lease (else one fresh CHUNK buffer after another)."""
     running = digests.tensor_crc32.get(piece.tensor, 0)
     if piece.cast is not None:
-        yield from _cast_chunks(piece, digests, crc=crc)
+        yield from _cast_chunks(piece, digests, crc=crc, workers=reads)
         return
     if piece.steps:
         view = _moved(piece, digests)
@@ -156,9 +156,11 @@ def _moved(piece: Piece, digests: Digests) -> memoryview:
     return memoryview(result.reshape(-1).view(np.uint8))
 
 
-def _cast_chunks(piece: Piece, digests: Digests, *, crc: bool) -> Iterator[Chunk]:
+def _cast_chunks(piece: Piece, digests: Digests, *, crc: bool, workers: Sequence[Worker] = ()) -> Iterator[Chunk]:
     """A piece whose elements change type: read (and moved by its steps, which need the whole piece) in whole
-    granules, converted slice by slice so that no converted chunk exceeds CHUNK."""
+    granules, converted slice by slice so that no converted chunk exceeds CHUNK. With workers (the reads, idle
+    while a cast piece streams), slices are read and converted on them in turn, one in flight on each, and handed
+    on in order: the cast is CPU-bound (numpy releases the GIL), so this uses every worker's core."""
     cast = piece.cast
     assert cast is not None
     running = digests.tensor_crc32.get(piece.tensor, 0)
@@ -176,18 +178,32 @@ def _cast_chunks(piece: Piece, digests: Digests, *, crc: bool) -> Iterator[Chunk
             digests.source_crc.update(piece.record, piece.src_offset + start, chunk)
             return chunk
 
-    position = piece.dst_offset
-    for start in range(0, piece.nbytes, step):
+    def convert(start: int) -> memoryview:
         # Elements counted in the source tensor (for a q/k piece whose rows the steps reorder: in the reordered rows).
         first = (piece.src_offset - piece.record.offset + start) // ITEM_SIZE[piece.record.dtype]
         try:
-            converted = cast(sliced(start), piece.tensor, first)
+            return cast(sliced(start), piece.tensor, first)
         except ConvertError as error:
             if error.file is not None:
                 raise
             # A value that does not fit is in the source: its line names that file and tensor, as every reader's
-            # line does (the cast itself knows neither).
+            # line does (the cast itself knows neither). Raised in a worker, it is the run's failure all the same.
             raise ConvertError(error.rule, file=piece.record.stream.label, tensor=piece.record.name) from None
+
+    def in_order() -> Iterator[memoryview]:
+        pending: deque[Pending[memoryview]] = deque()
+        for number, start in enumerate(range(0, piece.nbytes, step)):
+            if not workers:
+                yield convert(start)
+                continue
+            pending.append(workers[number % len(workers)].submit(partial(convert, start)))
+            if len(pending) == len(workers):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    position = piece.dst_offset
+    for converted in in_order():
         if crc:
             fault_point("crc")
             running = crc32(converted, running)
