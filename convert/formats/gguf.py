@@ -322,7 +322,9 @@ def _convert_fast(data: Any, src_dtype: str, dst: GGMLQuantizationType) -> np.nd
             np.add(product.reshape(-1), half.view(np.float32), out=product.reshape(-1))
             rows = out[start // Q8_BLOCK : start // Q8_BLOCK + blocks]
             rows[:, :2] = scale16.view(np.uint8).reshape(blocks, 2)
-            rows[:, 2:] = product  # float32 -> int8 truncates toward zero, as the reference's astype does
+            # float32 -> int8 truncates toward zero, as the reference's astype does; through an int8 view, since a
+            # negative float cast to an unsigned type is undefined in C (a SIMD cast may saturate it to 0).
+            rows[:, 2:].view(np.int8)[...] = product
         elif dst == F16:
             if int(mag.max()) >= _INF32:
                 return None
