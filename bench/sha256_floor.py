@@ -92,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     lanes: list[list[Path]] = [[] for _ in range(max(1, min(args.lanes, len(args.files))))]
     loads = [0] * len(lanes)
-    for path in sorted(args.files, key=lambda p: p.stat().st_size, reverse=True):
+    sizes = {path: path.stat().st_size for path in args.files}
+    for path in sorted(args.files, key=sizes.__getitem__, reverse=True):
         lane = loads.index(min(loads))
         lanes[lane].append(path)
-        loads[lane] += path.stat().st_size
+        loads[lane] += sizes[path]
     digests: dict[Path, str] = {}
     failures: list[BaseException] = []
 

@@ -28,6 +28,8 @@ from convert.workers import BufferPool, Lease, Pending, Worker
 # one for the next take. Hashing a chunk takes less time than reading it, so the hashers' queues stay short.
 HASH_BUFFERS = READ_AHEAD + 3
 
+FileHashes = tuple[str, dict[str, str]]  # a file's SHA-256, and the digest of each of its ranges by name
+
 
 def _update(hasher: Hasher, data: memoryview) -> None:
     hasher.update(data)
@@ -67,7 +69,7 @@ class RunningDigests:
         self.position = end
         return parts
 
-    def result(self) -> tuple[str, dict[str, str]]:
+    def result(self) -> FileHashes:
         """Once every update has run: the file's SHA-256 and each range's digest by name."""
         return self.whole.hexdigest(), {r.name: h.hexdigest() for r, h in zip(self._ranges, self._hashers, strict=True)}
 
@@ -87,7 +89,7 @@ class FolderHasher:
 
     def hash_file(
         self, path: Path, ranges: Sequence[TensorEntry], algorithms: Sequence[str]
-    ) -> tuple[str, dict[str, str]]:
+    ) -> FileHashes:
         """path's SHA-256 and, for each range (algorithms[i] for ranges[i]), the digest of its bytes that the
         file holds; in one read."""
         stall_point(path.name)

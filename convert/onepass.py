@@ -20,14 +20,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from convert.checksums import FolderHasher, RunningDigests
+from convert.checksums import FileHashes, FolderHasher, RunningDigests
 from convert.errors import ConvertError
 from convert.faults import stall_point
 from convert.formats.streams import ByteStream
 from convert.integrity import TensorEntry
 from convert.workers import CHUNK, Lease
-
-FileHashes = tuple[str, dict[str, str]]  # a file's SHA-256, and the digest of each of its ranges by name
 
 
 @dataclass

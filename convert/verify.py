@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from convert.checksums import FolderHasher
+from convert.checksums import FileHashes, FolderHasher
 from convert.compare import Comparer
 from convert.digests import TENSOR_DIGESTS
 from convert.errors import ConvertError, escape, shown
@@ -27,7 +27,7 @@ from convert.files import MAX_MANIFEST_JSON, MAX_SUMS, is_present, read_small
 from convert.formats.zip_crc import check_records
 from convert.integrity import MANIFEST, SUMS, TensorEntry, file_digest, parse_sums
 from convert.mapping import data_dir
-from convert.onepass import FileHashes, FolderFeed
+from convert.onepass import FolderFeed
 from convert.plan import PlanOptions, build_plan, check_source
 from convert.source import Source, open_source
 from convert.stream import PARTIAL_SUFFIX
@@ -173,7 +173,7 @@ def read_manifest(folder: Path, report: Report) -> list[ManifestEntry] | None:
 
 def _hash_pass(
     hasher: FolderHasher, path: Path, ranges: list[ManifestEntry], hashed: dict[Path, FileHashes]
-) -> tuple[str, dict[str, str]]:
+) -> FileHashes:
     """One sequential read of path: its SHA-256 and the digest of each range, in bounded memory (the pool's
     buffers and a hash state per tensor); no read at all when verify --against hashed it already (same ranges)."""
     if path in hashed:
