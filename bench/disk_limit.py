@@ -36,7 +36,7 @@ def _open(path: Path, flags: int) -> int:
 
 
 def _buffer(block: int) -> mmap.mmap:
-    """Private anonymous memory in transparent huge pages, as the converter's buffers (convert/direct_io.py): with
+    """Private anonymous memory in transparent huge pages, as the converter's buffers (convert/fileio/direct_io.py):
     scattered 4 KiB pages a request is cut at the disk's segment limit (about 1 MiB here), which would make this
     reference slower than the disk. Kept here rather than imported: the limit must not depend on the converter
     revision being measured."""

@@ -17,17 +17,20 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from convert import __version__
-from convert.destination import check_destination
-from convert.errors import ConvertError, escape
-from convert.formats.zip_crc import check_records
-from convert.mapping import layout, layout_names
-from convert.pipeline import convert_checkpoint
-from convert.plan import Plan, PlanOptions, build_plan, check_source
-from convert.resume import JOURNAL
-from convert.sizes import format_size, parse_size
-from convert.source import open_source
-from convert.verify import Report, check_pins, resolve_pins, verify_folder
-from convert.workers import Interrupted, in_run, run_scope, run_stop
+from convert.common.errors import ConvertError, escape
+from convert.common.sizes import format_size, parse_size
+from convert.containers import format_of
+from convert.fileio.workers import Interrupted, in_run, run_scope, run_stop
+from convert.integrity.crc32 import check_records
+from convert.model.tables import layout, layout_names
+from convert.planning.plan import Plan, PlanOptions, build_plan, check_source
+from convert.planning.source import open_source
+from convert.run.destination import check_destination
+from convert.run.pipeline import convert_checkpoint
+from convert.run.resume import JOURNAL
+from convert.verify.folder import verify_folder
+from convert.verify.pins import check_pins, resolve_pins
+from convert.verify.report import Report
 
 log = logging.getLogger("mixtral-convert")
 
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst", type=Path, help="output folder (created; must be empty unless --force)")
     convert.add_argument("--to", required=True, choices=layouts, help="target layout")
     convert.add_argument("--from", dest="source_layout", choices=layouts, help="source layout (default: detected)")
-    outtypes = {name: layout(name).format.outtypes for name in layouts}
+    outtypes = {name: format_of(layout(name)).outtypes for name in layouts}
     convert.add_argument(
         "--outtype",
         choices=sorted({o for values in outtypes.values() for o in values}),

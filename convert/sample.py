@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.digests import Digests
-from convert.formats.torchzip_writer import layout_torch_zip
-from convert.formats.zip_crc import crc32
-from convert.tokenizer import BYTE, CONTROL, NORMAL, SPACE, UNKNOWN
+from convert.containers.torchzip.writer import layout_torch_zip
+from convert.integrity.crc32 import crc32
+from convert.integrity.digests import Digests
+from convert.tokenizer.sentencepiece import BYTE, CONTROL, NORMAL, SPACE, UNKNOWN
 
 SAMPLE_PARAMS = {
     "dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 96, "n_heads": 4, "n_kv_heads": 2,

@@ -171,7 +171,7 @@ def tmpfs(folder: Path, options: str) -> Iterator[Path]:
 
 def evict(path: Path) -> None:
     """Drop path's pages from the page cache, so the converter reads it with O_DIRECT (a file it finds in the
-    cache, such as one a test has just written, is read through the cache instead: convert/residency.py)."""
+    cache, such as one a test has just written, is read through the cache instead: convert/fileio/residency.py)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)  # only clean pages are dropped

@@ -1,5 +1,5 @@
 """Pickle opcodes written by hand, for the tests that build hostile or mutated pickles. Kept apart from
-convert/formats/torchzip_writer.py on purpose: the hostile pickles must not depend on the code under test."""
+convert/containers/torchzip/writer.py on purpose: the hostile pickles must not depend on the code under test."""
 
 from __future__ import annotations
 

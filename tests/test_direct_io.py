@@ -15,12 +15,12 @@ import pytest
 from helpers import assert_one_line_error, evict, run_cli, tmpfs
 from synthetic import DEFAULT, make_weights, write_torrent
 
-from convert import stream
-from convert.direct_io import ALIGN, BATCH, O_DIRECT, STAGE, StagedWriter, aligned_buffer, open_direct
-from convert.errors import ConvertError
-from convert.formats.streams import ByteStream
-from convert.residency import cached_fraction
-from convert.workers import CHUNK, run_scope
+from convert.common.errors import ConvertError
+from convert.fileio.direct_io import ALIGN, BATCH, O_DIRECT, STAGE, StagedWriter, aligned_buffer, open_direct
+from convert.fileio.residency import cached_fraction
+from convert.fileio.streams import ByteStream
+from convert.fileio.workers import CHUNK, run_scope
+from convert.run import writer as stream
 
 # 2 layers of 8 experts at dim 256, FFN 2048 and a 32003 vocab: about 84 MB, so the weights file is written
 # through the staged writer (stream.DIRECT_MIN) in more than one STAGE.

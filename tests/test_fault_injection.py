@@ -20,9 +20,9 @@ import pytest
 from helpers import REPO, differing_files, evict, run_cli
 from synthetic import DEFAULT, make_weights, write_torrent
 
-from convert import stream
-from convert.faults import FAULT_ENV, FAULT_LOG_ENV, SITES
-from convert.resume import JOURNAL
+from convert.fileio.faults import FAULT_ENV, FAULT_LOG_ENV, SITES
+from convert.run import writer as stream
+from convert.run.resume import JOURNAL
 
 MEDIUM = dataclasses.replace(DEFAULT, dim=256, head_dim=64, hidden_dim=2048, n_experts=8, vocab=32003)
 BOUND = 1.0  # seconds from the failure to the process's exit

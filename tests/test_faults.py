@@ -36,9 +36,9 @@ from pickle_ops import call, glob, num, tup, uni
 from safetensors.torch import load_file, save_file
 from test_tokenizer import train as train_tokenizer
 
-from convert.formats.streams import ByteStream
-from convert.formats.torchzip import read_torch_index
-from convert.resume import JOURNAL
+from convert.containers.torchzip.reader import read_torch_index
+from convert.fileio.streams import ByteStream
+from convert.run.resume import JOURNAL
 
 SHARD_SIZE = "150KB"  # the sample then has 5 HF shards
 INDEX = "model.safetensors.index.json"
@@ -903,7 +903,7 @@ def test_disk_full_then_resume(base: Path, tmp_path: Path, size: str, full_at_st
 _CHANGE_SOURCE = """
 import os, sys
 from pathlib import Path
-import convert.faults
+import convert.fileio.faults
 
 def change(name):
     if name != os.environ["MIXTRAL_CONVERT_STALL_AT"]:
@@ -916,7 +916,7 @@ def change(name):
         stat = path.stat()
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
 
-convert.faults.stall_point = change
+convert.fileio.faults.stall_point = change
 from convert.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convert.finite import BLOCK, FiniteCheck
-from convert.workers import CHUNK
+from convert.fileio.workers import CHUNK
+from convert.integrity.finite import BLOCK, FiniteCheck
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
-from convert.mapping import layout_names
-from convert.pipeline import convert_checkpoint
-from convert.plan import PlanOptions
-from convert.source import detect_layout
-from convert.verify import verify_folder
+from convert.model.tables import layout_names
+from convert.planning.plan import PlanOptions
+from convert.planning.source import detect_layout
+from convert.run.pipeline import convert_checkpoint
+from convert.verify.folder import verify_folder
 
 SMALL_SHARDS = PlanOptions(max_shard_size=150_000)  # several hf shards, so stale ones would show
 # What an hf output with a translatable tokenizer also holds (the sample's tokenizer is not one).

@@ -14,7 +14,7 @@ from synthetic import TinyConfig
 from test_hf_equivalence import TOKENS, logit_tolerance, max_diff
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from convert.pipeline import convert_checkpoint
+from convert.run.pipeline import convert_checkpoint
 
 VOCAB = 1003  # TOKENS use ids up to 1002
 

@@ -3,7 +3,7 @@ and back; every tensor read with the `gguf` package's own GGUFReader (never our 
 gguf-py computes from the ORIGINAL tensors as torch.load reads them from the torrent.
 
 The expected names, types and data are spelled here from llama.cpp's rules (docs/formats.md, "GGUF"), not taken
-from convert/formats/gguf.py: 1-D tensors, *_norm and ffn_gate_inp are F32; a Q8_0 row that is not whole 32-element
+from convert/containers/gguf/: 1-D tensors, *_norm and ffn_gate_inp are F32; a Q8_0 row that is not whole 32-element
 blocks falls back to F16; shapes are in ggml order (innermost first); q/k rows go through in the torrent's order.
 """
 
@@ -26,11 +26,11 @@ from gguf.quants import quantize
 from helpers import REPO, assert_one_line_error, differing_files, run_cli
 from synthetic import DEFAULT, TinyConfig, make_weights, write_megablocks, write_mistral, write_torrent
 
-from convert.faults import FAULT_ENV, STALL_AT_ENV
-from convert.pipeline import convert_checkpoint
-from convert.resume import JOURNAL
+from convert.fileio.faults import FAULT_ENV, STALL_AT_ENV
+from convert.fileio.workers import CHUNK
+from convert.run.pipeline import convert_checkpoint
+from convert.run.resume import JOURNAL
 from convert.sample import tokenizer_model
-from convert.workers import CHUNK
 
 F32, F16, BF16, Q8_0 = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
                         GGMLQuantizationType.Q8_0)  # fmt: skip

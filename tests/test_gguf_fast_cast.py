@@ -16,8 +16,8 @@ from gguf import GGMLQuantizationType as T
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convert.errors import ConvertError
-from convert.formats import gguf as G
+from convert.common.errors import ConvertError
+from convert.containers.gguf import casts
 
 RNG = np.random.default_rng(20240612)
 TYPES = (T.F16, T.BF16, T.Q8_0)
@@ -27,7 +27,7 @@ NEAR_HALF = float(np.nextafter(np.float32(0.5), np.float32(0)))
 @pytest.fixture(autouse=True)
 def small_steps(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Several steps a slice (the last one short), so a step's scratch carries over and a refusal can come late."""
-    monkeypatch.setattr(G, "SUB_SLICE", 96)
+    monkeypatch.setattr(casts, "SUB_SLICE", 96)
     yield
 
 
@@ -45,10 +45,10 @@ def assert_same(values: np.ndarray) -> None:
     with np.errstate(all="ignore"):
         sources["F16"] = values.astype(np.float16).tobytes()
     for src, data in sources.items():
-        widened = G._as_float32(data, src)
+        widened = casts._as_float32(data, src)
         for dst in TYPES:
-            fast = outcome(G.convert_elements, data, src, dst)
-            assert fast == outcome(G.convert_elements_reference, data, src, dst), (src, dst.name)
+            fast = outcome(casts.convert_elements, data, src, dst)
+            assert fast == outcome(casts.convert_elements_reference, data, src, dst), (src, dst.name)
             if isinstance(fast, bytes):
                 with np.errstate(all="ignore"):  # a denormal block: gguf-py's 1/d overflows as the reference's does
                     client = gguf.quants.quantize(widened.reshape(-1, 32), dst).tobytes()
@@ -88,7 +88,7 @@ def test_adversarial_blocks_take_the_fast_path() -> None:
     """The blocks whose scale has a finite inverse are the fast path's own (assert_same alone cannot tell)."""
     for block in adversarial().reshape(-1, 32):
         if np.abs(block).max() >= np.float32(2.0**-128) * 127:
-            assert G._convert_fast(block.tobytes(), "F32", T.Q8_0) is not None
+            assert casts._convert_fast(block.tobytes(), "F32", T.Q8_0) is not None
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 70000.0, 3.4e38])
@@ -124,6 +124,6 @@ def test_random_slices_take_the_fast_path() -> None:
     values = (RNG.standard_normal(32 * 1000) * 0.02).astype(np.float32)
     for src, data in (("F32", values.tobytes()), ("BF16", (values.view(np.uint32) >> 16).astype(np.uint16).tobytes())):
         for dst in TYPES:
-            fast = G._convert_fast(data, src, dst)
+            fast = casts._convert_fast(data, src, dst)
             assert fast is not None, (src, dst.name)
-            assert fast.tobytes() == G.convert_elements_reference(data, src, dst, tensor="t").tobytes()
+            assert fast.tobytes() == casts.convert_elements_reference(data, src, dst, tensor="t").tobytes()

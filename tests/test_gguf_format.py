@@ -1,4 +1,4 @@
-"""convert/formats/gguf.py against the real client: the `gguf` package (ggml-org's gguf-py), whose GGUFReader reads
+"""convert/containers/gguf/ against the real client: the `gguf` package (ggml-org's gguf-py), whose GGUFReader reads
 what we lay out, whose GGUFWriter writes what we read, whose quantizers are the reference for our conversions, and
 whose SpecialVocab is the code llama.cpp's converter runs on our hf output's tokenizer files."""
 
@@ -21,11 +21,14 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 from test_tokenizer import train
 
-from convert.errors import ConvertError
-from convert.formats import gguf as G
-from convert.formats.streams import ByteStream
-from convert.params import ModelParams
-from convert.tokenizer import CHAT_TEMPLATE, hf_tokenizer_files
+from convert.common.errors import ConvertError
+from convert.containers.gguf import casts, reader, writer
+from convert.containers.gguf import keys as gkeys
+from convert.containers.gguf import types as gtypes
+from convert.fileio.streams import ByteStream
+from convert.model.params import ModelParams
+from convert.tokenizer.chat_template import CHAT_TEMPLATE
+from convert.tokenizer.hf_files import hf_tokenizer_files
 
 RNG = np.random.default_rng(20240611)
 
@@ -46,21 +49,21 @@ def tiny_params(vocab: int = 500, **changes: object) -> ModelParams:
 
 def mixtral_tensors(p: ModelParams) -> list[tuple[str, tuple[int, ...]]]:
     """Names and torch-order shapes of a Mixtral GGUF (docs/formats.md, GGUF)."""
-    out = [(G.tensor_name(M.TOKEN_EMBD), (p.vocab_size, p.dim))]
+    out = [(gtypes.tensor_name(M.TOKEN_EMBD), (p.vocab_size, p.dim))]
     for i in range(p.n_layers):
         out += [
-            (G.tensor_name(M.ATTN_NORM, i), (p.dim,)),
-            (G.tensor_name(M.ATTN_Q, i), (p.n_heads * p.head_dim, p.dim)),
-            (G.tensor_name(M.ATTN_K, i), (p.n_kv_heads * p.head_dim, p.dim)),
-            (G.tensor_name(M.ATTN_V, i), (p.n_kv_heads * p.head_dim, p.dim)),
-            (G.tensor_name(M.ATTN_OUT, i), (p.dim, p.n_heads * p.head_dim)),
-            (G.tensor_name(M.FFN_NORM, i), (p.dim,)),
-            (G.tensor_name(M.FFN_GATE_INP, i), (p.n_experts, p.dim)),
-            (G.tensor_name(M.FFN_GATE_EXP, i), (p.n_experts, p.hidden_dim, p.dim)),
-            (G.tensor_name(M.FFN_DOWN_EXP, i), (p.n_experts, p.dim, p.hidden_dim)),
-            (G.tensor_name(M.FFN_UP_EXP, i), (p.n_experts, p.hidden_dim, p.dim)),
+            (gtypes.tensor_name(M.ATTN_NORM, i), (p.dim,)),
+            (gtypes.tensor_name(M.ATTN_Q, i), (p.n_heads * p.head_dim, p.dim)),
+            (gtypes.tensor_name(M.ATTN_K, i), (p.n_kv_heads * p.head_dim, p.dim)),
+            (gtypes.tensor_name(M.ATTN_V, i), (p.n_kv_heads * p.head_dim, p.dim)),
+            (gtypes.tensor_name(M.ATTN_OUT, i), (p.dim, p.n_heads * p.head_dim)),
+            (gtypes.tensor_name(M.FFN_NORM, i), (p.dim,)),
+            (gtypes.tensor_name(M.FFN_GATE_INP, i), (p.n_experts, p.dim)),
+            (gtypes.tensor_name(M.FFN_GATE_EXP, i), (p.n_experts, p.hidden_dim, p.dim)),
+            (gtypes.tensor_name(M.FFN_DOWN_EXP, i), (p.n_experts, p.dim, p.hidden_dim)),
+            (gtypes.tensor_name(M.FFN_UP_EXP, i), (p.n_experts, p.hidden_dim, p.dim)),
         ]
-    return [*out, (G.tensor_name(M.OUTPUT_NORM), (p.dim,)), (G.tensor_name(M.OUTPUT), (p.vocab_size, p.dim))]
+    return [*out, (gtypes.tensor_name(M.OUTPUT_NORM), (p.dim,)), (gtypes.tensor_name(M.OUTPUT), (p.vocab_size, p.dim))]
 
 
 def bf16_bytes(values: np.ndarray) -> bytes:
@@ -69,24 +72,24 @@ def bf16_bytes(values: np.ndarray) -> bytes:
 
 
 def build_file(
-    tmp_path: Path, metadata: list[G.KV], tensors: list[tuple[str, tuple[int, ...]]], outtype: str, *,
+    tmp_path: Path, metadata: list[gkeys.KV], tensors: list[tuple[str, tuple[int, ...]]], outtype: str, *,
     name: str = "m.gguf", chunk: int = 64,
-) -> tuple[Path, G.GGUFLayout, dict[str, bytes], dict[str, np.ndarray]]:  # fmt: skip
+) -> tuple[Path, writer.GGUFLayout, dict[str, bytes], dict[str, np.ndarray]]:  # fmt: skip
     """A GGUF file written only from the layout's pieces, tensor data converted chunk by chunk from bf16."""
-    infos = [G.TensorInfo(n, G.tensor_type(n, s, outtype), s) for n, s in tensors]
-    layout = G.layout_gguf(metadata, infos)
+    infos = [writer.TensorInfo(n, gtypes.tensor_type(n, s, outtype), s) for n, s in tensors]
+    layout = writer.layout_gguf(metadata, infos)
     sources = {n: RNG.standard_normal(math.prod(s)).astype(np.float32) for n, s in tensors}
     data: dict[str, bytes] = {}
     for info in infos:
         raw = bf16_bytes(sources[info.name])
         step = chunk * 2 * 32  # whole Q8_0 blocks of bf16 elements
         data[info.name] = b"".join(
-            G.convert_elements(raw[i : i + step], "BF16", info.ggml_type, tensor=info.name).tobytes()
+            casts.convert_elements(raw[i : i + step], "BF16", info.ggml_type, tensor=info.name).tobytes()
             for i in range(0, len(raw), step)
         )
     path = tmp_path / name
     with open(path, "wb") as out:
-        for piece in layout.pieces:
+        for piece in layout.runs:
             assert out.tell() == piece.offset
             if piece.kind == "header":
                 out.write(layout.header)
@@ -110,7 +113,7 @@ def reader_value(field: gguf.ReaderField) -> object:
 @pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
 def test_layout_reads_back_with_gguf_reader(tmp_path: Path, model_bytes: bytes, outtype: str) -> None:
     params = tiny_params(hidden_dim=80)  # rows of 80 are not whole Q8_0 blocks: w2 falls back to F16
-    metadata = G.model_metadata(params, outtype, name="Tiny") + G.tokenizer_metadata(
+    metadata = gkeys.model_metadata(params, outtype, name="Tiny") + gkeys.tokenizer_metadata(
         model_bytes, vocab_size=params.vocab_size, instruct=True, source="tokenizer.model"
     )
     tensors = mixtral_tensors(params)
@@ -120,7 +123,7 @@ def test_layout_reads_back_with_gguf_reader(tmp_path: Path, model_bytes: bytes, 
     assert [t.name for t in reader.tensors] == [n for n, _ in tensors]
     for tensor, (name, shape) in zip(reader.tensors, tensors, strict=True):
         assert tuple(int(d) for d in tensor.shape) == tuple(reversed(shape))
-        assert tensor.tensor_type == G.tensor_type(name, shape, outtype)
+        assert tensor.tensor_type == gtypes.tensor_type(name, shape, outtype)
         assert tensor.data_offset == layout.offsets[name]
         assert bytes(tensor.data.tobytes()) == data[name]
     for entry in metadata:
@@ -136,7 +139,7 @@ def test_layout_reads_back_with_gguf_reader(tmp_path: Path, model_bytes: bytes, 
         else:
             assert reader_value(field) == entry.value
     assert [k for k in reader.fields if not k.startswith("GGUF.")] == [e.key for e in metadata]
-    by_name = {n: G.tensor_type(n, s, outtype) for n, s in tensors}
+    by_name = {n: gtypes.tensor_type(n, s, outtype) for n, s in tensors}
     wide = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[outtype]
     assert by_name["blk.0.attn_norm.weight"] == by_name["output_norm.weight"] == T.F32
     assert by_name["blk.1.ffn_gate_inp.weight"] == T.F32
@@ -147,7 +150,7 @@ def test_layout_reads_back_with_gguf_reader(tmp_path: Path, model_bytes: bytes, 
 def test_bytes_equal_gguf_writer(tmp_path: Path, model_bytes: bytes) -> None:
     """GGUFWriter, given the same keys and tensors, writes our file byte for byte (header, padding, data)."""
     params = tiny_params(head_dim=8)  # key/value_length written
-    metadata = G.model_metadata(params, "q8_0", name="Tiny") + G.tokenizer_metadata(
+    metadata = gkeys.model_metadata(params, "q8_0", name="Tiny") + gkeys.tokenizer_metadata(
         model_bytes, vocab_size=params.vocab_size, instruct=False, source="tokenizer.model"
     )
     assert "llama.attention.key_length" in [e.key for e in metadata]
@@ -158,7 +161,7 @@ def test_bytes_equal_gguf_writer(tmp_path: Path, model_bytes: bytes) -> None:
         if entry.key != gguf.Keys.General.ARCHITECTURE:
             writer.add_key_value(entry.key, entry.value, entry.type, sub_type=entry.item_type)
     for name, shape in tensors:
-        ggml_type = G.tensor_type(name, shape, "q8_0")
+        ggml_type = gtypes.tensor_type(name, shape, "q8_0")
         raw = np.frombuffer(data[name], dtype=np.uint8).reshape(*shape[:-1], -1)
         writer.add_tensor(name, raw, raw_dtype=ggml_type)
     writer.write_header_to_file()
@@ -169,11 +172,11 @@ def test_bytes_equal_gguf_writer(tmp_path: Path, model_bytes: bytes) -> None:
 
 
 def test_every_byte_is_a_piece() -> None:
-    infos = [G.TensorInfo("a.weight", T.F32, (3,)), G.TensorInfo("b.weight", T.BF16, (5, 7)),
-             G.TensorInfo("c.weight", T.Q8_0, (2, 64))]  # fmt: skip
-    layout = G.layout_gguf(G.model_metadata(tiny_params(), "bf16", name="x"), infos)
+    infos = [writer.TensorInfo("a.weight", T.F32, (3,)), writer.TensorInfo("b.weight", T.BF16, (5, 7)),
+             writer.TensorInfo("c.weight", T.Q8_0, (2, 64))]  # fmt: skip
+    layout = writer.layout_gguf(gkeys.model_metadata(tiny_params(), "bf16", name="x"), infos)
     position = 0
-    for piece in layout.pieces:
+    for piece in layout.runs:
         assert piece.offset == position and piece.size > 0
         position += piece.size
         if piece.kind != "tensor":
@@ -185,7 +188,7 @@ def test_every_byte_is_a_piece() -> None:
 
 
 def test_metadata_keys_types_and_order() -> None:
-    md = G.model_metadata(tiny_params(rope_theta=1e6, max_position_embeddings=None), "bf16", name="Mixtral")
+    md = gkeys.model_metadata(tiny_params(rope_theta=1e6, max_position_embeddings=None), "bf16", name="Mixtral")
     assert [(e.key, e.type) for e in md] == [
         ("general.architecture", V.STRING), ("general.type", V.STRING), ("general.name", V.STRING),
         ("llama.block_count", V.UINT32), ("llama.context_length", V.UINT32), ("llama.embedding_length", V.UINT32),
@@ -199,24 +202,24 @@ def test_metadata_keys_types_and_order() -> None:
     assert values["general.architecture"] == "llama" and values["general.type"] == "model"
     assert values["llama.context_length"] == 32768 and values["llama.rope.freq_base"] == 1e6
     assert values["general.file_type"] == 32 and values["general.quantization_version"] == 2
-    assert [G.file_type(o) for o in ("f32", "f16", "bf16", "q8_0")] == [0, 1, 32, 7]
+    assert [gtypes.file_type(o) for o in ("f32", "f16", "bf16", "q8_0")] == [0, 1, 32, 7]
     with pytest.raises(ConvertError, match="unknown GGUF outtype 'q4_0'"):
-        G.file_type("q4_0")
+        gtypes.file_type("q4_0")
 
 
 def test_params_round_trip() -> None:
     for params in (tiny_params(), tiny_params(head_dim=8, max_position_embeddings=4096, rope_theta=1e4,
                                               norm_eps=1e-6)):  # fmt: skip
-        layout_md = G.model_metadata(params, "f16", name="x")
+        layout_md = gkeys.model_metadata(params, "f16", name="x")
         metadata = {e.key: e for e in layout_md}
-        assert G.params_from_metadata(metadata, file="m.gguf") == params
-    metadata = {e.key: e for e in G.model_metadata(tiny_params(), "f16", name="x")}
+        assert gkeys.params_from_metadata(metadata, file="m.gguf") == params
+    metadata = {e.key: e for e in gkeys.model_metadata(tiny_params(), "f16", name="x")}
     del metadata["llama.expert_count"]
     with pytest.raises(ConvertError, match="not a mixture-of-experts model"):
-        G.params_from_metadata(metadata, file="m.gguf")
-    metadata["llama.expert_count"] = G.KV("llama.expert_count", V.INT32, 4)
+        gkeys.params_from_metadata(metadata, file="m.gguf")
+    metadata["llama.expert_count"] = gkeys.KV("llama.expert_count", V.INT32, 4)
     with pytest.raises(ConvertError, match=r"llama\.expert_count is INT32, llama\.cpp requires UINT32"):
-        G.params_from_metadata(metadata, file="m.gguf")
+        gkeys.params_from_metadata(metadata, file="m.gguf")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,75 +245,76 @@ def test_q8_0_f16_bf16_f32_bit_identical_to_gguf_quants_chunk_by_chunk() -> None
     for dst in (T.F32, T.F16, T.BF16, T.Q8_0):
         with np.errstate(all="ignore"):  # the denormal block: 1/d overflows in gguf-py as in ours
             reference = gguf.quants.quantize(values, dst).tobytes()
-        whole = G.convert_elements(raw32, "F32", dst, tensor="t").tobytes()
+        whole = casts.convert_elements(raw32, "F32", dst, tensor="t").tobytes()
         assert whole == reference, dst.name
         chunks = b"".join(
-            G.convert_elements(raw32[i : i + 4 * 96], "F32", dst, tensor="t").tobytes()
+            casts.convert_elements(raw32[i : i + 4 * 96], "F32", dst, tensor="t").tobytes()
             for i in range(0, len(raw32), 4 * 96)
         )
         assert chunks == reference, dst.name
-        assert len(whole) == G.converted_nbytes(values.size, dst)
+        assert len(whole) == gtypes.converted_nbytes(values.size, dst)
     # From bf16 and f16 sources, as llama.cpp converts them (bf16 through float32; f16 kept, widened to quantize).
     bf16_src = bf16_bytes(values)
     widened = (np.frombuffer(bf16_src, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(values.shape)
     f16_src = values.astype(np.float16)
     for dst in (T.F32, T.F16, T.BF16, T.Q8_0):
-        from_bf16 = G.convert_elements(bf16_src, "BF16", dst, tensor="t").tobytes()
+        from_bf16 = casts.convert_elements(bf16_src, "BF16", dst, tensor="t").tobytes()
         with np.errstate(all="ignore"):
             assert from_bf16 == gguf.quants.quantize(widened, dst).tobytes()
-        from_f16 = G.convert_elements(f16_src.tobytes(), "F16", dst, tensor="t").tobytes()
+        from_f16 = casts.convert_elements(f16_src.tobytes(), "F16", dst, tensor="t").tobytes()
         with np.errstate(all="ignore"):
             assert from_f16 == gguf.quants.quantize(f16_src, dst).tobytes()
 
 
 def test_bf16_nan_is_quieted_as_gguf_does() -> None:
     nans = np.array([0x7F800001, 0xFF812345, 0x7FC00000, 0x7F80FFFF], dtype=np.uint32).view(np.float32)
-    ours = G.convert_elements(nans.tobytes(), "F32", T.BF16, tensor="t").tobytes()
+    ours = casts.convert_elements(nans.tobytes(), "F32", T.BF16, tensor="t").tobytes()
     assert ours == gguf.quants.quantize(nans, T.BF16).tobytes()
     assert np.frombuffer(ours, np.uint16).tolist() == [0x7FC0, 0xFFC1, 0x7FC0, 0x7FC0]
     # a signalling bf16 NaN in the source is quieted too: bit-identical to llama.cpp, not a passthrough
     snan = np.array([0x7F81], dtype=np.uint16).tobytes()
-    assert G.convert_elements(snan, "BF16", T.BF16, tensor="t").tobytes() == np.array([0x7FC1], np.uint16).tobytes()
+    assert casts.convert_elements(snan, "BF16", T.BF16, tensor="t").tobytes() == np.array([0x7FC1], np.uint16).tobytes()
 
 
 def test_f16_overflow_names_the_tensor() -> None:
     values = np.array([1.0, 65280.0, 65536.0, 2.0], dtype=np.float32)  # all exact in bf16
     with pytest.raises(ConvertError) as error:
-        G.convert_elements(bf16_bytes(values), "BF16", T.F16, tensor="blk.0.attn_q.weight", file="out.gguf")
+        casts.convert_elements(bf16_bytes(values), "BF16", T.F16, tensor="blk.0.attn_q.weight", file="out.gguf")
     line = str(error.value)
     assert line.startswith("out.gguf: tensor blk.0.attn_q.weight: value 65536 at element 2 overflows F16")
     assert "\n" not in line
     # 65504 is the largest finite f16; infinities in the source are not an overflow
     fine = np.array([65504.0, np.inf, -np.inf, np.nan], dtype=np.float32)
-    assert np.isinf(np.frombuffer(G.convert_elements(fine.tobytes(), "F32", T.F16, tensor="t"), np.float16)[1:3]).all()
+    converted = casts.convert_elements(fine.tobytes(), "F32", T.F16, tensor="t")
+    assert np.isinf(np.frombuffer(converted, np.float16)[1:3]).all()
     with pytest.raises(ConvertError, match="overflows BF16"):
-        G.convert_elements(np.array([3.4e38], np.float32).tobytes(), "F32", T.BF16, tensor="t")
+        casts.convert_elements(np.array([3.4e38], np.float32).tobytes(), "F32", T.BF16, tensor="t")
     with pytest.raises(ConvertError, match="cannot be quantized to Q8_0"):
-        G.convert_elements(np.full(32, np.nan, np.float32).tobytes(), "F32", T.Q8_0, tensor="t")
+        casts.convert_elements(np.full(32, np.nan, np.float32).tobytes(), "F32", T.Q8_0, tensor="t")
 
 
 def test_restore_is_exact_or_refused() -> None:
     values = hard_values(256)
     exact_bf16 = (np.frombuffer(bf16_bytes(values), np.uint16).astype(np.uint32) << 16).view(np.float32)
-    back = G.restore_elements(exact_bf16.tobytes(), T.F32, "BF16", tensor="blk.0.attn_norm.weight")
+    back = casts.restore_elements(exact_bf16.tobytes(), T.F32, "BF16", tensor="blk.0.attn_norm.weight")
     assert back.tobytes() == bf16_bytes(values)
     inexact = exact_bf16.copy()
     inexact[7] = np.float32(1.0) + np.float32(2**-20)
     with pytest.raises(ConvertError) as error:
-        G.restore_elements(inexact.tobytes(), T.F32, "BF16", tensor="blk.0.attn_norm.weight", first_element=100)
+        casts.restore_elements(inexact.tobytes(), T.F32, "BF16", tensor="blk.0.attn_norm.weight", first_element=100)
     assert str(error.value) == (
         "tensor blk.0.attn_norm.weight: value 1.0000009536743164 at element 107 is not exactly representable in BF16;"
         " convert to a layout with F32 tensors instead"
     )
     halves = np.array([1.0, -2.5, 65504.0, 2**-24], dtype=np.float32)
-    restored = G.restore_elements(halves.tobytes(), T.F32, "F16", tensor="t").tobytes()
+    restored = casts.restore_elements(halves.tobytes(), T.F32, "F16", tensor="t").tobytes()
     assert restored == halves.astype(np.float16).tobytes()
     with pytest.raises(ConvertError, match=r"70000\.0 at element 0"):
-        G.restore_elements(np.array([70000.0], np.float32).tobytes(), T.F32, "F16", tensor="t")
+        casts.restore_elements(np.array([70000.0], np.float32).tobytes(), T.F32, "F16", tensor="t")
     f16 = np.array([1.0, 1.0009765625], dtype=np.float16)  # the second needs 10 mantissa bits: not a bf16
     with pytest.raises(ConvertError, match="element 1 is not exactly representable in BF16"):
-        G.restore_elements(f16.tobytes(), T.F16, "BF16", tensor="t")
-    assert G.restore_elements(f16.tobytes(), T.F16, "F32", tensor="t").tobytes() == f16.astype(np.float32).tobytes()
+        casts.restore_elements(f16.tobytes(), T.F16, "BF16", tensor="t")
+    assert casts.restore_elements(f16.tobytes(), T.F16, "F32", tensor="t").tobytes() == f16.astype(np.float32).tobytes()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,7 +374,7 @@ def test_tokenizer_metadata_equals_llama_cpp_on_our_hf_output(tmp_path: Path, mo
     (tmp_path / "tokenizer.model").write_bytes(model_bytes)
     (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     expected = llama_cpp_vocab(tmp_path, 500)
-    ours = G.tokenizer_metadata(model_bytes, vocab_size=500, instruct=instruct, source="tokenizer.model")
+    ours = gkeys.tokenizer_metadata(model_bytes, vocab_size=500, instruct=instruct, source="tokenizer.model")
     got = [(e.key, e.type, e.value, e.item_type) for e in ours]
     assert [g[:2] for g in got] == [e[:2] for e in expected]
     for (key, _, value, item), (_, _, reference, ref_item) in zip(got, expected, strict=True):
@@ -388,7 +392,7 @@ def test_tokenizer_metadata_equals_llama_cpp_on_our_hf_output(tmp_path: Path, mo
 
 def test_tokenizer_metadata_refuses_a_wrong_vocabulary(model_bytes: bytes) -> None:
     with pytest.raises(ConvertError, match="tokenizer has 500 pieces but the model's vocabulary is 512"):
-        G.tokenizer_metadata(model_bytes, vocab_size=512, instruct=False, source="tokenizer.model")
+        gkeys.tokenizer_metadata(model_bytes, vocab_size=512, instruct=False, source="tokenizer.model")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -397,21 +401,21 @@ def test_tokenizer_metadata_refuses_a_wrong_vocabulary(model_bytes: bytes) -> No
 
 def test_split_as_gguf_split(tmp_path: Path) -> None:
     params = tiny_params(vocab=256)
-    metadata = G.model_metadata(params, "bf16", name="Tiny")
-    infos = [G.TensorInfo(n, G.tensor_type(n, s, "bf16"), s) for n, s in mixtral_tensors(params)]
-    assert len(G.split_tensors(infos, None)) == 1
+    metadata = gkeys.model_metadata(params, "bf16", name="Tiny")
+    infos = [writer.TensorInfo(n, gtypes.tensor_type(n, s, "bf16"), s) for n, s in mixtral_tensors(params)]
+    assert len(writer.split_tensors(infos, None)) == 1
     max_size = 100_000
-    groups = G.split_tensors(infos, max_size)
+    groups = writer.split_tensors(infos, max_size)
     assert [i for g in groups for i in g] == infos and len(groups) > 2
     for group in groups:  # each file holds at most max_size of padded data, unless one tensor alone is larger
         size = sum(i.nbytes + (-i.nbytes % 32) for i in group)
         assert size <= max_size or len(group) == 1
     for first, second in itertools.pairwise(groups):  # and the next tensor would not have fit
         assert sum(i.nbytes + (-i.nbytes % 32) for i in first) + second[0].nbytes + (-second[0].nbytes % 32) > max_size
-    files = G.layout_split(metadata, infos, stem="Tiny-BF16", max_size=max_size)
+    files = writer.layout_split(metadata, infos, stem="Tiny-BF16", max_size=max_size)
     count = len(files)
     assert [name for name, _ in files] == [f"Tiny-BF16-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
-    assert G.layout_split(metadata, infos, stem="Tiny-BF16")[0][0] == "Tiny-BF16.gguf"
+    assert writer.layout_split(metadata, infos, stem="Tiny-BF16")[0][0] == "Tiny-BF16.gguf"
     for index, (name, layout) in enumerate(files):
         path = tmp_path / name
         with open(path, "wb") as out:
@@ -425,22 +429,22 @@ def test_split_as_gguf_split(tmp_path: Path) -> None:
         assert reader.fields["split.count"].types == [V.UINT16] and reader.fields["split.count"].contents() == count
         assert reader.fields["split.tensors.count"].types == [V.INT32]
         assert reader.fields["split.tensors.count"].contents() == len(infos)
-    paths = G.split_paths(tmp_path / files[0][0])
+    paths = reader.split_paths(tmp_path / files[0][0])
     assert [p.name for p in paths] == [name for name, _ in files]
     opened = [ByteStream([p]) for p in paths]
     try:
-        read = [G.read_gguf(s) for s in opened]
-        G.check_splits(paths, [m for m, _ in read], sum(len(r) for _, r in read))
+        read = [reader.read_gguf(s) for s in opened]
+        reader.check_splits(paths, [m for m, _ in read], sum(len(r) for _, r in read))
         with pytest.raises(ConvertError, match=r"split.no \d+ of split.count \d+, but the file name makes it 0 of"):
-            G.check_splits(paths, [m for m, _ in read][::-1], sum(len(r) for _, r in read))
+            reader.check_splits(paths, [m for m, _ in read][::-1], sum(len(r) for _, r in read))
     finally:
         for s in opened:
             s.close()
     (tmp_path / files[-1][0]).unlink()
     with pytest.raises(ConvertError, match=f"split {files[-1][0]} is missing"):
-        G.split_paths(tmp_path / files[0][0])
+        reader.split_paths(tmp_path / files[0][0])
     with pytest.raises(ConvertError, match="give the first split"):
-        G.split_paths(tmp_path / files[1][0])
+        reader.split_paths(tmp_path / files[1][0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -460,28 +464,28 @@ def write_with_gguf_writer(path: Path, tensors: dict[str, np.ndarray], raw_types
     writer.close()
 
 
-def read(path: Path) -> tuple[dict[str, G.KV], list]:
+def read(path: Path) -> tuple[dict[str, gkeys.KV], list]:
     stream = ByteStream([path])
     try:
-        return G.read_gguf(stream)
+        return reader.read_gguf(stream)
     finally:
         stream.close()
 
 
 def test_reader_round_trip_with_gguf_writer(tmp_path: Path, model_bytes: bytes) -> None:
     params = tiny_params()
-    metadata = G.model_metadata(params, "bf16", name="Tiny") + G.tokenizer_metadata(
+    metadata = gkeys.model_metadata(params, "bf16", name="Tiny") + gkeys.tokenizer_metadata(
         model_bytes, vocab_size=500, instruct=True, source="tokenizer.model"
     )
     path, layout, data, _ = build_file(tmp_path, metadata, mixtral_tensors(params), "bf16")
     got, records = read(path)
     assert [(e.key, e.type) for e in got.values()] == [(e.key, e.type) for e in metadata]
     tokens = next(e.value for e in metadata if e.key == "tokenizer.ggml.tokens")
-    assert G.metadata_values(got)["tokenizer.ggml.tokens"] == tokens
-    assert G.params_from_metadata(got, file=str(path)) == params
+    assert reader.metadata_values(got)["tokenizer.ggml.tokens"] == tokens
+    assert gkeys.params_from_metadata(got, file=str(path)) == params
     for record, (name, shape) in zip(records, mixtral_tensors(params), strict=True):
         assert (record.name, record.shape, record.offset) == (name, shape, layout.offsets[name])
-        assert record.dtype == ("F32" if G.tensor_type(name, shape, "bf16") == T.F32 else "BF16")
+        assert record.dtype == ("F32" if gtypes.tensor_type(name, shape, "bf16") == T.F32 else "BF16")
         assert path.read_bytes()[record.offset : record.offset + record.nbytes] == data[name]
     # a file written by gguf's own writer, with every value type and an F16 tensor
     other = tmp_path / "writer.gguf"
@@ -492,7 +496,7 @@ def test_reader_round_trip_with_gguf_writer(tmp_path: Path, model_bytes: bytes) 
         x__b=(True, V.BOOL), x__s=("héllo", V.STRING),
     )  # fmt: skip
     got, records = read(other)
-    values = G.metadata_values(got)
+    values = reader.metadata_values(got)
     assert [values[k] for k in ("x.u8", "x.i64", "x.f64", "x.b", "x.s")] == [7, -3, 0.1, True, "héllo"]
     assert [(r.name, r.dtype, r.shape) for r in records] == [
         ("a.weight", "F32", (2, 3)), ("b.weight", "F16", (5, 3, 2)), ("c.weight", "BF16", (7,))]  # fmt: skip
@@ -597,14 +601,14 @@ def test_many_short_strings_stay_within_the_memory_bound(tmp_path: Path) -> None
     path.write_bytes(padded(body))
     tracemalloc.start()
     try:
-        with pytest.raises(ConvertError, match=f"more than {G.MAX_STRINGS} strings"):
+        with pytest.raises(ConvertError, match=f"more than {reader.MAX_STRINGS} strings"):
             read(path)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert peak < 40 * 2**20, peak
     big = tmp_path / "big.gguf"
-    array = struct.pack("<IIQ", V.ARRAY, V.UINT8, G.MAX_HEADER)
-    big.write_bytes(header(0, 1) + gstr("t") + array + bytes(G.MAX_HEADER))
+    array = struct.pack("<IIQ", V.ARRAY, V.UINT8, reader.MAX_HEADER)
+    big.write_bytes(header(0, 1) + gstr("t") + array + bytes(reader.MAX_HEADER))
     with pytest.raises(ConvertError, match="runs past the first 16777216 bytes"):
         read(big)

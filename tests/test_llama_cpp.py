@@ -384,7 +384,7 @@ def test_compare_gguf_finds_one_changed_byte(theirs: Callable[[str], Path], tmp_
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Our writer (convert/formats/gguf.py), through the same harness: from every source layout, at every outtype, the
+# Our writer (convert/containers/gguf/), through the same harness: from every source layout, at every outtype, the
 # file equals llama.cpp's converter's (tensors, types, shapes, bytes, metadata; naming keys aside), and llama.cpp
 # loads it and computes the reference's logits.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from convert.mapping import canonical, layout, layout_names
+from convert.model.tables import canonical, layout, layout_names
 
 REAL = {"n_layers": 32, "n_experts": 8}
 

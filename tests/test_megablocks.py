@@ -15,7 +15,7 @@ import torch
 from helpers import run_cli
 from safetensors.torch import load_file
 
-from convert.params import DEFAULT_MAX_POSITIONS
+from convert.model.params import DEFAULT_MAX_POSITIONS
 
 FILES = [f"consolidated.{i:02d}.pt" for i in range(8)]
 # A site folder holding a transformers 4.x (pip install --target DIR transformers==4.45.2 ...), to run the script

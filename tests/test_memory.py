@@ -14,7 +14,7 @@ import pytest
 from full_size import write_sparse_mistral
 from helpers import run_measured
 
-from convert.formats.streams import ByteStream
+from convert.fileio.streams import ByteStream
 
 GIB = 2**30
 

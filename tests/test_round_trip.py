@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from synthetic import TinyConfig, make_weights, write_mistral
 
-from convert.mapping import layout_names
-from convert.pipeline import convert_checkpoint
+from convert.model.tables import layout_names
+from convert.run.pipeline import convert_checkpoint
 
 PAIRS = list(itertools.permutations(layout_names(), 2))
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

@@ -11,9 +11,9 @@ import torch
 from helpers import run_cli
 from safetensors.torch import load_file, save_file
 
-from convert.dtypes import ITEM_SIZE
-from convert.errors import ConvertError
-from convert.formats.safetensors import layout_header, open_safetensors
+from convert.common.dtypes import ITEM_SIZE
+from convert.common.errors import ConvertError
+from convert.containers.safetensors import layout_header, open_safetensors
 
 TORCH_DTYPE = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,

@@ -14,7 +14,7 @@ from helpers import REPO, run_cli
 from test_tokenizer import sp_chat
 
 from convert.sample import SAMPLE_PARAMS
-from convert.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, parse_model
+from convert.tokenizer.sentencepiece import BYTE, CONTROL, NORMAL, UNKNOWN, parse_model
 
 TEXTS = [
     "Convert the sample, then verify the checksums.",

@@ -21,7 +21,7 @@ import pytest
 from helpers import REPO, differing_files, handles_sigterm, run_cli
 from synthetic import DEFAULT, make_weights, write_torrent
 
-from convert.resume import JOURNAL
+from convert.run.resume import JOURNAL
 
 pytestmark = pytest.mark.stress
 

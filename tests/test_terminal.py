@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_line_error, run_cli
 
-from convert.sizes import format_size
-from convert.stream import progress_bar
+from convert.common.sizes import format_size
+from convert.run.writer import progress_bar
 
 
 @pytest.fixture(scope="module")

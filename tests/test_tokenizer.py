@@ -28,8 +28,9 @@ from hypothesis import strategies as st
 from synthetic import TinyConfig, make_weights, write_torrent
 from tokenizers import Tokenizer
 
-from convert.errors import ConvertError
-from convert.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, hf_tokenizer_files, parse_model
+from convert.common.errors import ConvertError
+from convert.tokenizer.hf_files import hf_tokenizer_files
+from convert.tokenizer.sentencepiece import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, parse_model
 
 SOURCE = "/models/Mixtral-8x7B-Instruct-v0.1/tokenizer.model"
 SPECIAL_TEXTS = ("<s>", "</s>", "<unk>")
@@ -219,7 +220,7 @@ def test_needs_no_sentencepiece_protobuf_or_hf_libraries(model_bytes: bytes, tmp
 import json, sys
 for name in ("sentencepiece", "google", "google.protobuf", "tokenizers", "transformers"):
     sys.modules[name] = None
-from convert.tokenizer import hf_tokenizer_files
+from convert.tokenizer.hf_files import hf_tokenizer_files
 data = open({str(tmp_path / "tokenizer.model")!r}, "rb").read()
 print(json.dumps(hf_tokenizer_files(data, vocab_size=500, instruct=True, source="t")))
 """

@@ -7,8 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from convert.mapping import layout, layout_names
-from convert.transforms import TRANSFORMS, Step, run_steps, steps_between
+from convert.model.tables import layout, layout_names
+from convert.model.transforms import TRANSFORMS, Step, run_steps
+from convert.planning.plan import steps_between
 
 
 def _matrix(rows: int, cols: int) -> np.ndarray:

@@ -22,13 +22,13 @@ from helpers import REPO, evict, flip_byte, run_cli, start_held
 from safetensors import safe_open
 from synthetic import TinyConfig, make_weights, write_torrent
 
-from convert.checksums import FolderHasher
-from convert.direct_io import ALIGN, aligned_buffer
-from convert.faults import FAULT_ENV
-from convert.formats.streams import ByteStream
-from convert.integrity import TensorEntry
-from convert.onepass import FileHashes, FolderFeed
-from convert.workers import CHUNK, BufferPool, Lease, run_scope
+from convert.fileio.direct_io import ALIGN, aligned_buffer
+from convert.fileio.faults import FAULT_ENV
+from convert.fileio.streams import ByteStream
+from convert.fileio.workers import CHUNK, BufferPool, Lease, run_scope
+from convert.integrity.manifest import TensorEntry
+from convert.verify.hashing import FolderHasher
+from convert.verify.onepass import FileHashes, FolderFeed
 
 # Tensors bigger than one 8 MiB chunk (the embedding and output: 5000 x 1024 bf16), so a differing tensor leaves
 # chunks the comparison skips; about 70 MB a side in all.

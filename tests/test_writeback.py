@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from convert import writeback
+from convert.fileio import writeback
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is a Linux call")

@@ -13,10 +13,11 @@ from helpers import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convert.errors import ConvertError
-from convert.formats.safetensors import TensorRecord
-from convert.formats.streams import ByteStream
-from convert.formats.zip_crc import SourceCrc, ZipRecord, check_records, crc32_combine
+from convert.common.errors import ConvertError
+from convert.containers.torchzip.reader import CHECKED_AS
+from convert.fileio.streams import ByteStream
+from convert.integrity.crc32 import CheckedRecord, SourceCrc, check_records, crc32_combine
+from convert.model.records import TensorRecord
 
 
 @settings(max_examples=300, deadline=None, database=None)
@@ -45,7 +46,8 @@ def _record(tmp_path: Path, data: bytes, crc: int | None = None) -> tuple[ByteSt
     path = tmp_path / "blob"
     path.write_bytes(b"x" * 7 + data + b"tail")
     stream = ByteStream([path])
-    zipped = ZipRecord("a/data/0", stream, 7, len(data), zlib.crc32(data) if crc is None else crc, ("t",))
+    expected = zlib.crc32(data) if crc is None else crc
+    zipped = CheckedRecord("a/data/0", stream, 7, len(data), expected, ("t",), *CHECKED_AS)
     return stream, TensorRecord("t", "U8", (len(data),), stream, 7, len(data), zipped)
 
 

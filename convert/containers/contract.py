@@ -1,0 +1,189 @@
+"""What a container module provides, and the pieces several of them share.
+
+A layout is a naming table (mappings/NAME.toml: how each canonical tensor is spelled and stored) plus the container
+the table names (`container = "..."`): one module under convert/containers/ that owns everything about the files
+themselves: which files identify it, how they are found and read, how tensors are split into files, the index,
+the parameters file and the bytes of every header. Planning, the source reader, verify and inspect go through a
+container's Format only; the stream, integrity and resume code never see one.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
+
+from convert.common.errors import ConvertError
+from convert.containers.safetensors import layout_header
+from convert.containers.torchzip.writer import layout_torch_zip
+from convert.fileio.regular import MAX_TOKENIZER, is_present, read_small
+from convert.model.outputs import Cast, OutputFile, Piece, TargetTensor
+from convert.model.records import TensorRecord
+
+if TYPE_CHECKING:
+    from convert.fileio.streams import ByteStream
+    from convert.model.params import ModelParams
+    from convert.model.tables import LayoutTable
+
+log = logging.getLogger("mixtral-convert")
+Ambiguities = list[ConvertError]
+TOKENIZER = "tokenizer.model"  # every container keeps Mistral's SentencePiece model beside the weights
+SAFETENSORS_METADATA = MappingProxyType({"format": "pt"})  # what safetensors.torch.save_file writes
+
+
+@dataclass(frozen=True)
+class OpenedWeights:
+    """What a container found in a source folder: its tensors (from headers only), the files holding them, and
+    the hyperparameters."""
+
+    records: list[TensorRecord]
+    weight_files: list[Path]
+    params_file: Path
+    params: ModelParams
+    outtype: str | None = None  # the --outtype the files say they were written with, where a container records it
+
+
+@dataclass(frozen=True)
+class OutputRequest:
+    """Everything a container needs to lay out an output: the tensors in the table's module order, each with the
+    source pieces that fill it, and what the command line asked for."""
+
+    table: LayoutTable
+    tensors: list[TargetTensor]
+    params: ModelParams
+    dtype: str  # the dtype most bytes have (config.json states it)
+    tokenizer: Path | None  # the source's tokenizer.model
+    instruct: bool
+    max_shard_size: int | None  # None: the container's default
+    outtype: str | None  # None: the source's element types
+
+
+@dataclass(frozen=True)
+class PlannedOutput:
+    weights: list[OutputFile]  # written first, in this order; the manifest lists their tensors
+    others: list[OutputFile]  # tokenizer files and parameters, written after the weights
+    # The small file whose bytes the plan holds (an index, params.json) that makes the folder a loadable checkpoint,
+    # written last; None where the weights themselves are what a loader opens (they are then written after
+    # everything else but the checksums, which end the run).
+    marker: OutputFile | None
+
+
+class Format(ABC):
+    """One container. Subclasses are stateless; each module defines one instance named FORMAT."""
+
+    container: ClassVar[str]
+    markers: ClassVar[tuple[str, ...]]  # any of these files identifies the container in a folder
+    # Globs of every file an output holds, the completion marker first: --force into a folder holding an earlier
+    # output (of any layout) removes those the new output does not write.
+    replaces: ClassVar[tuple[str, ...]]
+    must_not_contain: ClassVar[tuple[str, ...]] = ()  # globs an output folder must not hold beside this one
+    chat_template: ClassVar[bool] = False  # whether the output has a place for --instruct's chat template
+    outtypes: ClassVar[tuple[str, ...]] = ()  # what --outtype may ask of this container; none: dtypes are kept
+
+    def tensor_dtype(self, name: str, shape: tuple[int, ...], dtype: str, outtype: str | None) -> str:
+        """The dtype this container stores tensor name in, given the checkpoint's dtype for it and --outtype."""
+        return dtype
+
+    def checkpoint_dtype(self, record: TensorRecord, main: str) -> str:
+        """The dtype a stored tensor had in the checkpoint, main being the dtype most bytes have: a container
+        that widens some tensors by rule (GGUF's F32 norms) says so here, so they go back."""
+        return record.dtype
+
+    def cast(self, src: str, dst: str) -> Cast | None:
+        """How this container converts elements from src to dst for its own writes; None: it has none."""
+        return None
+
+    def restore(self, src: str, dst: str) -> Cast | None:
+        """How elements this container stored as src go back to the checkpoint's dst (see checkpoint_dtype);
+        None: it has no such conversion."""
+        return None
+
+    @abstractmethod
+    def open(
+        self, folder: Path, table: LayoutTable, streams: list[ByteStream], ambiguities: Ambiguities
+    ) -> OpenedWeights:
+        """Find and index the weights (streams opened go into streams, so the caller closes them on failure),
+        read the parameters; files another loader would read instead go into ambiguities."""
+
+    @abstractmethod
+    def plan(self, request: OutputRequest) -> PlannedOutput:
+        """The output's files, each with its exact size, headers and the pieces streamed into it."""
+
+
+T = TypeVar("T")
+
+
+class _TokenizerBuilder(Protocol[T]):
+    def __call__(self, model: bytes, *, vocab_size: int | None, instruct: bool, source: str) -> T: ...
+
+
+def from_tokenizer(request: OutputRequest, build: _TokenizerBuilder[T], without: str) -> T | None:
+    """What a container builds from the source's tokenizer.model (hf's tokenizer.json, GGUF's vocabulary), or None
+    when there is none (plan warned already). A tokenizer that cannot be translated is a warning saying what the
+    output is then `without` (the weights are still right), and an error when --instruct asked for the chat
+    template."""
+    if request.tokenizer is None:
+        return None
+    try:
+        return build(
+            read_small(request.tokenizer, MAX_TOKENIZER, TOKENIZER),
+            vocab_size=request.params.vocab_size,
+            instruct=request.instruct,
+            source=str(request.tokenizer),
+        )
+    except ConvertError as exc:
+        if request.instruct:
+            raise
+        # the line is escaped already: as the message itself, not an argument (arguments are shown() again)
+        log.warning(exc.line() + "; " + without)
+        return None
+
+
+def embedding_vocab(records: Sequence[TensorRecord], table: LayoutTable) -> int | None:
+    """The vocabulary size the embedding's rows say, where params may be silent about it."""
+    name = table.kind_layout("embed").pattern
+    embedding = next((r for r in records if r.name == name), None)
+    return embedding.shape[0] if embedding is not None and embedding.shape else None
+
+
+def text_file(name: str, text: str) -> OutputFile:
+    data = text.encode("utf-8")
+    return OutputFile(name, len(data), blobs=((0, data),), is_text=True)
+
+
+def placed(tensor: TargetTensor, start: int) -> tuple[Piece, ...]:
+    """The tensor's pieces at absolute offsets, the tensor starting at start."""
+    return tuple(p.moved(start) for p in tensor.pieces)
+
+
+def safetensors_file(name: str, tensors: Sequence[TargetTensor]) -> OutputFile:
+    header = layout_header([(t.name, t.dtype, t.shape) for t in tensors], dict(SAFETENSORS_METADATA))
+    pieces = tuple(p for t in tensors for p in placed(t, header.offsets[t.name]))
+    return OutputFile(name, header.size, blobs=((0, header.header),), pieces=pieces)
+
+
+def torch_zip_file(name: str, tensors: Sequence[TargetTensor]) -> OutputFile:
+    archive = name.rsplit(".", 1)[0]  # the folder inside the zip: torch.save uses the file's stem
+    zipped = layout_torch_zip(archive, [(t.name, t.dtype, t.shape) for t in tensors])
+    pieces = tuple(p for t in tensors for p in placed(t, zipped.tensor_offsets[t.name]))
+    return OutputFile(name, zipped.size, blobs=zipped.blobs, pieces=pieces, deferred=zipped.deferred)
+
+
+MISTRAL_WEIGHTS = ("consolidated.safetensors", "consolidated.00.pth")
+
+
+def check_mistral_pair(folder: Path, read: str, ambiguities: Ambiguities) -> None:
+    """mistral-inference's Transformer.from_folder loads consolidated.safetensors or consolidated.00.pth and
+    refuses a folder holding both; reached with --from, which picks one of them here."""
+    if all(is_present(folder / name) for name in MISTRAL_WEIGHTS):
+        ambiguities.append(
+            ConvertError(
+                f"holds both {MISTRAL_WEIGHTS[0]} and {MISTRAL_WEIGHTS[1]}: mistral-inference refuses such a folder, "
+                f"and this tool read {read} only; remove the other",
+                file=folder,
+            )
+        )

@@ -1,0 +1,215 @@
+"""The Hugging Face container (transformers, vLLM): model-NNNNN-of-NNNNN.safetensors shards with
+model.safetensors.index.json (or one model.safetensors), config.json, generation_config.json, and tokenizer.json
+with its configs built from tokenizer.model, so that transformers loads the folder without sentencepiece.
+
+config.json and generation_config.json carry fields no params.json has; their values are the published release's,
+kept as data in mappings/release/mixtral-8x7b-v0.1.toml."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from convert.common.dtypes import CONFIG_NAME
+from convert.common.errors import ConvertError, shown
+from convert.containers.contract import (
+    Ambiguities,
+    Format,
+    OpenedWeights,
+    OutputRequest,
+    PlannedOutput,
+    embedding_vocab,
+    from_tokenizer,
+    safetensors_file,
+    text_file,
+)
+from convert.containers.safetensors import open_safetensors
+from convert.fileio.regular import MAX_INDEX_JSON, is_present
+from convert.model.outputs import OutputFile, TargetTensor
+from convert.model.params import hf_config_json, json_text, read_hf_params, read_json_object
+from convert.model.records import TensorRecord
+from convert.model.tables import data_dir
+from convert.tokenizer.hf_files import hf_tokenizer_files
+
+if TYPE_CHECKING:
+    from convert.fileio.streams import ByteStream
+    from convert.model.tables import LayoutTable
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # decimal, as transformers sharded the published checkpoint
+RELEASE = "mixtral-8x7b-v0.1.toml"  # mappings/release/: config.json fields params.json does not carry
+
+
+def shard_name(number: int, count: int) -> str:
+    return f"model-{number:05d}-of-{count:05d}.safetensors"
+
+
+@cache
+def release_metadata() -> MappingProxyType[str, MappingProxyType[str, object]]:
+    """[config_defaults] and [generation_config] of the shipped release table, checked on load."""
+    path = data_dir("mappings.release") / RELEASE
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConvertError(f"release metadata unreadable: {exc}", file=path) from None
+    sections = {}
+    for section in ("config_defaults", "generation_config"):
+        if not isinstance(data.get(section), dict):
+            raise ConvertError(f"missing section [{section}], which config.json needs", file=path)
+        sections[section] = MappingProxyType(dict(data[section]))
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConvertError(f"unknown section [{unknown[0]}] (allowed: {', '.join(sections)})", file=path)
+    return MappingProxyType(sections)
+
+
+def shard_groups(tensors: Sequence[TargetTensor], max_shard_size: int) -> list[list[TargetTensor]]:
+    """Walk tensors in module order; start a new shard when the next tensor would push the current one past
+    max_shard_size and it is not empty (how transformers sharded the published checkpoint)."""
+    shards: list[list[TargetTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+class HfSafetensors(Format):
+    container = "hf_safetensors"
+    markers = (INDEX, SINGLE)
+    # Completion marker first. Stale shards would contradict the new index, a stale config.json or index would be
+    # loaded by transformers.
+    replaces = (
+        INDEX,
+        "model-*-of-*.safetensors",
+        SINGLE,
+        CONFIG,
+        GENERATION_CONFIG,
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    )
+    # vLLM switches to its Mistral loader when it finds a consolidated*.safetensors, so an HF folder never holds one.
+    must_not_contain = ("consolidated*.safetensors", "params.json")
+    chat_template = True
+
+    def open(
+        self, folder: Path, table: LayoutTable, streams: list[ByteStream], ambiguities: Ambiguities
+    ) -> OpenedWeights:
+        records, weight_files = self._weights(folder, streams, ambiguities)
+        config = folder / CONFIG
+        return OpenedWeights(records, weight_files, config, read_hf_params(config, embedding_vocab(records, table)))
+
+    def _weights(
+        self, folder: Path, streams: list[ByteStream], ambiguities: Ambiguities
+    ) -> tuple[list[TensorRecord], list[Path]]:
+        index_path = folder / INDEX
+        single = folder / SINGLE
+        if not is_present(index_path):
+            _check_transformers_weights(folder, SINGLE, ambiguities)
+            stream, records, _ = open_safetensors(single)
+            streams.append(stream)
+            return records, [single]
+        if is_present(single):
+            ambiguities.append(
+                ConvertError(
+                    f"holds both {INDEX} and {SINGLE}: transformers' from_pretrained loads {SINGLE} and "
+                    f"ignores the index, while this tool reads the index's shards, so the two may be different "
+                    "models; remove the one that is not the model",
+                    file=folder,
+                )
+            )
+        _check_transformers_weights(folder, INDEX, ambiguities)
+        index = read_json_object(index_path, MAX_INDEX_JSON)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConvertError("weight_map must map tensor names to shard file names", file=index_path)
+        records: list[TensorRecord] = []
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            path = folder / shard
+            if Path(shard).name != shard or not is_present(path):
+                raise ConvertError(f"index names shard {shard!r}, which is missing", file=index_path)
+            stream, shard_records, _ = open_safetensors(path)
+            streams.append(stream)
+            for record in shard_records:
+                if weight_map.get(record.name) != shard:
+                    listed_in = weight_map.get(record.name)
+                    where = f"the index places it in {shown(listed_in)}" if listed_in else "the index does not list it"
+                    raise ConvertError(
+                        f"tensor is in {shown(shard)} but {where}",
+                        file=index_path,
+                        tensor=record.name,
+                    )
+            records += shard_records
+        listed = set(weight_map) - {r.name for r in records}
+        if listed:
+            name = sorted(listed)[0]
+            raise ConvertError(
+                f"index lists it in {shown(weight_map[name])} but that shard lacks it", file=index_path, tensor=name
+            )
+        unlisted = sorted(p.name for p in folder.glob("model-*.safetensors") if p.name not in shards)
+        if unlisted:
+            raise ConvertError(f"shard {shown(unlisted[0])} is not listed in the index", file=index_path)
+        metadata = index.get("metadata")
+        total = metadata.get("total_size") if isinstance(metadata, dict) else None
+        held = sum(r.nbytes for r in records)
+        if total is not None and total != held:
+            raise ConvertError(f"metadata.total_size {total} is not the {held} bytes the shards hold", file=index_path)
+        return records, [folder / s for s in shards]
+
+    def plan(self, request: OutputRequest) -> PlannedOutput:
+        tensors = request.tensors
+        groups = shard_groups(tensors, request.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+        weights = []
+        weight_map = {}
+        for number, group in enumerate(groups, start=1):
+            name = shard_name(number, len(groups))
+            weights.append(safetensors_file(name, group))
+            weight_map.update(dict.fromkeys((t.name for t in group), name))
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
+        release = release_metadata()
+        config = hf_config_json(request.params, CONFIG_NAME[request.dtype], dict(release["config_defaults"]))
+        others = [
+            *_tokenizer_files(request),
+            text_file(GENERATION_CONFIG, json_text(dict(release["generation_config"]))),
+            text_file(CONFIG, config),
+        ]
+        return PlannedOutput(weights, others, text_file(INDEX, json_text(index)))
+
+
+def _tokenizer_files(request: OutputRequest) -> list[OutputFile]:
+    """tokenizer.json and its configs, built from tokenizer.model (see base.from_tokenizer)."""
+    without = "tokenizer.json not written (transformers will need sentencepiece)"
+    texts = from_tokenizer(request, hf_tokenizer_files, without)
+    return [text_file(name, text) for name, text in sorted((texts or {}).items())]
+
+
+def _check_transformers_weights(folder: Path, read: str, ambiguities: Ambiguities) -> None:
+    """config.json's transformers_weights names the file from_pretrained loads, before any of the usual names
+    (transformers 4.56+); anything but the file read here makes two models of the folder."""
+    config = folder / CONFIG
+    if not is_present(config):
+        return  # reading the parameters reports it
+    named = read_json_object(config).get("transformers_weights")
+    if named is not None and named != read:
+        ambiguities.append(
+            ConvertError(
+                f"transformers_weights is {named!r:.200}: transformers' from_pretrained loads that instead of {read}, "
+                f"which this tool reads; remove the key or the other weights",
+                file=config,
+            )
+        )
+
+
+FORMAT = HfSafetensors()

@@ -1,0 +1,84 @@
+"""Named transforms between a canonical tensor and the way a layout stores it, each with its inverse.
+
+rotary_half_split: q/k rows from the original interleaved rotary order (pairs (0,1), (2,3)... of each head
+are complex numbers) to the half-split order rotate_half expects; heads = all heads for q, KV heads for k.
+It is not its own inverse. transpose: [out, in] to [in, out] (megablocks' w2 blocks); its own inverse.
+
+They only move elements, never compute with them, so they run on arrays of unsigned words as wide as the element
+(bf16 as uint16): numpy does it without knowing the float format, and the conversion never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import numpy as np
+
+from convert.common.errors import ConvertError
+
+
+def _rows_by_head(tensor: np.ndarray, heads: int) -> tuple[int, int, int]:
+    if tensor.ndim != 2:
+        raise ValueError(f"expects a matrix, got shape {list(tensor.shape)}")
+    rows, cols = tensor.shape
+    if heads <= 0 or rows % heads or (rows // heads) % 2:
+        raise ValueError(f"{rows} rows do not split into {heads} heads of even size")
+    return rows, cols, rows // heads
+
+
+def _to_half_split(tensor: np.ndarray, heads: int) -> np.ndarray:
+    rows, cols, head_dim = _rows_by_head(tensor, heads)
+    return tensor.reshape(heads, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _to_interleaved(tensor: np.ndarray, heads: int) -> np.ndarray:
+    rows, cols, head_dim = _rows_by_head(tensor, heads)
+    return tensor.reshape(heads, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _transpose(tensor: np.ndarray, _heads: int) -> np.ndarray:
+    if tensor.ndim != 2:
+        raise ValueError(f"expects a matrix, got shape {list(tensor.shape)}")
+    return np.ascontiguousarray(tensor.T)
+
+
+@dataclass(frozen=True)
+class Transform:
+    name: str
+    inverse_name: str
+    function: Callable[[np.ndarray, int], np.ndarray]
+
+    @property
+    def inverse(self) -> Transform:
+        return TRANSFORMS[self.inverse_name]
+
+
+TRANSFORMS: Mapping[str, Transform] = MappingProxyType(
+    {
+        "rotary_half_split": Transform("rotary_half_split", "rotary_interleaved", _to_half_split),
+        "rotary_interleaved": Transform("rotary_interleaved", "rotary_half_split", _to_interleaved),
+        "transpose": Transform("transpose", "transpose", _transpose),
+    }
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    """A transform bound to the head count of the tensor it runs on."""
+
+    transform: Transform
+    heads: int
+
+    def __str__(self) -> str:
+        return self.transform.name
+
+
+def run_steps(tensor: np.ndarray, steps: tuple[Step, ...], name: str) -> np.ndarray:
+    for step in steps:
+        try:
+            tensor = step.transform.function(tensor, step.heads)
+        except ValueError as exc:
+            raise ConvertError(f"transform {step} failed: {exc}", tensor=name) from None
+    return tensor

@@ -1,0 +1,259 @@
+"""The read half that conversion and verify share: a plan's output file as chunks in file order.
+
+Known bytes, source pieces read (READ_SIZE at a time into a fixed pool of aligned buffers, READ_AHEAD reads in
+flight on the read workers) and transformed or cast, and deferred bytes made on arrival; every source byte read is
+checked against its record's CRC-32 where the container gives one (convert.integrity.crc32). FileReader runs this
+in its own thread a few chunks ahead of the writer (convert/run/writer.py); verify --against reads the same pieces
+through piece_chunks to compare them (convert/verify/compare.py).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from functools import partial
+
+import numpy as np
+
+from convert.common.dtypes import ITEM_SIZE, word_dtype
+from convert.common.errors import ConvertError
+from convert.fileio.direct_io import ALIGN, aligned_buffer
+from convert.fileio.faults import fault_point
+from convert.fileio.streams import ByteStream
+from convert.fileio.workers import CHUNK, POLL, QUEUE_DEPTH, UNWIND, BufferPool, Lease, Pending, Worker, run_stop
+from convert.integrity.crc32 import crc32, crc32_combine
+from convert.integrity.digests import Digests
+from convert.model.outputs import OutputFile, Piece
+from convert.model.transforms import run_steps
+
+Chunk = tuple[int, memoryview, str | None, Lease | None]  # offset in the file, bytes, their tensor, their lease
+# Reads in flight at once: direct reads have no kernel readahead, and one at a time left the disk idle while the
+# reader computed a zip's CRC-32.
+READ_AHEAD = 2
+# One source read: this VM's disk read 8 MiB requests at about half the speed of 32-64 MiB ones
+# (bench/profiles.md). Each read is handed on in CHUNK slices, so queues and hashers see the same chunks as before.
+READ_SIZE = 32 * 2**20
+# Pool buffers (READ_SIZE each): the reads in flight, the one being handed on, and the slices downstream (the
+# writer's and both hashers' queues, 3 * QUEUE_DEPTH chunks, span up to three reads). Fewer only slows the reader:
+# every slice handed on is released without it, so a take always ends.
+POOL_BUFFERS = READ_AHEAD + 1 + -(-3 * QUEUE_DEPTH * CHUNK // READ_SIZE)
+
+
+def piece_chunks(
+    piece: Piece,
+    digests: Digests,
+    *,
+    crc: bool,
+    pool: BufferPool | None = None,
+    reads: Sequence[Worker] = (),
+    read_size: int = CHUNK,
+) -> Iterator[Chunk]:
+    """A piece's bytes as chunks; a pure rename is copied in CHUNK slices without building a tensor.
+    crc: accumulate the tensor's CRC-32 (a zip needs it); pool and reads: read_size bytes at a time into the
+    pool's buffers (read_size + 2 * ALIGN long), one read in flight on each of the reads workers, handed on in
+    CHUNK slices that share the read's lease (else one fresh CHUNK buffer after another)."""
+    running = digests.tensor_crc32.get(piece.tensor, 0)
+    if piece.cast is not None:
+        yield from _cast_chunks(piece, digests, crc=crc, workers=reads)
+        return
+    if piece.steps:
+        view = _moved(piece, digests)
+        if crc:
+            fault_point("crc")
+            digests.tensor_crc32[piece.tensor] = crc32(view, running)
+        for start in range(0, piece.nbytes, CHUNK):
+            yield piece.dst_offset + start, view[start : start + CHUNK], piece.tensor, None
+        return
+    if pool is None or not reads:
+        for start in range(0, piece.nbytes, CHUNK):
+            chunk = memoryview(bytearray(min(CHUNK, piece.nbytes - start)))
+            piece.record.stream.readinto(chunk, piece.src_offset + start)
+            checked = digests.source_crc.update(piece.record, piece.src_offset + start, chunk)
+            if crc:
+                running = _extend_crc(running, chunk, checked)
+                digests.tensor_crc32[piece.tensor] = running
+            yield piece.dst_offset + start, chunk, piece.tensor, None
+        return
+    pending: deque[tuple[int, Lease, Pending[memoryview]]] = deque()
+
+    def arrived() -> Iterator[Chunk]:
+        nonlocal running
+        start, lease, read = pending.popleft()
+        try:
+            data = read.result()
+            for at in range(0, len(data), CHUNK):  # one read of read_size, handed on in CHUNK slices
+                chunk = data[at : at + CHUNK]
+                checked = digests.source_crc.update(piece.record, piece.src_offset + start + at, chunk)
+                if crc:  # in file order, while the next reads are under way
+                    fault_point("crc")
+                    running = _extend_crc(running, chunk, checked)
+                    digests.tensor_crc32[piece.tensor] = running
+                yield piece.dst_offset + start + at, chunk, piece.tensor, lease
+        except BaseException:  # a failure, or the consumer gone: slices not handed on would hold it for ever
+            lease.release_all()
+            raise
+
+    try:
+        for number, start in enumerate(range(0, piece.nbytes, read_size)):
+            size = min(read_size, piece.nbytes - start)
+            # Each slice is held by the writer, the file hasher and the tensor hasher.
+            lease = Lease(pool, pool.take(), 3 * -(-size // CHUNK))
+            read = reads[number % len(reads)].submit(
+                partial(piece.record.stream.read_bulk, lease.buffer, piece.src_offset + start, size)
+            )
+            pending.append((start, lease, read))
+            if len(pending) == len(reads):
+                yield from arrived()
+        while pending:
+            yield from arrived()
+    finally:
+        for _, lease, _ in pending:  # reads cut short by a failure: their buffers go back to the pool
+            lease.release_all()
+
+
+def _moved(piece: Piece, digests: Digests) -> memoryview:
+    """A piece with steps, read whole (the steps move elements across it) and transformed: only the transformed copy
+    stays in flight."""
+    buffer = aligned_buffer(piece.nbytes + 2 * ALIGN)
+    data = piece.record.stream.read_bulk(buffer, piece.src_offset, piece.nbytes)
+    digests.source_crc.update(piece.record, piece.src_offset, data)
+    tensor = np.frombuffer(data, dtype=word_dtype(piece.record.dtype)).reshape(piece.shape)
+    fault_point("transform")
+    result = np.ascontiguousarray(run_steps(tensor, piece.steps, piece.tensor))
+    del data, tensor, buffer
+    return memoryview(result.reshape(-1).view(np.uint8))
+
+
+def _cast_chunks(piece: Piece, digests: Digests, *, crc: bool, workers: Sequence[Worker] = ()) -> Iterator[Chunk]:
+    """A piece whose elements change type: read (and moved by its steps, which need the whole piece) in whole
+    granules, converted slice by slice so that no converted chunk exceeds CHUNK. With workers (the reads, idle
+    while a cast piece streams), slices are read and converted on them in turn, one in flight on each, and handed
+    on in order: the cast is CPU-bound (numpy releases the GIL), so this uses every worker's core."""
+    cast = piece.cast
+    assert cast is not None
+    running = digests.tensor_crc32.get(piece.tensor, 0)
+    step = cast.granule * max(1, CHUNK // max(cast.out_nbytes(cast.granule), cast.granule))
+    if piece.steps:
+        moved = _moved(piece, digests)
+
+        def sliced(start: int) -> memoryview:
+            return moved[start : start + step]
+    else:
+
+        def sliced(start: int) -> memoryview:
+            chunk = memoryview(bytearray(min(step, piece.nbytes - start)))
+            piece.record.stream.readinto(chunk, piece.src_offset + start)
+            digests.source_crc.update(piece.record, piece.src_offset + start, chunk)
+            return chunk
+
+    def convert(start: int) -> memoryview:
+        # Elements counted in the source tensor (for a q/k piece whose rows the steps reorder: in the reordered rows).
+        first = (piece.src_offset - piece.record.offset + start) // ITEM_SIZE[piece.record.dtype]
+        try:
+            return cast(sliced(start), piece.tensor, first)
+        except ConvertError as error:
+            if error.file is not None:
+                raise
+            # A value that does not fit is in the source: its line names that file and tensor, as every reader's
+            # line does (the cast itself knows neither). Raised in a worker, it is the run's failure all the same.
+            raise ConvertError(error.rule, file=piece.record.stream.label, tensor=piece.record.name) from None
+
+    def in_order() -> Iterator[memoryview]:
+        pending: deque[Pending[memoryview]] = deque()
+        for number, start in enumerate(range(0, piece.nbytes, step)):
+            if not workers:
+                yield convert(start)
+                continue
+            pending.append(workers[number % len(workers)].submit(partial(convert, start)))
+            if len(pending) == len(workers):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    position = piece.dst_offset
+    for converted in in_order():
+        if crc:
+            fault_point("crc")
+            running = crc32(converted, running)
+            digests.tensor_crc32[piece.tensor] = running
+        yield position, converted, piece.tensor, None
+        position += len(converted)
+
+
+def _extend_crc(running: int, chunk: memoryview, chunk_crc: int | None) -> int:
+    """The output tensor's CRC-32 continued over chunk, copied unchanged from the source: from the CRC the
+    source's record check just computed over the same bytes when there is one (zip to zip: one crc32 a byte,
+    not two), else by running crc32 over it."""
+    if chunk_crc is not None:
+        return crc32_combine(running, chunk_crc, len(chunk))
+    return crc32(chunk, running)
+
+
+def _file_chunks(output: OutputFile, digests: Digests, pool: BufferPool, reads: Sequence[Worker]) -> Iterator[Chunk]:
+    """Everything of one output file in offset order. Deferred bytes are made when reached, once the tensors
+    before them have been read (the reader computes the CRCs a zip needs as it goes)."""
+    items: list[tuple[int, object]] = [*output.blobs, *output.deferred, *((p.dst_offset, p) for p in output.pieces)]
+    crc = bool(output.deferred) and bool(output.pieces)
+    for offset, item in sorted(items, key=lambda entry: entry[0]):
+        if isinstance(item, Piece):
+            yield from piece_chunks(item, digests, crc=crc, pool=pool, reads=reads, read_size=READ_SIZE)
+        elif isinstance(item, bytes):
+            yield offset, memoryview(item), None, None
+        else:
+            fault_point("deferred")
+            yield offset, memoryview(item(digests)), None, None  # type: ignore[operator]
+    if output.copy_of is not None:
+        stream = ByteStream([output.copy_of])
+        try:
+            for start in range(0, stream.size, CHUNK):
+                chunk = bytearray(min(CHUNK, stream.size - start))
+                stream.readinto(chunk, start)
+                yield start, memoryview(chunk), None, None
+        finally:
+            stream.close()
+
+
+class FileReader:
+    """Runs _file_chunks in its own thread, a few chunks ahead of the writer. A chunk left in the queue when
+    the run stops still holds its lease; stop() gives those back."""
+
+    _DONE = object()
+
+    def __init__(self, output: OutputFile, digests: Digests, pool: BufferPool, reads: Sequence[Worker]) -> None:
+        self._stop = run_stop()
+        self._queue: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
+        self._finished = threading.Event()  # the consumer is gone: the reader ends even if the run is well
+
+        def run() -> None:
+            for chunk in _file_chunks(output, digests, pool, reads):
+                if self._finished.is_set():
+                    return
+                self._stop.put(self._queue, chunk)
+            self._stop.put(self._queue, self._DONE)
+
+        self._thread = self._stop.spawn(run, "reader")
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while (item := self._stop.get(self._queue)) is not self._DONE:
+            yield item  # type: ignore[misc]
+
+    def stop(self) -> None:
+        self._finished.set()
+        while self._thread.is_alive():
+            self._drain()
+            self._thread.join(POLL)
+            if self._stop.stopped:
+                self._thread.join(UNWIND)
+                break
+        self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, tuple) and item[3] is not None:
+                item[3].release_all()

@@ -1,0 +1,311 @@
+"""verify: is a checkpoint folder intact, well-formed, and (with --against) a faithful conversion of its source?
+
+Every check adds a result naming its file, tensor and rule; the folder passes only when all pass. Memory stays
+bounded as in conversion: files are hashed (convert/verify/hashing.py) and compared (convert/verify/compare.py) in
+chunks through pooled reads.
+
+manifest.json, when present, records each tensor's file, byte range, dtype, shape and digest (BLAKE3, or SHA-256
+in manifests older than its tensor_digest field). Each tensor's
+bytes are hashed in the same read that hashes its file for SHA256SUMS, so a shard whose bytes were changed is
+caught even when its SHA256SUMS line was rewritten to match (the manifest is itself listed there), and the
+manifest's ranges are checked against the headers, so a renamed or moved tensor is caught too.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from importlib.resources.abc import Traversable
+from pathlib import Path
+
+from convert.common.errors import ConvertError, shown
+from convert.fileio.regular import MAX_SUMS, is_present, read_small
+from convert.fileio.workers import run_scope
+from convert.integrity.crc32 import check_records
+from convert.integrity.manifest import (
+    MANIFEST,
+    SUMS,
+    ManifestEntry,
+    parse_sums,
+    read_manifest,
+)
+from convert.planning.plan import PlanOptions, build_plan, check_source
+from convert.planning.source import Source, open_source
+from convert.run.writer import PARTIAL_SUFFIX
+from convert.verify.compare import Comparer
+from convert.verify.hashing import FileHashes, FolderHasher
+from convert.verify.onepass import FolderFeed
+from convert.verify.pins import check_pins
+from convert.verify.report import Report, Result
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+READ_CHUNK = 8 * 2**20
+
+
+def _hash_pass(
+    hasher: FolderHasher, path: Path, ranges: list[ManifestEntry], hashed: dict[Path, FileHashes]
+) -> FileHashes:
+    """One sequential read of path: its SHA-256 and the digest of each range, in bounded memory (the pool's
+    buffers and a hash state per tensor); no read at all when verify --against hashed it already (same ranges)."""
+    if path in hashed:
+        return hashed[path]
+    return hasher.hash_file(path, ranges, [e.algorithm for e in ranges])
+
+
+def _entries_by_file(manifest: list[ManifestEntry] | None) -> dict[str, list[ManifestEntry]]:
+    """manifest.json's entries grouped by the file they place their tensor in."""
+    by_file: dict[str, list[ManifestEntry]] = {}
+    for entry in manifest or ():
+        by_file.setdefault(entry.file, []).append(entry)
+    return by_file
+
+
+def _hash_targets(folder: Path, manifest: list[ManifestEntry] | None) -> dict[Path, list[tuple[ManifestEntry, str]]]:
+    """The files _check_sums_with will hash, each with the ranges it will ask for: those SHA256SUMS lists and
+    those manifest.json places tensors in (a SHA256SUMS that cannot be read lists none here; the pass says why)."""
+    by_file = _entries_by_file(manifest)
+    names = set(by_file)
+    try:
+        if is_present(folder / SUMS):
+            names.update(name for _, name in parse_sums(read_small(folder / SUMS, MAX_SUMS, SUMS).decode("utf-8")))
+    except (ConvertError, ValueError, UnicodeDecodeError):
+        pass
+    # Plain names only: "./x" and "x" would be one file asked for with two lists of ranges.
+    return {folder / n: [(e, e.algorithm) for e in by_file.get(n, [])] for n in names if Path(n).name == n}
+
+
+def _check_tensor_hashes(path: Path, entries: list[ManifestEntry], digests: dict[str, str], report: Report) -> None:
+    size = path.stat().st_size
+    failed = False
+    for entry in entries:
+        problem = None
+        if entry.end > size:
+            problem = f"{MANIFEST} places it at bytes [{entry.begin}, {entry.end}) but the file has {size}"
+        elif digests[entry.name] != entry.digest:
+            problem = (
+                f"{entry.algorithm} of bytes [{entry.begin}, {entry.end}) is {digests[entry.name]}, {MANIFEST} says "
+                f"{entry.digest}"
+            )
+        if problem:
+            failed = True
+            report.results.append(Result("manifest", str(path), False, problem, entry.name))
+    if not failed:
+        report.results.append(Result("manifest", str(path), True))
+
+
+def _check_sums_with(
+    hasher: FolderHasher,
+    folder: Path,
+    report: Report,
+    manifest: list[ManifestEntry] | None,
+    hashed: dict[Path, FileHashes],
+) -> None:
+    """Each file's SHA-256 against SHA256SUMS and, in the same read, each of its tensors' against manifest.json;
+    hashed: the files verify --against hashed already as it compared them."""
+    by_file = _entries_by_file(manifest)
+    sums = folder / SUMS
+    pairs: list[tuple[str, str]] = []
+    if not is_present(sums):
+        report.notes.append(f"no {SUMS}: no checksums were available; only the structure was checked")
+    else:
+        try:
+            pairs = parse_sums(read_small(sums, MAX_SUMS, SUMS).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            report.results.append(Result("sha256", str(sums), False, f"not in sha256sum format: {exc}"))
+    if pairs and manifest is None and not (folder / MANIFEST).exists():
+        report.notes.append(f"no {MANIFEST}: the tensors' own checksums were not available")
+    listed = set()
+    for expected, name in pairs:
+        listed.add(name)
+        path = folder / name
+        if not is_present(path):
+            report.results.append(Result("sha256", str(path), False, f"listed in {SUMS} but missing"))
+            continue
+        actual, tensor_digests = _hash_pass(hasher, path, by_file.get(name, []), hashed)
+        problem = None if actual == expected else f"sha256 is {actual}, {SUMS} says {expected}"
+        report.results.append(Result("sha256", str(path), actual == expected, problem))
+        if name in by_file:
+            _check_tensor_hashes(path, by_file[name], tensor_digests, report)
+    for name, entries in sorted(by_file.items()):
+        if name in listed:
+            continue
+        path = folder / name
+        if Path(name).name != name or not is_present(path):
+            problem = f"{MANIFEST} lists tensors in {shown(name)}, which is missing"
+            report.results.append(Result("manifest", str(folder / MANIFEST), False, problem))
+            continue
+        _, tensor_digests = _hash_pass(hasher, path, entries, hashed)  # not in SHA256SUMS (or none): one read
+        _check_tensor_hashes(path, entries, tensor_digests, report)
+    if not pairs:
+        return
+    for path in sorted(folder.iterdir()):
+        if path.name == SUMS or path.name in listed or not path.is_file():
+            continue
+        if path.suffix in WEIGHT_SUFFIXES or path.name.endswith(PARTIAL_SUFFIX) or path.suffix == ".json":
+            report.results.append(Result("sha256", str(path), False, f"not covered by {SUMS}"))
+        else:
+            report.notes.append(f"{shown(path.name)} is not covered by {SUMS}")
+
+
+def _check_folder(folder: Path) -> None:
+    """A folder that is not there is an error (exit 2), not a failed check."""
+    if not folder.is_dir():
+        raise ConvertError("not a folder" if folder.exists() else "no such folder", file=folder)
+
+
+def _check_manifest_places(source: Source, manifest: list[ManifestEntry], report: Report) -> None:
+    """Every tensor the folder holds is where, and as what, manifest.json says: the hashes above cover byte
+    ranges, and a header edited to rename or retype a tensor would otherwise keep every range intact."""
+    listed = {e.name for e in manifest}
+    for entry in manifest:
+        record = source.records.get(entry.name)
+        if record is None:
+            problem = f"in {MANIFEST} but not in the folder"
+            report.results.append(Result("manifest", str(source.folder), False, problem, entry.name))
+            continue
+        held = (
+            Path(record.stream.paths[0]).name if len(record.stream.paths) == 1 else record.stream.label,
+            record.dtype,
+            record.shape,
+            record.offset,
+            record.offset + record.nbytes,
+        )
+        said = (entry.file, entry.dtype, entry.shape, entry.begin, entry.end)
+        if held != said:
+            problem = (
+                f"the folder holds it in {shown(held[0])} as {held[1]} {list(held[2])} at [{held[3]}, {held[4]}), "
+                f"{MANIFEST} says {shown(said[0])} as {said[1]} {list(said[2])} at [{said[3]}, {said[4]})"
+            )
+            report.results.append(Result("manifest", record.stream.label, False, problem, entry.name))
+    for name in sorted(set(source.records) - listed):
+        report.results.append(Result("manifest", source.records[name].stream.label, False, f"not in {MANIFEST}", name))
+
+
+def _check_zip_crcs(source: Source, report: Report) -> None:
+    """Without checksums, a torch zip still carries a CRC-32 per record: a corrupt download shows there. Read
+    through the source's own streams, so split parts are checked as the one file they make."""
+    for stream in source.streams:
+        records = [r for r in source.records.values() if r.stream is stream and r.checked is not None]
+        if not records:
+            continue
+        problems = check_records(records)
+        for problem in problems:
+            report.add_error("crc32", problem)
+        if not problems:
+            report.results.append(Result("crc32", stream.label, True))
+
+
+def _compare_against(folder: Source, original: Source, report: Report, feed: FolderFeed | None = None) -> None:
+    """Every tensor of the folder equals the source's tensor mapped through the tables: first its name, dtype,
+    shape and length (a prefix of equal bytes proves nothing about a longer tensor), then byte for byte. feed:
+    hashes the folder's bytes as they are read (its follow() is told the ranges to come, in order)."""
+    plan = build_plan(original, folder.layout.name, PlanOptions(outtype=folder.outtype))
+    expected = {t.name: t for t in plan.tensors}
+    comparable = set()
+    for name, tensor in expected.items():
+        record = folder.records.get(name)
+        if record is None:
+            report.results.append(Result("against", str(folder.folder), False, "missing", name))
+            continue
+        held = (record.dtype, record.shape, record.nbytes)
+        if held != (tensor.dtype, tensor.shape, tensor.nbytes):
+            problem = (
+                f"is {record.dtype} {list(record.shape)} ({record.nbytes:,} bytes), the converted source is "
+                f"{tensor.dtype} {list(tensor.shape)} ({tensor.nbytes:,} bytes)"
+            )
+            report.results.append(Result("against", record.stream.label, False, problem, name))
+            continue
+        comparable.add(name)
+    compared = []
+    for output in plan.files:
+        starts = output.tensor_starts()
+        compared.append(
+            [
+                (p, folder.records[p.tensor], starts[p.tensor])
+                for p in sorted(output.pieces, key=lambda p: p.dst_offset)
+                if p.tensor in comparable
+            ]
+        )
+    if feed is not None:
+        feed.follow(
+            (r.stream, r.offset + p.dst_offset - start, r.offset + p.dst_offset - start + p.out_nbytes)
+            for pieces in compared
+            for p, r, start in pieces
+        )
+    comparer = Comparer(feed)
+    try:
+        for output, pieces in zip(plan.files, compared, strict=True):
+            failed: set[str] = set()
+            for piece, mismatch in comparer.mismatches(pieces):
+                failed.add(piece.tensor)
+                problem = f"differs from the converted source at byte {mismatch} of the tensor"
+                report.results.append(Result("against", folder.records[piece.tensor].stream.label, False, problem,
+                                             piece.tensor))  # fmt: skip
+            for name in sorted({p.tensor for p in output.pieces} & comparable - failed):
+                report.results.append(Result("against", folder.records[name].stream.label, True, None, name))
+    finally:
+        comparer.close()
+    for name in sorted(set(folder.records) - set(expected)):
+        report.results.append(Result("against", str(folder.folder), False, "not in the source", name))
+
+
+def verify_folder(folder: Path, *, against: Path | None = None, pins: Traversable | None = None) -> Report:
+    with run_scope():
+        return _verify(folder, against, pins)
+
+
+def _compare_and_hash(
+    hasher: FolderHasher, opened: Source, against: Path, wanted: dict[Path, list[tuple[ManifestEntry, str]]]
+) -> tuple[list[Result], dict[Path, FileHashes]]:
+    """verify --against's results, and the files it hashed for the checksum pass from the same reads. After a
+    failed read nothing is taken from it: the checksum pass then reads every file itself, as it always did, so
+    a read error there is still the error it was."""
+    compared = Report(str(opened.folder))
+    feed = FolderFeed(hasher, wanted)
+    try:
+        with open_source(against) as original:
+            _compare_against(opened, original, compared, feed)
+    except ConvertError as exc:
+        compared.add_error("against", exc)
+        return compared.results, {}
+    return compared.results, feed.finish()
+
+
+def _verify(folder: Path, against: Path | None, pins: Traversable | None) -> Report:
+    report = Report(str(folder))
+    _check_folder(folder)
+    try:
+        manifest = read_manifest(folder)
+    except ConvertError as exc:  # a manifest that cannot be read is a failed check; the rest still runs
+        report.add_error("manifest", exc)
+        manifest = None
+    with ExitStack() as stack:
+        hasher = FolderHasher()
+        stack.callback(hasher.close)
+        # The folder is opened before its files are hashed, so that with --against the comparison can hash
+        # them as it reads them; the results keep their order: checksums, pins, structure, against.
+        try:
+            opened: Source | None = stack.enter_context(open_source(folder))
+        except ConvertError as exc:
+            opened, unopened = None, exc
+        problems = check_source(opened) if opened is not None else []
+        compared: list[Result] = []
+        hashed: dict[Path, FileHashes] = {}
+        if against is not None and opened is not None and not problems:
+            compared, hashed = _compare_and_hash(hasher, opened, against, _hash_targets(folder, manifest))
+        _check_sums_with(hasher, folder, report, manifest, hashed)
+        if pins is not None:
+            check_pins(folder, pins, report)
+        if opened is None:
+            report.add_error("structure", unopened)
+            return report
+        report.layout = opened.layout.name
+        for problem in problems:
+            report.add_error("structure", problem)
+        if not problems:
+            report.results.append(Result("structure", str(folder), True))
+        if manifest is not None and not problems:
+            _check_manifest_places(opened, manifest, report)
+        if not (folder / SUMS).is_file():
+            _check_zip_crcs(opened, report)
+        report.results.extend(compared)
+    return report
