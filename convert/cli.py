@@ -21,7 +21,6 @@ from convert.common.errors import ConvertError, escape
 from convert.common.sizes import format_size, parse_size
 from convert.containers import format_of
 from convert.fileio.workers import Interrupted, in_run, run_scope, run_stop
-from convert.integrity.crc32 import check_records
 from convert.model.tables import layout, layout_names
 from convert.planning.plan import Plan, PlanOptions, build_plan, check_source
 from convert.planning.source import open_source
@@ -190,7 +189,8 @@ def _summary(plan: Plan, dst: Path, started_ns: int, seconds: float, *, resumed:
 
 def run_inspect(args: argparse.Namespace) -> int:
     with open_source(args.path, args.source_layout) as source:
-        problems = [p.line() for p in [*check_source(source), *check_records(source.records.values())]]
+        checks = format_of(source.layout).check_records(source.records.values())
+        problems = [p.line() for p in [*check_source(source), *checks]]
         dtypes = Counter(r.dtype for r in source.records.values())
         report = {
             "folder": str(source.folder),

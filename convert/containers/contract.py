@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -84,9 +84,26 @@ class Format(ABC):
     chat_template: ClassVar[bool] = False  # whether the output has a place for --instruct's chat template
     outtypes: ClassVar[tuple[str, ...]] = ()  # what --outtype may ask of this container; none: dtypes are kept
 
+    def claims(self, folder: Path) -> bool:
+        """Whether folder holds this container's files. By default any marker present (a file name, or a glob
+        where the names are the user's, such as *.gguf); a container whose file names another container shares
+        looks inside too (a metadata key), so that two layouts with the same file names are told apart."""
+        return any(_matches(folder, marker) for marker in self.markers)
+
+    def check_records(self, records: Iterable[TensorRecord]) -> list[ConvertError]:
+        """Every check the container's own records carry, read whole (a torch zip's CRC-32 per storage record):
+        what inspect and verify report. A conversion checks the same records as it reads them. None by default."""
+        return []
+
     def tensor_dtype(self, name: str, shape: tuple[int, ...], dtype: str, outtype: str | None) -> str:
         """The dtype this container stores tensor name in, given the checkpoint's dtype for it and --outtype."""
         return dtype
+
+    def parts(self, name: str, shape: tuple[int, ...], dtype: str, outtype: str | None) -> tuple[Part, ...] | None:
+        """How one canonical tensor is stored when it is stored as several tensors (a quantized matrix with its
+        scales and biases): each part's name suffix, dtype, stored shape and the cast that computes its bytes
+        from the source's elements (dtype). None, the default: one tensor, as tensor_dtype and cast say."""
+        return None
 
     def checkpoint_dtype(self, record: TensorRecord, main: str) -> str:
         """The dtype a stored tensor had in the checkpoint, main being the dtype most bytes have: a container
@@ -112,6 +129,21 @@ class Format(ABC):
     @abstractmethod
     def plan(self, request: OutputRequest) -> PlannedOutput:
         """The output's files, each with its exact size, headers and the pieces streamed into it."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One stored tensor of a canonical tensor stored as several (see Format.parts)."""
+
+    suffix: str  # appended to the tensor's name in the table ("" for the one that keeps it)
+    dtype: str
+    shape: tuple[int, ...]  # as stored, for the whole tensor (all experts, when the table stacks them)
+    cast: Cast  # computes this part's bytes from a slice of the source's elements
+
+
+def _matches(folder: Path, marker: str) -> bool:
+    """A marker is a file name or a glob (a container whose file names are the user's, such as *.gguf)."""
+    return any(folder.glob(marker)) if any(c in marker for c in "*?[") else (folder / marker).exists()
 
 
 T = TypeVar("T")

@@ -4,6 +4,7 @@ of the tensors), an HF-style params.json, tokenizer.model. transformers' convert
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from convert.containers.contract import (
 )
 from convert.containers.torchzip.reader import read_torch_index
 from convert.fileio.streams import ByteStream
+from convert.integrity.crc32 import check_records
 from convert.model.outputs import TargetTensor
 from convert.model.params import hf_params_json, read_hf_params
 from convert.model.records import TensorRecord
@@ -40,6 +42,10 @@ class MegablocksPt(Format):
     container = "megablocks_pt"
     markers = (file_name(0),)
     replaces = (PARAMS, "consolidated.[0-9]*.pt")
+
+    def check_records(self, records: Iterable[TensorRecord]) -> list[ConvertError]:
+        """Each storage record's CRC-32 from the zip's central directory (torch.load checks none)."""
+        return check_records(records)
 
     def open(
         self, folder: Path, table: LayoutTable, streams: list[ByteStream], ambiguities: Ambiguities

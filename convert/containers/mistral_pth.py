@@ -3,6 +3,7 @@ laid end to end), params.json in Mistral's own style, tokenizer.model. Read by m
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,9 @@ from convert.containers.contract import (
 from convert.containers.torchzip.reader import read_torch_index
 from convert.fileio.regular import is_present
 from convert.fileio.streams import ByteStream, split_parts
+from convert.integrity.crc32 import check_records
 from convert.model.params import mistral_params_json, read_mistral_params
+from convert.model.records import TensorRecord
 
 if TYPE_CHECKING:
     from convert.model.tables import LayoutTable
@@ -34,6 +37,10 @@ class MistralPth(Format):
     container = "mistral_pth"
     markers = (WEIGHTS, f"{WEIGHTS}-split0")
     replaces = (PARAMS, WEIGHTS, f"{WEIGHTS}-split*")
+
+    def check_records(self, records: Iterable[TensorRecord]) -> list[ConvertError]:
+        """Each storage record's CRC-32 from the zip's central directory (torch.load checks none)."""
+        return check_records(records)
 
     def open(
         self, folder: Path, table: LayoutTable, streams: list[ByteStream], ambiguities: Ambiguities

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 from convert.common.dtypes import CONFIG_NAME, nbytes_of
 from convert.common.errors import ConvertError
 from convert.containers import format_of
-from convert.containers.contract import OutputRequest
+from convert.containers.contract import Format, OutputRequest
 from convert.integrity import manifest as integrity
-from convert.model.outputs import OutputFile, Piece, TargetTensor
+from convert.model.outputs import Cast, OutputFile, Piece, TargetTensor
 from convert.model.params import ModelParams
 from convert.model.records import TensorRecord
-from convert.model.tables import ATTRIBUTES, KindLayout, LayoutTable, canonical, layout, layout_names
+from convert.model.tables import ATTRIBUTES, KindLayout, LayoutTable, StoredTensor, canonical, layout, layout_names
 from convert.model.transforms import TRANSFORMS, Step
 from convert.planning.source import TOKENIZER, Source
 
@@ -192,40 +193,81 @@ def _source_pieces(source: Source) -> dict[tuple, tuple[TensorRecord, int, KindL
 
 def target_tensors(source: Source, target: LayoutTable, *, main: str, outtype: str | None) -> list[TargetTensor]:
     """The target's tensors in its module order, each with the source pieces that fill it. A tensor whose dtype
-    the containers change (the target's rules for outtype, or the source's own widening undone) gets a cast."""
+    the containers change (the target's rules for outtype, or the source's own widening undone) gets a cast; a
+    tensor the target stores as several parts (Format.parts) becomes one tensor per part, each computed from the
+    same source pieces by its own cast."""
     params = source.params
     env = params.shape_env()
     sources = _source_pieces(source)
     writes, reads = format_of(target), format_of(source.layout)
     result = []
     for stored in target.tensors(params.n_layers, params.n_experts):
-        pieces = []
-        offset = 0
-        dtypes = set()
         shape = stored.shape(env)
-        for key in stored.canonical_keys():
-            record, src_offset, src_layout = sources[key]
-            dtypes.add(record.dtype)
-            piece_shape = src_layout.piece_shape(env)
-            nbytes = nbytes_of(record.dtype, piece_shape)
-            steps = steps_between(src_layout, stored.layout, env)
-            wanted = writes.tensor_dtype(stored.name, shape, reads.checkpoint_dtype(record, main), outtype)
-            cast = None
-            if wanted != record.dtype:
-                cast = writes.cast(record.dtype, wanted) or reads.restore(record.dtype, wanted)
-                if cast is None:
-                    raise ConvertError(
-                        f"cannot convert {record.dtype} to {wanted} for --to {target.name}",
-                        file=record.stream.label,
-                        tensor=record.name,
-                    )
-            piece = Piece(stored.name, record, src_offset, piece_shape, offset, nbytes, steps, cast)
-            pieces.append(piece)
-            offset += piece.out_nbytes
-        if len(dtypes) > 1:
-            raise ConvertError(f"cannot stack experts of different dtypes {sorted(dtypes)}", tensor=stored.name)
-        result.append(TargetTensor(stored.name, stored.layer, pieces[0].out_dtype, shape, tuple(pieces)))
+        keys = stored.canonical_keys()
+        dtype = sources[keys[0]][0].dtype
+        parts = writes.parts(stored.name, shape, dtype, outtype)
+        if parts is None:
+            cast_of = partial(_element_cast, target.name, writes, reads, stored.name, shape, main=main, outtype=outtype)
+            pieces = _pieces(stored, stored.name, sources, env, cast_of)
+            result.append(TargetTensor(stored.name, stored.layer, pieces[0].out_dtype, shape, pieces))
+            continue
+        for part in parts:
+            name = stored.name + part.suffix
+            pieces = _pieces(stored, name, sources, env, lambda _record, cast=part.cast: cast)
+            result.append(TargetTensor(name, stored.layer, part.dtype, part.shape, pieces))
     return result
+
+
+def _element_cast(
+    target: str,
+    writes: Format,
+    reads: Format,
+    name: str,
+    shape: tuple[int, ...],
+    record: TensorRecord,
+    *,
+    main: str,
+    outtype: str | None,
+) -> Cast | None:
+    """The cast of a tensor stored as one: the dtype the target stores it in (its rules for outtype, or the
+    source's widening undone) where that differs from the source's."""
+    wanted = writes.tensor_dtype(name, shape, reads.checkpoint_dtype(record, main), outtype)
+    if wanted == record.dtype:
+        return None
+    cast = writes.cast(record.dtype, wanted) or reads.restore(record.dtype, wanted)
+    if cast is None:
+        raise ConvertError(
+            f"cannot convert {record.dtype} to {wanted} for --to {target}",
+            file=record.stream.label,
+            tensor=record.name,
+        )
+    return cast
+
+
+def _pieces(
+    stored: StoredTensor,
+    name: str,
+    sources: dict[tuple, tuple[TensorRecord, int, KindLayout]],
+    env: Mapping[str, int],
+    cast_of: Callable[[TensorRecord], Cast | None],
+) -> tuple[Piece, ...]:
+    """The source pieces that fill one output tensor (one per canonical key: several when the target stacks
+    experts), placed one after another, each read, moved by the steps between the layouts and cast."""
+    pieces = []
+    offset = 0
+    dtypes = set()
+    for key in stored.canonical_keys():
+        record, src_offset, src_layout = sources[key]
+        dtypes.add(record.dtype)
+        piece_shape = src_layout.piece_shape(env)
+        nbytes = nbytes_of(record.dtype, piece_shape)
+        steps = steps_between(src_layout, stored.layout, env)
+        piece = Piece(name, record, src_offset, piece_shape, offset, nbytes, steps, cast_of(record))
+        pieces.append(piece)
+        offset += piece.out_nbytes
+    if len(dtypes) > 1:
+        raise ConvertError(f"cannot stack experts of different dtypes {sorted(dtypes)}", tensor=stored.name)
+    return tuple(pieces)
 
 
 def _tokenizer_copy(source: Source, target: LayoutTable, *, instruct: bool) -> list[OutputFile]:

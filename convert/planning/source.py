@@ -62,7 +62,7 @@ def source_identity(source: Source) -> list[dict]:
 def detect_layout(folder: Path) -> str:
     if not folder.is_dir():
         raise ConvertError("not a folder" if folder.exists() else "no such folder", file=folder)
-    found = [name for name in layout_names() if any(_matches(folder, m) for m in format_of(layout(name)).markers)]
+    found = [name for name in layout_names() if format_of(layout(name)).claims(folder)]
     if len(found) == 1:
         return found[0]
     if found:
@@ -83,11 +83,6 @@ def detect_layout(folder: Path) -> str:
     present = sorted(shown(p.name) for p in folder.iterdir())[:8]
     needs = "; ".join(f"{name} needs {' or '.join(format_of(layout(name)).markers)}" for name in layout_names())
     raise ConvertError(f"no known checkpoint layout (found: {', '.join(present) or 'nothing'}); {needs}", file=folder)
-
-
-def _matches(folder: Path, marker: str) -> bool:
-    """A marker is a file name or a glob (a container whose file names are the user's, such as *.gguf)."""
-    return any(folder.glob(marker)) if any(c in marker for c in "*?[") else (folder / marker).exists()
 
 
 def open_source(folder: Path, layout_name: str | None = None) -> Source:

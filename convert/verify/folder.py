@@ -18,9 +18,9 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from convert.common.errors import ConvertError, shown
+from convert.containers import format_of
 from convert.fileio.regular import MAX_SUMS, is_present, read_small
 from convert.fileio.workers import run_scope
-from convert.integrity.crc32 import check_records
 from convert.integrity.manifest import (
     MANIFEST,
     SUMS,
@@ -187,7 +187,7 @@ def _check_zip_crcs(source: Source, report: Report) -> None:
         records = [r for r in source.records.values() if r.stream is stream and r.checked is not None]
         if not records:
             continue
-        problems = check_records(records)
+        problems = format_of(source.layout).check_records(records)
         for problem in problems:
             report.add_error("crc32", problem)
         if not problems:
