@@ -22,8 +22,9 @@ from gguf import GGUFValueType as V
 from test_tokenizer import train
 
 from convert.common.errors import ConvertError
-from convert.containers.gguf import casts, reader, writer
+from convert.containers.gguf import casts, writer
 from convert.containers.gguf import keys as gkeys
+from convert.containers.gguf import reader as greader
 from convert.containers.gguf import types as gtypes
 from convert.fileio.streams import ByteStream
 from convert.model.params import ModelParams
@@ -429,22 +430,22 @@ def test_split_as_gguf_split(tmp_path: Path) -> None:
         assert reader.fields["split.count"].types == [V.UINT16] and reader.fields["split.count"].contents() == count
         assert reader.fields["split.tensors.count"].types == [V.INT32]
         assert reader.fields["split.tensors.count"].contents() == len(infos)
-    paths = reader.split_paths(tmp_path / files[0][0])
+    paths = greader.split_paths(tmp_path / files[0][0])
     assert [p.name for p in paths] == [name for name, _ in files]
     opened = [ByteStream([p]) for p in paths]
     try:
-        read = [reader.read_gguf(s) for s in opened]
-        reader.check_splits(paths, [m for m, _ in read], sum(len(r) for _, r in read))
+        read = [greader.read_gguf(s) for s in opened]
+        greader.check_splits(paths, [m for m, _ in read], sum(len(r) for _, r in read))
         with pytest.raises(ConvertError, match=r"split.no \d+ of split.count \d+, but the file name makes it 0 of"):
-            reader.check_splits(paths, [m for m, _ in read][::-1], sum(len(r) for _, r in read))
+            greader.check_splits(paths, [m for m, _ in read][::-1], sum(len(r) for _, r in read))
     finally:
         for s in opened:
             s.close()
     (tmp_path / files[-1][0]).unlink()
     with pytest.raises(ConvertError, match=f"split {files[-1][0]} is missing"):
-        reader.split_paths(tmp_path / files[0][0])
+        greader.split_paths(tmp_path / files[0][0])
     with pytest.raises(ConvertError, match="give the first split"):
-        reader.split_paths(tmp_path / files[1][0])
+        greader.split_paths(tmp_path / files[1][0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -467,7 +468,7 @@ def write_with_gguf_writer(path: Path, tensors: dict[str, np.ndarray], raw_types
 def read(path: Path) -> tuple[dict[str, gkeys.KV], list]:
     stream = ByteStream([path])
     try:
-        return reader.read_gguf(stream)
+        return greader.read_gguf(stream)
     finally:
         stream.close()
 
@@ -481,7 +482,7 @@ def test_reader_round_trip_with_gguf_writer(tmp_path: Path, model_bytes: bytes) 
     got, records = read(path)
     assert [(e.key, e.type) for e in got.values()] == [(e.key, e.type) for e in metadata]
     tokens = next(e.value for e in metadata if e.key == "tokenizer.ggml.tokens")
-    assert reader.metadata_values(got)["tokenizer.ggml.tokens"] == tokens
+    assert greader.metadata_values(got)["tokenizer.ggml.tokens"] == tokens
     assert gkeys.params_from_metadata(got, file=str(path)) == params
     for record, (name, shape) in zip(records, mixtral_tensors(params), strict=True):
         assert (record.name, record.shape, record.offset) == (name, shape, layout.offsets[name])
@@ -496,7 +497,7 @@ def test_reader_round_trip_with_gguf_writer(tmp_path: Path, model_bytes: bytes) 
         x__b=(True, V.BOOL), x__s=("héllo", V.STRING),
     )  # fmt: skip
     got, records = read(other)
-    values = reader.metadata_values(got)
+    values = greader.metadata_values(got)
     assert [values[k] for k in ("x.u8", "x.i64", "x.f64", "x.b", "x.s")] == [7, -3, 0.1, True, "héllo"]
     assert [(r.name, r.dtype, r.shape) for r in records] == [
         ("a.weight", "F32", (2, 3)), ("b.weight", "F16", (5, 3, 2)), ("c.weight", "BF16", (7,))]  # fmt: skip
@@ -601,14 +602,14 @@ def test_many_short_strings_stay_within_the_memory_bound(tmp_path: Path) -> None
     path.write_bytes(padded(body))
     tracemalloc.start()
     try:
-        with pytest.raises(ConvertError, match=f"more than {reader.MAX_STRINGS} strings"):
+        with pytest.raises(ConvertError, match=f"more than {greader.MAX_STRINGS} strings"):
             read(path)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert peak < 40 * 2**20, peak
     big = tmp_path / "big.gguf"
-    array = struct.pack("<IIQ", V.ARRAY, V.UINT8, reader.MAX_HEADER)
-    big.write_bytes(header(0, 1) + gstr("t") + array + bytes(reader.MAX_HEADER))
+    array = struct.pack("<IIQ", V.ARRAY, V.UINT8, greader.MAX_HEADER)
+    big.write_bytes(header(0, 1) + gstr("t") + array + bytes(greader.MAX_HEADER))
     with pytest.raises(ConvertError, match="runs past the first 16777216 bytes"):
         read(big)
