@@ -33,10 +33,12 @@ from pickle_ops import glob, uni
 
 from convert.common.dtypes import ITEM_SIZE
 from convert.common.errors import ConvertError
+from convert.containers.hf_safetensors import read_hf_params
+from convert.containers.mistral_params import read_mistral_params
 from convert.containers.safetensors import open_safetensors
 from convert.containers.torchzip.reader import _ALLOWED, read_torch_index
 from convert.fileio.streams import ByteStream
-from convert.model.params import ModelParams, read_hf_params, read_mistral_params
+from convert.model.params import ModelParams
 from convert.planning.plan import EXPECTED_SLACK, EXPECTED_SLACK_TENSORS, check_source
 from convert.planning.source import open_source
 from convert.sample import SAMPLE_PARAMS, write_sample

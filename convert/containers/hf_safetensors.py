@@ -8,11 +8,11 @@ kept as data in mappings/release/mixtral-8x7b-v0.1.toml."""
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from convert.common.dtypes import CONFIG_NAME
 from convert.common.errors import ConvertError, shown
@@ -30,7 +30,27 @@ from convert.containers.contract import (
 from convert.containers.safetensors import open_safetensors
 from convert.fileio.regular import MAX_INDEX_JSON, is_present
 from convert.model.outputs import OutputFile, TargetTensor
-from convert.model.params import hf_config_json, json_text, read_hf_params, read_json_object
+from convert.model.params import (
+    DEFAULT_EXPERTS_PER_TOKEN,
+    DEFAULT_ROPE_THETA,
+    IMPLIED_HEAD_DIM,
+    JSON,
+    Dialect,
+    JsonType,
+    Key,
+    ModelParams,
+    Reading,
+    Step,
+    check_consistent,
+    head_dim_is_not_implied,
+    json_text,
+    max_positions,
+    read_json_object,
+    read_json_params,
+    same_as,
+    vocab_from_tensors,
+    written_keys,
+)
 from convert.model.records import TensorRecord
 from convert.model.tables import data_dir
 from convert.tokenizer.hf_files import hf_tokenizer_files
@@ -45,6 +65,87 @@ CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # decimal, as transformers sharded the published checkpoint
 RELEASE = "mixtral-8x7b-v0.1.toml"  # mappings/release/: config.json fields params.json does not carry
+
+
+INT, NUMBER, WINDOW = JsonType.INT, JsonType.NUMBER, JsonType.WINDOW
+
+
+def rope_parameters(reading: Reading) -> None:
+    """transformers 5.x moved rope_theta into rope_parameters (Key.preferred reads it there): that object must be
+    Mixtral's plain rotary embedding."""
+    nested = reading.source.get("rope_parameters")
+    if nested is None:
+        return
+    if not isinstance(nested, dict):
+        raise ConvertError("key 'rope_parameters' must be an object", file=reading.file)
+    if nested.get("rope_type", "default") != "default":
+        raise ConvertError(f"rope_type {nested['rope_type']!r} is not Mixtral's default rotary", file=reading.file)
+
+
+# The order config.json has always been read in (the first broken rule is the one reported); megablocks' HF-style
+# params.json is read the same way.
+HF_READ_ORDER: tuple[str | Step, ...] = (
+    "dim",
+    "n_heads",
+    rope_parameters,
+    "sliding_window",
+    "max_position_embeddings",
+    "n_layers",
+    "n_kv_heads",
+    "head_dim",
+    "hidden_dim",
+    "n_experts",
+    "experts_per_tok",
+    "vocab_size",
+    "norm_eps",
+    "rope_theta",
+)
+
+# config.json's keys. The order is not the file's (transformers sorts the keys); torch_dtype and the published
+# defaults are added by hf_config_json.
+CONFIG_PARAMS: Final = Dialect(
+    name="config.json",
+    syntax=JSON,
+    keys=(
+        Key("dim", ("hidden_size",), INT),
+        Key("n_layers", ("num_hidden_layers",), INT),
+        Key("n_heads", ("num_attention_heads",), INT),
+        # transformers 5 writes an unset head_dim as null: null is absent, as for every key but vocab_size.
+        Key("n_kv_heads", ("num_key_value_heads",), INT, default=same_as("n_heads")),
+        Key("head_dim", ("head_dim",), INT, default=IMPLIED_HEAD_DIM, when=head_dim_is_not_implied),
+        Key("hidden_dim", ("intermediate_size",), INT),
+        Key("n_experts", ("num_local_experts",), INT),
+        Key("experts_per_tok", ("num_experts_per_tok",), INT, default=DEFAULT_EXPERTS_PER_TOKEN),
+        # Only a missing vocab_size is read from the embedding; null is a missing required key.
+        Key("vocab_size", ("vocab_size",), INT, absent=(), fallback=vocab_from_tensors),
+        Key("norm_eps", ("rms_norm_eps",), NUMBER),
+        Key(
+            "rope_theta",
+            ("rope_theta",),
+            NUMBER,
+            default=DEFAULT_ROPE_THETA,
+            preferred=("rope_parameters", "rope_theta"),
+        ),
+        Key("sliding_window", ("sliding_window",), WINDOW, required=False),
+        Key("max_position_embeddings", ("max_position_embeddings",), INT, required=False, encode=max_positions),
+    ),
+    order=HF_READ_ORDER,
+    check=check_consistent,
+)
+
+
+def read_hf_params(path: Path, vocab_from_embedding: int | None = None) -> ModelParams:
+    """config.json, transformers 4.x (rope_theta) or 5.x (rope_parameters) style."""
+    return read_json_params(CONFIG_PARAMS, path, vocab_from_embedding)
+
+
+def hf_config_json(params: ModelParams, torch_dtype: str, defaults: Mapping[str, object]) -> str:
+    """config.json exactly as transformers serializes it (indent 2, sorted keys, trailing newline): the published
+    defaults, then the parameters over them."""
+    config = dict(defaults)
+    config.update((key.name, value) for key, value in written_keys(CONFIG_PARAMS.keys, params))
+    config["torch_dtype"] = torch_dtype
+    return json_text(config)
 
 
 def shard_name(number: int, count: int) -> str:

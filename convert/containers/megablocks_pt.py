@@ -3,10 +3,11 @@ of the tensors), an HF-style params.json, tokenizer.model. transformers' convert
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from convert.common.errors import ConvertError
 from convert.containers.contract import (
@@ -19,11 +20,30 @@ from convert.containers.contract import (
     text_file,
     torch_zip_file,
 )
+from convert.containers.hf_safetensors import HF_READ_ORDER
 from convert.containers.torchzip.reader import read_torch_index
 from convert.fileio.streams import ByteStream
 from convert.integrity.crc32 import check_records
 from convert.model.outputs import TargetTensor
-from convert.model.params import hf_params_json, read_hf_params
+from convert.model.params import (
+    DEFAULT_EXPERTS_PER_TOKEN,
+    DEFAULT_MAX_POSITIONS,
+    DEFAULT_ROPE_THETA,
+    IMPLIED_HEAD_DIM,
+    JSON,
+    Dialect,
+    JsonType,
+    Key,
+    ModelParams,
+    Reading,
+    check_consistent,
+    head_dim_is_not_implied,
+    json_params,
+    max_positions,
+    read_json_params,
+    same_as,
+    vocab_from_tensors,
+)
 from convert.model.records import TensorRecord
 
 if TYPE_CHECKING:
@@ -32,6 +52,71 @@ if TYPE_CHECKING:
 FILES = 8  # consolidated.00.pt ... consolidated.07.pt, as uploaded and as transformers' script reads
 PARAMS = "params.json"
 _PT_FILE = re.compile(r"consolidated\.(\d+)\.pt$")
+
+
+INT, NUMBER, WINDOW = JsonType.INT, JsonType.NUMBER, JsonType.WINDOW
+
+
+def _window_as_uploaded(params: ModelParams) -> str:
+    """transformers' convert_mixtral_weights_to_hf.py (4.36 to 4.45) passes sliding_window through int(), 4.36
+    without checking that the key exists, so neither null nor "null" nor a missing key is read by both. "No
+    sliding window" is written as a window of the model's whole context (max_position_embeddings, 32768 by
+    default), in a string as uploaded: no token ever lies that far back, so the attention is the same for every
+    sequence the model supports. _whole_context_is_no_window reads it back as none."""
+    return str(max_positions(params) if params.sliding_window is None else params.sliding_window)
+
+
+def _whole_context_is_no_window(reading: Reading) -> None:
+    """The inverse of _window_as_uploaded: a window no shorter than the longest sequence the model supports is
+    none."""
+    got = reading.got
+    window = got["sliding_window"]
+    if window is not None and window >= (got["max_position_embeddings"] or DEFAULT_MAX_POSITIONS):
+        got["sliding_window"] = None
+
+
+# The upload's keys, in its order, with the value types transformers' script reads; read as config.json is.
+MEGABLOCKS_PARAMS: Final = Dialect(
+    name="params.json (megablocks)",
+    syntax=JSON,
+    keys=(
+        Key("dim", ("hidden_size",), INT),
+        Key("hidden_dim", ("intermediate_size",), INT),
+        Key("n_heads", ("num_attention_heads",), INT),
+        Key("n_layers", ("num_hidden_layers",), INT),
+        Key("n_kv_heads", ("num_key_value_heads",), INT, default=same_as("n_heads")),
+        Key("n_experts", ("num_local_experts",), INT),
+        Key("experts_per_tok", ("num_experts_per_tok",), INT, default=DEFAULT_EXPERTS_PER_TOKEN),
+        Key("vocab_size", ("vocab_size",), INT, absent=(), fallback=vocab_from_tensors),
+        Key("norm_eps", ("rms_norm_eps",), NUMBER),
+        Key(
+            "rope_theta",
+            ("rope_theta",),
+            NUMBER,
+            default=DEFAULT_ROPE_THETA,
+            preferred=("rope_parameters", "rope_theta"),
+        ),
+        Key("sliding_window", ("sliding_window",), WINDOW, required=False, encode=_window_as_uploaded),
+        Key("head_dim", ("head_dim",), INT, default=IMPLIED_HEAD_DIM, when=head_dim_is_not_implied),
+        Key(
+            "max_position_embeddings",
+            ("max_position_embeddings",),
+            INT,
+            required=False,
+            omit=(None, DEFAULT_MAX_POSITIONS),
+        ),
+    ),
+    order=(*HF_READ_ORDER, _whole_context_is_no_window),
+    check=check_consistent,
+)
+
+
+def read_megablocks_params(path: Path, vocab_from_embedding: int | None = None) -> ModelParams:
+    return read_json_params(MEGABLOCKS_PARAMS, path, vocab_from_embedding)
+
+
+def megablocks_params_json(params: ModelParams) -> str:
+    return json.dumps(json_params(MEGABLOCKS_PARAMS, params), indent=2) + "\n"
 
 
 def file_name(number: int) -> str:
@@ -59,7 +144,7 @@ class MegablocksPt(Format):
             streams.append(stream)
             records += read_torch_index(stream)
         params_file = folder / PARAMS
-        params = read_hf_params(params_file, embedding_vocab(records, table), megablocks=True)
+        params = read_megablocks_params(params_file, embedding_vocab(records, table))
         return OpenedWeights(records, [p for _, p in numbered], params_file, params)
 
     def plan(self, request: OutputRequest) -> PlannedOutput:
@@ -80,7 +165,7 @@ class MegablocksPt(Format):
             else:
                 groups[count - 1 if seen_layer else 0].append(tensor)
         weights = [torch_zip_file(file_name(i), group) for i, group in enumerate(groups)]
-        return PlannedOutput(weights, [], text_file(PARAMS, hf_params_json(request.params)))
+        return PlannedOutput(weights, [], text_file(PARAMS, megablocks_params_json(request.params)))
 
 
 FORMAT = MegablocksPt()

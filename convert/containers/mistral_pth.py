@@ -19,11 +19,11 @@ from convert.containers.contract import (
     text_file,
     torch_zip_file,
 )
+from convert.containers.mistral_params import mistral_params_json, read_mistral_params
 from convert.containers.torchzip.reader import read_torch_index
 from convert.fileio.regular import is_present
 from convert.fileio.streams import ByteStream, split_parts
 from convert.integrity.crc32 import check_records
-from convert.model.params import mistral_params_json, read_mistral_params
 from convert.model.records import TensorRecord
 
 if TYPE_CHECKING:

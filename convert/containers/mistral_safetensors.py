@@ -18,9 +18,9 @@ from convert.containers.contract import (
     safetensors_file,
     text_file,
 )
+from convert.containers.mistral_params import mistral_params_json, read_mistral_params
 from convert.containers.safetensors import open_safetensors
 from convert.fileio.regular import is_present
-from convert.model.params import mistral_params_json, read_mistral_params
 
 if TYPE_CHECKING:
     from convert.fileio.streams import ByteStream

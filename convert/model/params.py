@@ -1,5 +1,9 @@
-"""Model hyperparameters: read from params.json (Mistral style), an HF-style params.json (megablocks) or
-config.json (transformers 4.x top-level rope_theta, or 5.x rope_parameters), and written as config.json.
+"""Model hyperparameters and the mechanism every container's parameter dialect is described with.
+
+A dialect is a file's way of spelling ModelParams: Mistral's params.json, megablocks' HF-style params.json,
+config.json (transformers 4.x top-level rope_theta, or 5.x rope_parameters), GGUF's llama.* keys. Each container
+owns its dialect as one table of Keys (convert/containers/); read_params and written_keys here are the one reader
+and the one writer those tables drive, and JSON is the syntax of the JSON dialects (GGUF's lives beside its table).
 
 A missing rope_theta means 1e6, mistral-inference's default for Mixtral; other converters' 1e4 silently breaks
 the model.
@@ -9,8 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from pathlib import Path
+from typing import Any, Final
 
 from convert.common.errors import ConvertError
 from convert.fileio.regular import MAX_PARAMS_JSON, read_small
@@ -45,6 +52,19 @@ class ModelParams:
         return {k: v for k, v in asdict(self).items() if type(v) is int}
 
 
+FIELDS: Final = tuple(f.name for f in fields(ModelParams))
+
+
+def max_positions(params: ModelParams) -> int:
+    """The context length a file that must state one states: 32768, as published, when params have none."""
+    return params.max_position_embeddings or DEFAULT_MAX_POSITIONS
+
+
+def head_dim_is_not_implied(params: ModelParams) -> bool:
+    """Whether a dialect that leaves head_dim out when it is dim / n_heads must write it."""
+    return not params.head_dim_is_implied
+
+
 def read_json_object(path: Path, limit: int = MAX_PARAMS_JSON) -> dict:
     """A JSON object from a regular file of at most limit bytes (checked before parsing: parsing costs many times
     the text's size)."""
@@ -61,57 +81,254 @@ def read_json_object(path: Path, limit: int = MAX_PARAMS_JSON) -> dict:
     return data
 
 
-class _Fields:
-    """Typed access to one JSON object, each failure naming the file and the key."""
+def json_text(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
-    def __init__(self, data: dict, path: Path) -> None:
-        self.data = data
-        self.path = path
 
-    def integer(self, key: str, default: int | None = None, *, required: bool = True) -> int | None:
-        value = self.data.get(key)
-        if value is None:  # absent, or null as transformers 5 writes an unset head_dim
-            value = default
-        if value is None:
-            if required:
-                raise ConvertError(f"missing required key {key!r}", file=self.path)
+# ---------------------------------------------------------------------------------------------------------------
+# The description of a dialect.
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT: Final = _Absent()  # what a syntax's lookup gives for a key the file does not have (JSON null is a value)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A default computed from the fields already read (n_kv_heads defaults to n_heads)."""
+
+    of: Callable[[Mapping[str, Any]], Any]
+
+
+def same_as(name: str) -> Derived:
+    return Derived(lambda got: got[name])
+
+
+IMPLIED_HEAD_DIM: Final = Derived(lambda got: got["dim"] // got["n_heads"])
+
+
+@dataclass(frozen=True)
+class Key:
+    """One ModelParams field as a dialect spells it.
+
+    path: the key, or the path of keys through nested objects (("moe", "num_experts")). kind: its type in the
+    dialect's syntax (a JsonType, a GGUFValueType). Reading: a value in absent, or no key at all, takes default (a
+    constant or Derived; None: none) or, when fallback is set, what fallback finds elsewhere (the embedding's rows);
+    a key with no value and no default is an error when required, with missing as the message if set; decode
+    maps the checked value to the field's. preferred: a path read instead of path when its parent object is there
+    (transformers 5's rope_parameters). read=False: written only (GGUF's value_length repeats head_dim).
+    Writing: encode gives the value (else the field's); the key is left out when when() is false or the value is
+    in omit (a value the reader's default gives back)."""
+
+    field: str
+    path: tuple[str, ...]
+    kind: Enum
+    required: bool = True
+    default: Any = None
+    absent: tuple[Any, ...] = (None,)
+    fallback: Callable[[Reading], Any] | None = None
+    missing: str | None = None
+    decode: Callable[[Any], Any] | None = None
+    preferred: tuple[str, ...] | None = None
+    read: bool = True
+    encode: Callable[[ModelParams], Any] | None = None
+    omit: tuple[Any, ...] = ()
+    when: Callable[[ModelParams], bool] | None = None
+
+    @property
+    def name(self) -> str:
+        """The key as messages name it: the last of its path."""
+        return self.path[-1]
+
+
+class Syntax:
+    """How a dialect's file holds values: finding a key, checking a value of a kind, the missing-key message."""
+
+    # JSON dialects check a default like a value (head_dim = dim // n_heads can be 0); llama.cpp's loader does not.
+    checks_defaults: bool = True
+
+    def lookup(self, source: Any, key: Key, file: Path | str) -> Any:
+        raise NotImplementedError
+
+    def check(self, key: Key, value: Any, file: Path | str) -> Any:
+        raise NotImplementedError
+
+    def missing(self, key: Key) -> str:
+        raise NotImplementedError
+
+
+@dataclass
+class Reading:
+    """One read in progress, for hooks: the parsed file, the fields read so far, and the embedding's row count."""
+
+    dialect: Dialect
+    source: Any
+    file: Path | str
+    vocab_from_tensors: int | None
+    got: dict[str, Any] = field(default_factory=dict)
+
+
+Step = Callable[[Reading], None]  # a hook run at its place in the read order (a nested object's own checks)
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """A container's parameter dialect: its keys in the order it writes them, the order it reads them in (field
+    names, and hooks where the dialect needs code; the first broken rule is the one reported, so the order is part
+    of the behaviour), the check of the whole, and the fields it cannot express (read as None)."""
+
+    name: str
+    syntax: Syntax
+    keys: tuple[Key, ...]
+    order: tuple[str | Step, ...]
+    check: Callable[[ModelParams, Path | str], None]
+    unset: tuple[str, ...] = ()
+
+    def key(self, name: str) -> Key:
+        """The key a field is read from."""
+        return next(k for k in self.keys if k.field == name and k.read)
+
+
+def read_key(reading: Reading, key: Key) -> Any:
+    """One field's value from the file, by its key's rules (see Key)."""
+    syntax = reading.dialect.syntax
+    value = syntax.lookup(reading.source, key, reading.file)
+    if value is ABSENT or value in key.absent:
+        if key.fallback is not None:
+            return key.fallback(reading)
+        value = key.default.of(reading.got) if isinstance(key.default, Derived) else key.default
+        if value is not None and not syntax.checks_defaults:
+            return value
+    if value is None:
+        if key.required:
+            raise ConvertError(key.missing or syntax.missing(key), file=reading.file)
+        return None
+    value = syntax.check(key, value, reading.file)
+    return value if key.decode is None or value is None else key.decode(value)  # a window's "null" checks as None
+
+
+def read_params(dialect: Dialect, source: Any, file: Path | str, vocab_from_tensors: int | None = None) -> ModelParams:
+    """ModelParams from a parsed file in dialect: its order's fields and hooks in turn, then its check."""
+    reading = Reading(dialect, source, file, vocab_from_tensors)
+    for step in dialect.order:
+        if isinstance(step, str):
+            reading.got[step] = read_key(reading, dialect.key(step))
+        else:
+            step(reading)
+    reading.got.update(dict.fromkeys(dialect.unset))
+    params = ModelParams(**reading.got)
+    dialect.check(params, file)
+    return params
+
+
+def written_keys(keys: Iterable[Key], params: ModelParams) -> list[tuple[Key, Any]]:
+    """The keys a dialect writes for params, in the table's order, each with its value."""
+    items = []
+    for key in keys:
+        if key.when is not None and not key.when(params):
+            continue
+        value = getattr(params, key.field) if key.encode is None else key.encode(params)
+        if value not in key.omit:
+            items.append((key, value))
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSON, the syntax of params.json and config.json.
+
+
+class JsonType(Enum):
+    INT = "positive integer"
+    NUMBER = "positive finite number"
+    WINDOW = "sliding window"  # a positive integer or null; megablocks stores it as a string
+
+
+def _walk(source: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        if not isinstance(source, dict) or part not in source:
+            return ABSENT
+        source = source[part]
+    return source
+
+
+class _Json(Syntax):
+    """Values as json.loads gives them; every failure names the file and the key."""
+
+    def lookup(self, source: Any, key: Key, file: Path | str) -> Any:
+        if key.preferred is not None and isinstance(_walk(source, key.preferred[:-1]), dict):
+            return _walk(source, key.preferred)
+        return _walk(source, key.path)
+
+    def missing(self, key: Key) -> str:
+        return f"missing required key {key.name!r}"
+
+    def check(self, key: Key, value: Any, file: Path | str) -> Any:
+        if key.kind is JsonType.INT:
+            if type(value) is not int or value <= 0:
+                raise ConvertError(f"key {key.name!r} must be a positive integer, got {value!r}", file=file)
+            return value
+        if key.kind is JsonType.NUMBER:
+            try:
+                number = float(value) if type(value) in (int, float) else math.nan
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number) or number <= 0:
+                raise ConvertError(f"key {key.name!r} must be a positive finite number, got {value!r:.40}", file=file)
+            return number
+        return _window(key, value, file)
+
+
+def _window(key: Key, value: Any, file: Path | str) -> int | None:
+    """A sliding window: "null", "none" or "" as a string is none too (megablocks stores the window as a string)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "null", "none"):
             return None
-        if type(value) is not int or value <= 0:
-            raise ConvertError(f"key {key!r} must be a positive integer, got {value!r}", file=self.path)
-        return value
-
-    def number(self, key: str, default: float | None = None) -> float:
-        value = self.data.get(key)
-        if value is None:
-            value = default
-        if value is None:
-            raise ConvertError(f"missing required key {key!r}", file=self.path)
-        try:
-            number = float(value) if type(value) in (int, float) else math.nan
-        except OverflowError:
-            number = math.inf
-        if not math.isfinite(number) or number <= 0:
-            raise ConvertError(f"key {key!r} must be a positive finite number, got {value!r:.40}", file=self.path)
-        return number
-
-    def window(self, key: str) -> int | None:
-        """A sliding window: absent or null means none; megablocks stores it as a string."""
-        value = self.data.get(key)
-        if isinstance(value, str):
-            text = value.strip().lower()
-            if text in ("", "null", "none"):
-                return None
-            if not (text.isascii() and text.isdigit()):
-                raise ConvertError(f"key {key!r} must be an integer or null, got {value!r}", file=self.path)
-            value = int(text)
-        if value is None:
-            return None
-        if type(value) is not int or value <= 0:
-            raise ConvertError(f"key {key!r} must be a positive integer or null, got {value!r}", file=self.path)
-        return value
+        if not (text.isascii() and text.isdigit()):
+            raise ConvertError(f"key {key.name!r} must be an integer or null, got {value!r}", file=file)
+        value = int(text)
+    if type(value) is not int or value <= 0:
+        raise ConvertError(f"key {key.name!r} must be a positive integer or null, got {value!r}", file=file)
+    return value
 
 
-def _checked(params: ModelParams, path: Path) -> ModelParams:
+JSON: Final[Syntax] = _Json()
+
+
+def read_json_params(dialect: Dialect, path: Path, vocab_from_tensors: int | None) -> ModelParams:
+    return read_params(dialect, read_json_object(path), path, vocab_from_tensors)
+
+
+def json_params(dialect: Dialect, params: ModelParams) -> dict[str, Any]:
+    """The dialect's keys for params as a JSON object, nested along their paths, in the table's order."""
+    data: dict[str, Any] = {}
+    for key, value in written_keys(dialect.keys, params):
+        node = data
+        for part in key.path[:-1]:
+            node = node.setdefault(part, {})
+        node[key.name] = value
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What every JSON dialect shares: the vocabulary from the embedding, and the model's own consistency.
+
+
+def vocab_from_tensors(reading: Reading) -> int:
+    """vocab_size when the file is silent (old params.json files wrote -1, set by the tokenizer): the embedding's
+    rows."""
+    if not reading.vocab_from_tensors:
+        raise ConvertError(
+            "missing required key 'vocab_size' and no non-empty embedding to read it from", file=reading.file
+        )
+    return reading.vocab_from_tensors
+
+
+def check_consistent(params: ModelParams, path: Path | str) -> None:
     if params.n_heads % params.n_kv_heads:
         raise ConvertError(f"n_heads {params.n_heads} is not a multiple of n_kv_heads {params.n_kv_heads}", file=path)
     if params.head_dim % 2:
@@ -120,166 +337,3 @@ def _checked(params: ModelParams, path: Path) -> ModelParams:
         raise ConvertError(
             f"experts per token {params.experts_per_tok} exceeds the {params.n_experts} experts", file=path
         )
-    return params
-
-
-def read_mistral_params(path: Path, vocab_from_tensors: int | None) -> ModelParams:
-    """params.json as Mistral ships it (dim, n_layers, ..., moe: {num_experts, num_experts_per_tok})."""
-    fields = _Fields(read_json_object(path), path)
-    moe = fields.data.get("moe")
-    if moe is None:
-        raise ConvertError(
-            "missing required key 'moe' (an object with num_experts): not a mixture-of-experts model", file=path
-        )
-    if not isinstance(moe, dict):
-        raise ConvertError(f"key 'moe' must be an object with num_experts, got {moe!r:.40}", file=path)
-    moe_fields = _Fields(moe, path)
-    dim = fields.integer("dim")
-    n_heads = fields.integer("n_heads")
-    vocab = fields.data.get("vocab_size")
-    return _checked(
-        ModelParams(
-            dim=dim,
-            n_layers=fields.integer("n_layers"),
-            n_heads=n_heads,
-            n_kv_heads=fields.integer("n_kv_heads", n_heads),
-            head_dim=fields.integer("head_dim", dim // n_heads),
-            hidden_dim=fields.integer("hidden_dim"),
-            n_experts=moe_fields.integer("num_experts"),
-            experts_per_tok=moe_fields.integer("num_experts_per_tok", DEFAULT_EXPERTS_PER_TOKEN),
-            # Old params.json files wrote vocab_size -1 (set by the tokenizer); then the embedding says.
-            vocab_size=fields.integer("vocab_size") if vocab not in (None, -1) else _vocab(vocab_from_tensors, path),
-            norm_eps=fields.number("norm_eps"),
-            rope_theta=fields.number("rope_theta", DEFAULT_ROPE_THETA),
-            sliding_window=fields.window("sliding_window"),
-            max_position_embeddings=fields.integer("max_seq_len", required=False),
-        ),
-        path,
-    )
-
-
-def _vocab(vocab_from_tensors: int | None, path: Path) -> int:
-    if not vocab_from_tensors:
-        raise ConvertError("missing required key 'vocab_size' and no non-empty embedding to read it from", file=path)
-    return vocab_from_tensors
-
-
-def read_hf_params(path: Path, vocab_from_tensors: int | None = None, *, megablocks: bool = False) -> ModelParams:
-    """HF-style keys: the megablocks params.json and config.json, 4.x (rope_theta) or 5.x (rope_parameters).
-
-    megablocks: that params.json cannot say "no sliding window" in a way transformers' script reads (see
-    hf_params_json), so a window no shorter than the longest sequence the model supports is read as none."""
-    fields = _Fields(read_json_object(path), path)
-    dim = fields.integer("hidden_size")
-    n_heads = fields.integer("num_attention_heads")
-    theta_source = fields
-    rope_parameters = fields.data.get("rope_parameters")
-    if rope_parameters is not None:
-        if not isinstance(rope_parameters, dict):
-            raise ConvertError("key 'rope_parameters' must be an object", file=path)
-        if rope_parameters.get("rope_type", "default") != "default":
-            raise ConvertError(f"rope_type {rope_parameters['rope_type']!r} is not Mixtral's default rotary", file=path)
-        theta_source = _Fields(rope_parameters, path)
-    window = fields.window("sliding_window")
-    max_positions = fields.integer("max_position_embeddings", required=False)
-    if megablocks and window is not None and window >= (max_positions or DEFAULT_MAX_POSITIONS):
-        window = None
-    return _checked(
-        ModelParams(
-            dim=dim,
-            n_layers=fields.integer("num_hidden_layers"),
-            n_heads=n_heads,
-            n_kv_heads=fields.integer("num_key_value_heads", n_heads),
-            head_dim=fields.integer("head_dim", dim // n_heads),
-            hidden_dim=fields.integer("intermediate_size"),
-            n_experts=fields.integer("num_local_experts"),
-            experts_per_tok=fields.integer("num_experts_per_tok", DEFAULT_EXPERTS_PER_TOKEN),
-            vocab_size=fields.integer("vocab_size")
-            if "vocab_size" in fields.data
-            else _vocab(vocab_from_tensors, path),
-            norm_eps=fields.number("rms_norm_eps"),
-            rope_theta=theta_source.number("rope_theta", DEFAULT_ROPE_THETA),
-            sliding_window=window,
-            max_position_embeddings=max_positions,
-        ),
-        path,
-    )
-
-
-def hf_config_json(params: ModelParams, torch_dtype: str, defaults: dict) -> str:
-    """config.json exactly as transformers serializes it (indent 2, sorted keys, trailing newline)."""
-    config = dict(defaults)
-    config.update(
-        hidden_size=params.dim,
-        intermediate_size=params.hidden_dim,
-        num_attention_heads=params.n_heads,
-        num_experts_per_tok=params.experts_per_tok,
-        num_hidden_layers=params.n_layers,
-        num_key_value_heads=params.n_kv_heads,
-        num_local_experts=params.n_experts,
-        rms_norm_eps=params.norm_eps,
-        rope_theta=params.rope_theta,
-        sliding_window=params.sliding_window,
-        torch_dtype=torch_dtype,
-        vocab_size=params.vocab_size,
-    )
-    config["max_position_embeddings"] = params.max_position_embeddings or DEFAULT_MAX_POSITIONS
-    if not params.head_dim_is_implied:
-        config["head_dim"] = params.head_dim
-    return json_text(config)
-
-
-def json_text(data: dict) -> str:
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
-
-
-def mistral_params_json(params: ModelParams) -> str:
-    """params.json in the torrent's key order and spacing; optional keys only when they carry information, so the
-    real Mixtral-8x7B gives the published line byte for byte (no rope_theta when it is the default 1e6)."""
-    data: dict[str, object] = {
-        "dim": params.dim,
-        "n_layers": params.n_layers,
-        "head_dim": params.head_dim,
-        "hidden_dim": params.hidden_dim,
-        "n_heads": params.n_heads,
-        "n_kv_heads": params.n_kv_heads,
-        "norm_eps": params.norm_eps,
-        "vocab_size": params.vocab_size,
-    }
-    if params.rope_theta != DEFAULT_ROPE_THETA:
-        data["rope_theta"] = params.rope_theta
-    if params.sliding_window is not None:
-        data["sliding_window"] = params.sliding_window
-    if params.max_position_embeddings not in (None, DEFAULT_MAX_POSITIONS):
-        data["max_seq_len"] = params.max_position_embeddings
-    data["moe"] = {"num_experts_per_tok": params.experts_per_tok, "num_experts": params.n_experts}
-    return json.dumps(data)
-
-
-def hf_params_json(params: ModelParams) -> str:
-    """The megablocks upload's HF-style params.json, with the keys and value types transformers'
-    convert_mixtral_weights_to_hf.py reads (4.36 to 4.45): it passes sliding_window through int(), 4.36 without
-    checking that the key exists, so neither null nor "null" nor a missing key is read by both. "No sliding
-    window" is written as a window of the model's whole context (max_position_embeddings, 32768 by default), in a
-    string as uploaded: no token ever lies that far back, so the attention is the same for every sequence the model
-    supports. Reading it back gives none (read_hf_params with megablocks)."""
-    positions = params.max_position_embeddings or DEFAULT_MAX_POSITIONS
-    window = positions if params.sliding_window is None else params.sliding_window
-    data: dict[str, object] = {
-        "hidden_size": params.dim,
-        "intermediate_size": params.hidden_dim,
-        "num_attention_heads": params.n_heads,
-        "num_hidden_layers": params.n_layers,
-        "num_key_value_heads": params.n_kv_heads,
-        "num_local_experts": params.n_experts,
-        "num_experts_per_tok": params.experts_per_tok,
-        "vocab_size": params.vocab_size,
-        "rms_norm_eps": params.norm_eps,
-        "rope_theta": params.rope_theta,
-        "sliding_window": str(window),
-    }
-    if not params.head_dim_is_implied:
-        data["head_dim"] = params.head_dim
-    if params.max_position_embeddings not in (None, DEFAULT_MAX_POSITIONS):
-        data["max_position_embeddings"] = params.max_position_embeddings
-    return json.dumps(data, indent=2) + "\n"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 from gguf import (
@@ -21,12 +21,27 @@ from gguf import (
 )
 
 from convert.common.errors import ConvertError
-from convert.model.params import DEFAULT_MAX_POSITIONS, ModelParams
+from convert.model.params import (
+    ABSENT,
+    DEFAULT_MAX_POSITIONS,
+    IMPLIED_HEAD_DIM,
+    Dialect,
+    Key,
+    ModelParams,
+    Reading,
+    Syntax,
+    head_dim_is_not_implied,
+    max_positions,
+    read_key,
+    read_params,
+    same_as,
+    written_keys,
+)
 from convert.tokenizer.chat_template import CHAT_TEMPLATE
 from convert.tokenizer.sentencepiece import SentencePieceModel, checked_model, special_ids
 
 if TYPE_CHECKING:
-    pass
+    from pathlib import Path
 from convert.containers.gguf.types import ARCH, file_type
 
 
@@ -60,43 +75,197 @@ def _llm(key: str) -> str:
     return key.format(arch=ARCH)
 
 
+def _float32_decimal(value: float) -> float:
+    """The shortest decimal that rounds to this float32 (1e-05, not 9.999999747378752e-06): params.json and
+    config.json written from it read the same as the original's."""
+    return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
+
+
+def _get(metadata: Mapping[str, KV], key: str, vtype: GGUFValueType, file: str, *, required: bool = True) -> Any:
+    entry = metadata.get(key)
+    if entry is None:
+        if required:
+            raise ConvertError(f"GGUF: missing key {key}", file=file)
+        return None
+    if entry.type != vtype:
+        # llama.cpp's loader (llama_model_loader::get_key) refuses a key of another type.
+        raise ConvertError(f"GGUF: key {key} is {entry.type.name}, llama.cpp requires {vtype.name}", file=file)
+    return entry.value
+
+
+class _Gguf(Syntax):
+    """Metadata entries as llama.cpp's loader reads them: of the one type it requires, and positive. Floats are
+    read back as the shortest decimal of their float32 (the dialect's rounding); defaults are taken as they are,
+    unchecked, as the loader takes them."""
+
+    checks_defaults = False
+
+    def lookup(self, source: Any, key: Key, file: Path | str) -> Any:
+        value = _get(source, key.name, key.kind, str(file), required=False)
+        return ABSENT if value is None else value
+
+    def missing(self, key: Key) -> str:
+        return f"GGUF: missing key {key.name}"
+
+    def check(self, key: Key, value: Any, file: Path | str) -> Any:
+        if key.kind == GGUFValueType.FLOAT32:
+            if not (math.isfinite(value) and value > 0):
+                raise ConvertError(f"GGUF: key {key.name} must be a positive finite number, got {value}", file=file)
+            return _float32_decimal(value)
+        if value <= 0:
+            raise ConvertError(f"GGUF: key {key.name} must be positive, got {value}", file=file)
+        return value
+
+
+GGUF: Final[Syntax] = _Gguf()
+U32, F32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+
+
+def _llama(field: str, key: str, kind: GGUFValueType, **rules: Any) -> Key:
+    return Key(field, (_llm(key),), kind, **rules)
+
+
+def _vocab_from_token_list(reading: Reading) -> int:
+    """llama.vocab_size is optional: llama.cpp counts the token list then."""
+    tokens = reading.source.get(Keys.Tokenizer.LIST)
+    vocab = len(tokens.value) if tokens is not None and tokens.type == GGUFValueType.ARRAY else None
+    if not vocab:
+        raise ConvertError(f"GGUF: no {_llm(Keys.LLM.VOCAB_SIZE)} and no token list to count", file=reading.file)
+    return vocab
+
+
+# Written for head_dim; read only to check that they agree with it (_one_head_size).
+_VALUE_LENGTH: Final = _llama(
+    "head_dim",
+    Keys.Attention.VALUE_LENGTH,
+    U32,
+    required=False,
+    default=IMPLIED_HEAD_DIM,
+    when=head_dim_is_not_implied,
+    read=False,
+)
+_ROPE_DIMENSIONS: Final = _llama(
+    "head_dim", Keys.Rope.DIMENSION_COUNT, U32, required=False, default=same_as("head_dim"), read=False
+)
+
+# What TextModel.set_gguf_parameters writes, in its order. context_length is max_position_embeddings (32768 when
+# params have none), and 32768 reads back as "unset" (params.json omits it). No rope-scaling or sliding-window
+# key: Mixtral's config has neither for llama.cpp.
+_TEXT_MODEL_KEYS: Final = (
+    _llama("n_layers", Keys.LLM.BLOCK_COUNT, U32),
+    _llama(
+        "max_position_embeddings",
+        Keys.LLM.CONTEXT_LENGTH,
+        U32,
+        encode=max_positions,
+        decode=lambda context: None if context == DEFAULT_MAX_POSITIONS else context,
+    ),
+    _llama("dim", Keys.LLM.EMBEDDING_LENGTH, U32),
+    _llama("hidden_dim", Keys.LLM.FEED_FORWARD_LENGTH, U32),
+    _llama("n_heads", Keys.Attention.HEAD_COUNT, U32),
+    _llama("n_kv_heads", Keys.Attention.HEAD_COUNT_KV, U32, required=False, default=same_as("n_heads")),
+    # llama.cpp's default when the key is absent is 10000, not Mixtral's 1e6.
+    _llama("rope_theta", Keys.Rope.FREQ_BASE, F32, required=False, default=10000.0),
+    _llama("norm_eps", Keys.Attention.LAYERNORM_RMS_EPS, F32),
+    _llama(
+        "n_experts",
+        Keys.LLM.EXPERT_COUNT,
+        U32,
+        missing=f"GGUF: no {_llm(Keys.LLM.EXPERT_COUNT)}: not a mixture-of-experts model",
+    ),
+    _llama("experts_per_tok", Keys.LLM.EXPERT_USED_COUNT, U32),
+    # key_length and value_length only when head_dim is not dim / n_heads: config.json then carries head_dim
+    # (transformers 5 leaves it None otherwise).
+    _llama(
+        "head_dim",
+        Keys.Attention.KEY_LENGTH,
+        U32,
+        required=False,
+        default=IMPLIED_HEAD_DIM,
+        when=head_dim_is_not_implied,
+    ),
+    _VALUE_LENGTH,
+)
+# What LlamaModel.set_gguf_parameters adds, after general.file_type.
+_LLAMA_MODEL_KEYS: Final = (
+    _llama("vocab_size", Keys.LLM.VOCAB_SIZE, U32, fallback=_vocab_from_token_list),
+    _ROPE_DIMENSIONS,
+)
+
+
+def _llama_architecture(reading: Reading) -> None:
+    arch = _get(reading.source, Keys.General.ARCHITECTURE, GGUFValueType.STRING, str(reading.file))
+    if arch != ARCH:
+        raise ConvertError(f"GGUF: architecture {arch!r} is not {ARCH!r} (Mixtral)", file=reading.file)
+
+
+def _one_head_size(reading: Reading) -> None:
+    """llama.cpp takes three head sizes (keys, values, rotary dimensions); Mixtral has one."""
+    head_dim = reading.got["head_dim"]
+    value_length, rope_dims = read_key(reading, _VALUE_LENGTH), read_key(reading, _ROPE_DIMENSIONS)
+    if value_length != head_dim or rope_dims != head_dim:
+        raise ConvertError(
+            f"GGUF: key_length {head_dim}, value_length {value_length} and rope.dimension_count {rope_dims} differ; "
+            "Mixtral uses one head size for all three",
+            file=reading.file,
+        )
+
+
+def _consistent(params: ModelParams, file: Path | str) -> None:
+    if params.n_heads % params.n_kv_heads or params.experts_per_tok > params.n_experts or params.head_dim % 2:
+        raise ConvertError(
+            f"GGUF: inconsistent hyperparameters (heads {params.n_heads}/{params.n_kv_heads}, experts "
+            f"{params.experts_per_tok}/{params.n_experts}, head size {params.head_dim})",
+            file=file,
+        )
+
+
+# The llama.* keys: this container's parameter dialect. Read in the order these keys have always been checked in
+# (the first broken rule is the one reported).
+GGUF_PARAMS: Final = Dialect(
+    name="GGUF llama.*",
+    syntax=GGUF,
+    keys=_TEXT_MODEL_KEYS + _LLAMA_MODEL_KEYS,
+    order=(
+        _llama_architecture,
+        "dim",
+        "n_heads",
+        "n_experts",
+        "head_dim",
+        _one_head_size,
+        "vocab_size",
+        "norm_eps",
+        "rope_theta",
+        "max_position_embeddings",
+        "n_layers",
+        "n_kv_heads",
+        "hidden_dim",
+        "experts_per_tok",
+    ),
+    check=_consistent,
+    unset=("sliding_window",),
+)
+
+
+def _entries(keys: tuple[Key, ...], params: ModelParams) -> list[KV]:
+    return [(_u32 if key.kind == U32 else _f32)(key.name, value) for key, value in written_keys(keys, params)]
+
+
 def model_metadata(params: ModelParams, outtype: str, *, name: str) -> list[KV]:
     """The keys llama.cpp's converter writes for a Mixtral config.json, in its order and with its value types,
     up to general.quantization_version (tokenizer_metadata follows). The order: general.architecture (GGUFWriter's
     constructor), general.type and general.name (prepare_metadata), TextModel.set_gguf_parameters, then
-    LlamaModel.set_gguf_parameters' vocab_size and rope.dimension_count, then the quantization version.
-
-    Values as that converter reads them from our config.json: context_length is max_position_embeddings (32768
-    when params have none); rope.freq_base is rope_theta (1e6 by default); key_length/value_length only when
-    head_dim is not dim / n_heads (config.json then carries head_dim; transformers 5 leaves it None otherwise).
-    No rope-scaling or sliding-window key: Mixtral's config has neither for llama.cpp."""
-    entries = [
+    LlamaModel.set_gguf_parameters' vocab_size and rope.dimension_count, then the quantization version. The
+    llama.* keys and their values, as that converter reads them from our config.json, are GGUF_PARAMS'."""
+    return [
         _str(Keys.General.ARCHITECTURE, ARCH),
         _str(Keys.General.TYPE, GGUFType.MODEL),
         _str(Keys.General.NAME, name),
-        _u32(_llm(Keys.LLM.BLOCK_COUNT), params.n_layers),
-        _u32(_llm(Keys.LLM.CONTEXT_LENGTH), params.max_position_embeddings or DEFAULT_MAX_POSITIONS),
-        _u32(_llm(Keys.LLM.EMBEDDING_LENGTH), params.dim),
-        _u32(_llm(Keys.LLM.FEED_FORWARD_LENGTH), params.hidden_dim),
-        _u32(_llm(Keys.Attention.HEAD_COUNT), params.n_heads),
-        _u32(_llm(Keys.Attention.HEAD_COUNT_KV), params.n_kv_heads),
-        _f32(_llm(Keys.Rope.FREQ_BASE), params.rope_theta),
-        _f32(_llm(Keys.Attention.LAYERNORM_RMS_EPS), params.norm_eps),
-        _u32(_llm(Keys.LLM.EXPERT_COUNT), params.n_experts),
-        _u32(_llm(Keys.LLM.EXPERT_USED_COUNT), params.experts_per_tok),
-    ]
-    if not params.head_dim_is_implied:
-        entries += [
-            _u32(_llm(Keys.Attention.KEY_LENGTH), params.head_dim),
-            _u32(_llm(Keys.Attention.VALUE_LENGTH), params.head_dim),
-        ]
-    entries += [
+        *_entries(_TEXT_MODEL_KEYS, params),
         _u32(Keys.General.FILE_TYPE, file_type(outtype)),
-        _u32(_llm(Keys.LLM.VOCAB_SIZE), params.vocab_size),
-        _u32(_llm(Keys.Rope.DIMENSION_COUNT), params.head_dim),
+        *_entries(_LLAMA_MODEL_KEYS, params),
         _u32(Keys.General.QUANTIZATION_VERSION, GGML_QUANT_VERSION),
     ]
-    return entries
 
 
 def tokenizer_metadata(model: bytes, *, vocab_size: int | None, instruct: bool, source: str) -> list[KV]:
@@ -143,93 +312,9 @@ def _tokenizer_entries(model: SentencePieceModel, *, instruct: bool) -> list[KV]
     return entries
 
 
-
-def _get(metadata: Mapping[str, KV], key: str, vtype: GGUFValueType, file: str, *, required: bool = True) -> Any:
-    entry = metadata.get(key)
-    if entry is None:
-        if required:
-            raise ConvertError(f"GGUF: missing key {key}", file=file)
-        return None
-    if entry.type != vtype:
-        # llama.cpp's loader (llama_model_loader::get_key) refuses a key of another type.
-        raise ConvertError(f"GGUF: key {key} is {entry.type.name}, llama.cpp requires {vtype.name}", file=file)
-    return entry.value
-
-
-def _float32_decimal(value: float) -> float:
-    """The shortest decimal that rounds to this float32 (1e-05, not 9.999999747378752e-06): params.json and
-    config.json written from it read the same as the original's."""
-    return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
-
-
 def params_from_metadata(metadata: Mapping[str, KV], *, file: str) -> ModelParams:
     """ModelParams from a llama-architecture GGUF's keys (the inverse of model_metadata), read as llama.cpp's
-    loader reads them: head_count_kv defaults to head_count, key_length to embedding_length / head_count,
-    rope.freq_base to 10000 (llama.cpp's default when the key is absent, not Mixtral's 1e6); vocab_size from the
-    token list when llama.vocab_size is absent. A context length of 32768 reads as "unset" (params.json omits it)."""
-    U32, F = GGUFValueType.UINT32, GGUFValueType.FLOAT32
-    arch = _get(metadata, Keys.General.ARCHITECTURE, GGUFValueType.STRING, file)
-    if arch != ARCH:
-        raise ConvertError(f"GGUF: architecture {arch!r} is not {ARCH!r} (Mixtral)", file=file)
-
-    def u32(key: str, *, required: bool = True) -> int | None:
-        value = _get(metadata, _llm(key), U32, file, required=required)
-        if value is not None and value <= 0:
-            raise ConvertError(f"GGUF: key {_llm(key)} must be positive, got {value}", file=file)
-        return value
-
-    def f32(key: str) -> float | None:
-        value = _get(metadata, _llm(key), F, file, required=False)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ConvertError(f"GGUF: key {_llm(key)} must be a positive finite number, got {value}", file=file)
-        return None if value is None else _float32_decimal(value)
-
-    dim, n_heads = u32(Keys.LLM.EMBEDDING_LENGTH), u32(Keys.Attention.HEAD_COUNT)
-    assert dim is not None and n_heads is not None
-    n_experts = u32(Keys.LLM.EXPERT_COUNT, required=False)
-    if n_experts is None:
-        raise ConvertError(f"GGUF: no {_llm(Keys.LLM.EXPERT_COUNT)}: not a mixture-of-experts model", file=file)
-    head_dim = u32(Keys.Attention.KEY_LENGTH, required=False) or dim // n_heads
-    value_length = u32(Keys.Attention.VALUE_LENGTH, required=False) or dim // n_heads
-    rope_dims = u32(Keys.Rope.DIMENSION_COUNT, required=False) or head_dim
-    if value_length != head_dim or rope_dims != head_dim:
-        raise ConvertError(
-            f"GGUF: key_length {head_dim}, value_length {value_length} and rope.dimension_count {rope_dims} differ; "
-            "Mixtral uses one head size for all three",
-            file=file,
-        )
-    vocab = u32(Keys.LLM.VOCAB_SIZE, required=False)
-    if vocab is None:
-        tokens = metadata.get(Keys.Tokenizer.LIST)
-        vocab = len(tokens.value) if tokens is not None and tokens.type == GGUFValueType.ARRAY else None
-    if not vocab:
-        raise ConvertError(f"GGUF: no {_llm(Keys.LLM.VOCAB_SIZE)} and no token list to count", file=file)
-    norm_eps = f32(Keys.Attention.LAYERNORM_RMS_EPS)
-    if norm_eps is None:
-        raise ConvertError(f"GGUF: missing key {_llm(Keys.Attention.LAYERNORM_RMS_EPS)}", file=file)
-    rope_theta = f32(Keys.Rope.FREQ_BASE)
-    context = u32(Keys.LLM.CONTEXT_LENGTH)
-    params = ModelParams(
-        dim=dim,
-        n_layers=u32(Keys.LLM.BLOCK_COUNT),  # type: ignore[arg-type]
-        n_heads=n_heads,
-        n_kv_heads=u32(Keys.Attention.HEAD_COUNT_KV, required=False) or n_heads,
-        head_dim=head_dim,
-        hidden_dim=u32(Keys.LLM.FEED_FORWARD_LENGTH),  # type: ignore[arg-type]
-        n_experts=n_experts,
-        experts_per_tok=u32(Keys.LLM.EXPERT_USED_COUNT),  # type: ignore[arg-type]
-        vocab_size=vocab,
-        norm_eps=norm_eps,
-        rope_theta=10000.0 if rope_theta is None else rope_theta,
-        sliding_window=None,
-        max_position_embeddings=None if context == DEFAULT_MAX_POSITIONS else context,
-    )
-    if params.n_heads % params.n_kv_heads or params.experts_per_tok > params.n_experts or params.head_dim % 2:
-        raise ConvertError(
-            f"GGUF: inconsistent hyperparameters (heads {params.n_heads}/{params.n_kv_heads}, experts "
-            f"{params.experts_per_tok}/{params.n_experts}, head size {params.head_dim})",
-            file=file,
-        )
-    return params
-
-
+    loader reads them (GGUF_PARAMS): head_count_kv defaults to head_count, key_length to embedding_length /
+    head_count, rope.freq_base to 10000 (llama.cpp's default when the key is absent, not Mixtral's 1e6); vocab_size
+    from the token list when llama.vocab_size is absent. A context length of 32768 reads as "unset"."""
+    return read_params(GGUF_PARAMS, metadata, file)
