@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import NoReturn
 
 from convert import __version__
 from convert.common.errors import ConvertError, escape
@@ -48,7 +49,7 @@ def _size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     layouts = layout_names()
-    parser = argparse.ArgumentParser(prog="mixtral-convert", description=__doc__)
+    parser = _Parser(prog="mixtral-convert", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -228,18 +229,6 @@ def check_pins_or_fail(folder: Path, name: str) -> Traversable:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    if args.json and not args.debug:
-        try:
-            return _run_verify(args)
-        except Exception as exc:  # --json always prints JSON: the failure is its error entry, with the usual exit
-            line, code = _one_line(exc)
-            failed = Report(str(args.path)).as_dict() | {"ok": False, "error": {"line": line, "exit": code}}
-            print(json.dumps(failed, indent=2))
-            return code
-    return _run_verify(args)
-
-
-def _run_verify(args: argparse.Namespace) -> int:
     pins = resolve_pins(args.expect) if args.expect else None
     report = verify_folder(args.path, against=args.against, pins=pins)
     if args.json:
@@ -273,8 +262,36 @@ class _LowercaseLevel(logging.Formatter):
         return f"mixtral-convert: {record.levelname.lower()}: {record.getMessage()}"
 
 
+class UsageError(Exception):
+    """A command line argparse refuses (it would print the usage and exit 2 on its own)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def _json_failure(command: str | None, path: object, line: str, code: int) -> str:
+    """What --json prints when the command fails before its own JSON: an object with ok false and the error's
+    line and exit status (verify's has the report's fields too, empty), so a script reading stdout always gets
+    JSON. The line goes to stderr as for every failure."""
+    failed: dict[str, object] = {"ok": False, "error": {"line": line, "exit": code}}
+    if command == "verify":
+        failed = Report(str(path)).as_dict() | failed
+    return json.dumps(failed, indent=2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        if "--json" in words:
+            command = next((w for w in words if w in ("convert", "verify", "inspect")), None)
+            print(_json_failure(command, None, str(exc), EXIT_ERROR))
+        return EXIT_ERROR
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LowercaseLevel())
     log.addHandler(handler)
@@ -288,13 +305,18 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(signum, _on_signal)
             return commands[args.command](args)
     except (Interrupted, KeyboardInterrupt):
-        print(f"mixtral-convert: interrupted; {_what_was_interrupted(args, argv)}", file=sys.stderr)
+        line = f"mixtral-convert: interrupted; {_what_was_interrupted(args, argv)}"
+        print(line, file=sys.stderr)
+        if getattr(args, "json", False):
+            print(_json_failure(args.command, getattr(args, "path", None), line, EXIT_INTERRUPTED))
         return EXIT_INTERRUPTED
     except Exception as exc:
         if args.debug:
             raise
         line, code = _one_line(exc)
         print(line, file=sys.stderr)
+        if getattr(args, "json", False):
+            print(_json_failure(args.command, getattr(args, "path", None), line, code))
         return code
     finally:
         log.removeHandler(handler)
