@@ -166,6 +166,15 @@ def run_convert(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.no_progress and not args.quiet and sys.stderr.isatty(),
     )
+    if plan.kept_complete:
+        if not args.quiet:
+            shown = escape(str(args.dst))
+            print(
+                f"nothing to do: {shown} already holds the complete output of this conversion (its files, sizes, "
+                f"index and manifest match; the weights were not read: `mixtral-convert verify {shown} --against "
+                f"{escape(str(args.src))}` checks every byte)"
+            )
+        return 0
     if not args.quiet:
         print(_summary(plan, args.dst, started, time.monotonic() - clock, resumed=args.resume))
     return 0

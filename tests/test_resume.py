@@ -103,10 +103,13 @@ def test_resume_refuses_another_plan(sample: tuple[Path, Path], tmp_path: Path) 
     os.utime(src / "params.json")
     changed = run_cli("convert", src, dst, "--to", "hf", "--max-shard-size", SHARD_SIZE, "--resume", check=False)
     assert_one_line_error(changed, "cannot resume", "source files differ")
-    fresh = tmp_path / "empty"
-    fresh.mkdir()
-    nothing = run_cli("convert", src, fresh, "--to", "hf", "--resume", check=False)
-    assert_one_line_error(nothing, "nothing to resume")
+    # A folder holding files but no journal: nothing of this run's to resume. (An empty or missing folder is a
+    # plain run: tests/test_resume_idempotent.py.)
+    other_files = tmp_path / "other"
+    other_files.mkdir()
+    (other_files / "notes.txt").write_text("not a conversion\n")
+    nothing = run_cli("convert", src, other_files, "--to", "hf", "--resume", check=False)
+    assert_one_line_error(nothing, "nothing to resume", "it holds no journal of an interrupted conversion")
 
 
 def test_without_checksums_the_rest_is_identical_and_resumable(sample: tuple[Path, Path], tmp_path: Path) -> None:

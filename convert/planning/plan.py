@@ -56,6 +56,8 @@ class Plan:
     files: tuple[OutputFile, ...]  # in write order; the last one marks the output complete
     options: PlanOptions = DEFAULT_OPTIONS  # what the run does beyond the files: hashing, strictness
     tensors: tuple[TargetTensor, ...] = ()  # the target's tensors the files hold (verify --against checks them)
+    # --resume found the output folder already complete for this plan and wrote nothing.
+    kept_complete: bool = False
 
     @property
     def total_bytes(self) -> int:

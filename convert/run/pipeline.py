@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
 from pathlib import Path
 
-from convert.fileio.owned import destination_lock, refuse_links
+from convert.fileio.owned import LOCK, destination_lock, refuse_links
 from convert.fileio.workers import run_scope
 from convert.planning.plan import DEFAULT_OPTIONS, Plan, PlanOptions, build_plan
 from convert.planning.source import open_source
 from convert.run.destination import check_destination, prepare_destination
-from convert.run.resume import JOURNAL, Journal
+from convert.run.resume import JOURNAL, Journal, unlike_plan
 from convert.run.writer import execute, partial_name
 
 
@@ -48,6 +50,13 @@ def _convert(
         plan = build_plan(opened, target, options)
         # One run at a time in DST, taken before anything there is removed or written.
         with destination_lock(destination):
+            if resume and not os.path.lexists(destination / JOURNAL):
+                if not any(p.name != LOCK for p in destination.iterdir()):
+                    # Nothing to resume (a Ctrl-C before the first byte): --resume is then a plain run, so a
+                    # retry loop may always pass it.
+                    resume = False
+                elif unlike_plan(destination, plan) is None:  # done before: say so, rewrite nothing
+                    return replace(plan, kept_complete=True)
             if resume:
                 # Resume reads, keeps and rewrites what it finds: no link may stand among those names. (--force
                 # removes links like any stale file, and os.replace puts a file in place of a link.)

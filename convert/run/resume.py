@@ -200,3 +200,37 @@ def _refuse_other_plan(recorded: dict, current: dict, path: Path) -> None:
     else:
         return
     raise ConvertError(f"cannot resume: {reason}; start over with --force", file=path.parent)
+
+
+_DIGEST = re.compile(rb'"[0-9a-f]{64}"|^[0-9a-f]{64}(?=  )', re.M)  # a digest in manifest.json or SHA256SUMS
+
+
+def _without_digests(data: bytes) -> bytes:
+    """The bytes with every SHA-256 or BLAKE3 digest written as zeros, as a plan renders them before streaming."""
+    return _DIGEST.sub(lambda m: re.sub(rb"[0-9a-f]", b"0", m.group(0)), data)
+
+
+def unlike_plan(destination: Path, plan: Plan) -> str | None:
+    """Why the folder is not the complete output of this plan, or None when it is: every planned file in place
+    at its planned size, each file whose bytes the plan holds (index, parameters, tokenizer files) equal, and
+    manifest.json and SHA256SUMS equal to the plan's but for the digests (the manifest names the source's files
+    and sizes, the target and every tensor's dtype, shape and place). The weights' bytes are not read: verify
+    --against SRC checks those."""
+    for output in plan.files:
+        path = destination / output.name
+        if not path.is_file() or path.is_symlink():
+            return f"{output.name} is missing"
+        size = path.stat().st_size
+        if size != output.size:
+            return f"{output.name} has {size:,} bytes, this conversion writes {output.size:,}"
+        whole = not output.pieces and output.copy_of is None
+        if whole and (output.blobs or output.deferred) and size <= 64 * 2**20:
+            expected = bytearray(output.size)
+            for offset, data in output.blobs:
+                expected[offset : offset + len(data)] = data
+            for offset, produce in output.deferred:  # checksums and manifest: rendered with zero digests
+                data = produce(None)  # type: ignore[arg-type]
+                expected[offset : offset + len(data)] = data
+            if _without_digests(path.read_bytes()) != _without_digests(bytes(expected)):
+                return f"{output.name} differs from what this conversion writes"
+    return None
