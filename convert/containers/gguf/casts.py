@@ -6,7 +6,7 @@ Part of the GGUF container (convert/containers/gguf/): see its __init__ for the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from gguf import (
@@ -14,9 +14,6 @@ from gguf import (
 )
 
 from convert.common.errors import ConvertError
-
-if TYPE_CHECKING:
-    pass
 from convert.containers.gguf.types import _NUMPY_OF_DTYPE, BF16, DTYPE_OF_GGML, F16, F32, Q8_0, Q8_BLOCK, Q8_BLOCK_BYTES
 
 

@@ -24,19 +24,19 @@ from convert.containers.contract import (
     OpenedWeights,
     OutputRequest,
     PlannedOutput,
+    embedding_vocab,
     from_tokenizer,
     placed,
 )
-from convert.fileio.regular import MAX_TOKENIZER, is_present, read_small
-from convert.fileio.streams import ByteStream
-from convert.model.outputs import OutputFile
-from convert.model.records import TensorRecord
-from convert.tokenizer.sentencepiece import read_model
-
-if TYPE_CHECKING:
-    from convert.model.tables import LayoutTable
 from convert.containers.gguf.casts import convert_elements, restore_elements
-from convert.containers.gguf.keys import KV, model_metadata, params_from_metadata, tokenizer_metadata
+from convert.containers.gguf.keys import (
+    KV,
+    check_unmapped,
+    check_vocabulary,
+    model_metadata,
+    params_from_metadata,
+    tokenizer_metadata,
+)
 from convert.containers.gguf.reader import _SPLIT_NAME, check_splits, read_gguf, split_paths
 from convert.containers.gguf.types import (
     _NUMPY_OF_DTYPE,
@@ -50,6 +50,14 @@ from convert.containers.gguf.types import (
     tensor_type,
 )
 from convert.containers.gguf.writer import TensorInfo, layout_split
+from convert.fileio.regular import MAX_TOKENIZER, is_present, read_small
+from convert.fileio.streams import ByteStream
+from convert.model.outputs import OutputFile
+from convert.model.records import TensorRecord
+from convert.tokenizer.sentencepiece import read_model
+
+if TYPE_CHECKING:
+    from convert.model.tables import LayoutTable
 
 STEM = "model"  # the output is model.gguf, or model-0000i-of-0000N.gguf when split
 
@@ -122,6 +130,10 @@ class GgufFormat(Format):
             records += found
         check_splits(paths, metadatas, len(records))
         params = params_from_metadata(metadatas[0], file=str(paths[0]))
+        check_unmapped(metadatas[0], file=str(paths[0]))
+        vocabulary = check_vocabulary(metadatas[0], embedding_vocab(records, table), file=str(paths[0]))
+        if vocabulary is not None:
+            ambiguities.append(vocabulary)
         _check_beside_tokenizer(folder, metadatas[0], ambiguities)
         return OpenedWeights(records, paths, paths[0], params, _written_outtype(metadatas[0]))
 

@@ -21,6 +21,7 @@ from gguf import (
 )
 
 from convert.common.errors import ConvertError
+from convert.containers.gguf.types import ARCH, file_type
 from convert.model.params import (
     ABSENT,
     DEFAULT_MAX_POSITIONS,
@@ -42,7 +43,6 @@ from convert.tokenizer.sentencepiece import SentencePieceModel, checked_model, s
 
 if TYPE_CHECKING:
     from pathlib import Path
-from convert.containers.gguf.types import ARCH, file_type
 
 
 @dataclass(frozen=True)
@@ -310,6 +310,53 @@ def _tokenizer_entries(model: SentencePieceModel, *, instruct: bool) -> list[KV]
     if instruct:
         entries.append(_str(T.CHAT_TEMPLATE, CHAT_TEMPLATE))
     return entries
+
+
+# llama.cpp reads these keys of the architecture too; at these values they change nothing it computes (a linear
+# rope scale of 1 is no scaling), so a file holding them is the model without them. At any other value the model
+# is another one, which no target's parameters can say: refused below.
+NEUTRAL: Final[Mapping[str, tuple[object, ...]]] = {
+    _llm(Keys.Rope.SCALING_TYPE): ("none",),
+    _llm(Keys.Rope.SCALING_FACTOR): (1.0,),
+    f"{ARCH}.rope.scale_linear": (1.0,),  # llama-arch.cpp LLM_KV_ROPE_SCALE_LINEAR; gguf-py names no constant
+}
+MAPPED: Final = frozenset(key.name for key in GGUF_PARAMS.keys) | {_VALUE_LENGTH.name, _ROPE_DIMENSIONS.name}
+# Written by convert.py of the per-expert era ("Meta AI original pth") and read by no llama.cpp loader (its saver
+# has the key commented out): a label, whatever its value.
+IGNORED: Final = frozenset({f"{ARCH}.tensor_data_layout"})
+
+
+def check_unmapped(metadata: Mapping[str, KV], *, file: str) -> None:
+    """Every key of the architecture (llama.*) is one this tool maps (GGUF_PARAMS), or one at a value that changes
+    nothing (NEUTRAL). Any other (rope scaling, a sliding window, logit scaling, ...) changes what llama.cpp
+    computes and has no place in params.json or config.json as this tool writes them: converting would make
+    another model, so it is refused, naming the key. docs/formats.md lists both sets."""
+    for key, entry in metadata.items():
+        if not key.startswith(f"{ARCH}.") or key in MAPPED or key in IGNORED:
+            continue
+        if key in NEUTRAL and entry.value in NEUTRAL[key]:
+            continue
+        value = entry.value if entry.type != GGUFValueType.ARRAY else f"an array of {len(entry.value)}"
+        raise ConvertError(
+            f"GGUF: key {key} = {value!r:.60} changes what llama.cpp computes and this tool maps it to no layout's "
+            "parameters; converting would make another model, so it is refused",
+            file=file,
+        )
+
+
+def check_vocabulary(metadata: Mapping[str, KV], embedding_rows: int | None, *, file: str) -> ConvertError | None:
+    """llama.cpp refuses a file whose token list is not as long as the embedding has rows (the embedding does not
+    fit the vocabulary): so does this tool, naming both counts."""
+    tokens = metadata.get(Keys.Tokenizer.LIST)
+    if tokens is None or tokens.type != GGUFValueType.ARRAY or embedding_rows is None:
+        return None
+    if len(tokens.value) != embedding_rows:
+        return ConvertError(
+            f"GGUF: {Keys.Tokenizer.LIST} holds {len(tokens.value):,} tokens but the embedding has "
+            f"{embedding_rows:,} rows: llama.cpp refuses such a file (the vocabulary does not fit the embedding)",
+            file=file,
+        )
+    return None
 
 
 def params_from_metadata(metadata: Mapping[str, KV], *, file: str) -> ModelParams:

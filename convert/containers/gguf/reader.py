@@ -11,7 +11,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from gguf import (
@@ -23,14 +23,11 @@ from gguf import (
 )
 
 from convert.common.errors import ConvertError, shown
-from convert.fileio.streams import ByteStream
-from convert.model.records import TensorRecord
-
-if TYPE_CHECKING:
-    pass
 from convert.containers.gguf.keys import KV, _get
 from convert.containers.gguf.types import ALIGNMENT, DTYPE_OF_GGML, Q8_0, tensor_nbytes
 from convert.containers.gguf.writer import _NUMPY_OF_VALUE, _SCALAR_FORMAT, _pad, split_file_name
+from convert.fileio.streams import ByteStream
+from convert.model.records import TensorRecord
 
 # gguf.cpp accepts string and array lengths up to 1 GiB each (bounded by the bytes left in the file); for a source
 # whose header is ours to hold in memory, the whole key/value and tensor-info region is capped instead. Mixtral's is

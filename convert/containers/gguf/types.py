@@ -9,7 +9,6 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 import numpy as np
 from gguf import (
@@ -24,10 +23,6 @@ from gguf import (
 )
 
 from convert.common.errors import ConvertError
-
-if TYPE_CHECKING:
-    pass
-
 
 ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]  # Mixtral is the llama architecture with experts ("llama")
 ALIGNMENT = GGUF_DEFAULT_ALIGNMENT  # 32; no general.alignment key is written, so readers use this default

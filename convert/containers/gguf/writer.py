@@ -10,7 +10,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from gguf import (
@@ -22,9 +22,6 @@ from gguf import (
 )
 
 from convert.common.errors import ConvertError
-
-if TYPE_CHECKING:
-    pass
 from convert.containers.gguf.keys import KV
 from convert.containers.gguf.types import ALIGNMENT, tensor_nbytes
 
