@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from convert.common.errors import ConvertError
 from convert.containers.safetensors import layout_header
@@ -83,6 +83,11 @@ class Format(ABC):
     must_not_contain: ClassVar[tuple[str, ...]] = ()  # globs an output folder must not hold beside this one
     chat_template: ClassVar[bool] = False  # whether the output has a place for --instruct's chat template
     outtypes: ClassVar[tuple[str, ...]] = ()  # what --outtype may ask of this container; none: dtypes are kept
+    # What depends on how the weights were split into files (--max-shard-size), which verify --against, knowing
+    # the source but not the split asked for, does not compare: files (hf's index; the structure check ties it to
+    # the shards) and key prefixes of Format.metadata (GGUF's split.*).
+    split_files: ClassVar[tuple[str, ...]] = ()
+    split_keys: ClassVar[tuple[str, ...]] = ()
 
     def claims(self, folder: Path) -> bool:
         """Whether folder holds this container's files. By default any marker present (a file name, or a glob
@@ -94,6 +99,17 @@ class Format(ABC):
         """Every check the container's own records carry, read whole (a torch zip's CRC-32 per storage record):
         what inspect and verify report. A conversion checks the same records as it reads them. None by default."""
         return []
+
+    def metadata(self, path: Path) -> dict[str, Any] | None:
+        """What a loader reads from this file besides its tensors, key by key, as the plan's OutputFile.metadata
+        records it (GGUF: every key/value entry); None where the container keeps no such thing in its weights
+        files (the JSON files beside them are whole files, compared as they are)."""
+        return None
+
+    def has_chat_template(self, folder: Path, weight_files: Sequence[Path]) -> bool:
+        """Whether the output in folder was written with --instruct's chat template (verify --against plans the
+        source again as it was converted). False for a container with no place for one."""
+        return False
 
     def tensor_dtype(self, name: str, shape: tuple[int, ...], dtype: str, outtype: str | None) -> str:
         """The dtype this container stores tensor name in, given the checkpoint's dtype for it and --outtype."""

@@ -7,6 +7,7 @@ kept as data in mappings/release/mixtral-8x7b-v0.1.toml."""
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Mapping, Sequence
 from functools import cache
@@ -28,7 +29,7 @@ from convert.containers.contract import (
     text_file,
 )
 from convert.containers.safetensors import open_safetensors
-from convert.fileio.regular import MAX_INDEX_JSON, is_present
+from convert.fileio.regular import MAX_INDEX_JSON, MAX_TOKENIZER, is_present, read_small
 from convert.model.outputs import OutputFile, TargetTensor
 from convert.model.params import (
     DEFAULT_EXPERTS_PER_TOKEN,
@@ -185,9 +186,13 @@ def shard_groups(tensors: Sequence[TargetTensor], max_shard_size: int) -> list[l
     return shards
 
 
+TOKENIZER_CONFIG = "tokenizer_config.json"  # where the chat template is, with --instruct
+
+
 class HfSafetensors(Format):
     container = "hf_safetensors"
     markers = (INDEX, SINGLE)
+    split_files = (INDEX,)
     # Completion marker first. Stale shards would contradict the new index, a stale config.json or index would be
     # loaded by transformers.
     replaces = (
@@ -197,12 +202,20 @@ class HfSafetensors(Format):
         CONFIG,
         GENERATION_CONFIG,
         "tokenizer.json",
-        "tokenizer_config.json",
+        TOKENIZER_CONFIG,
         "special_tokens_map.json",
     )
     # vLLM switches to its Mistral loader when it finds a consolidated*.safetensors, so an HF folder never holds one.
     must_not_contain = ("consolidated*.safetensors", "params.json")
     chat_template = True
+
+    def has_chat_template(self, folder: Path, weight_files: Sequence[Path]) -> bool:
+        path = folder / TOKENIZER_CONFIG
+        try:
+            config = json.loads(read_small(path, MAX_TOKENIZER, TOKENIZER_CONFIG)) if is_present(path) else {}
+        except (ConvertError, ValueError, UnicodeDecodeError, RecursionError):
+            return False  # unreadable: compared as it is, and named there
+        return isinstance(config, dict) and "chat_template" in config
 
     def open(
         self, folder: Path, table: LayoutTable, streams: list[ByteStream], ambiguities: Ambiguities

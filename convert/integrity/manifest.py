@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from convert import __version__
 from convert.common.errors import ConvertError
@@ -181,3 +182,42 @@ def read_manifest(folder: Path) -> list[ManifestEntry] | None:
     if len(set(names)) != len(names):
         raise ConvertError("lists a tensor twice", file=path)
     return entries
+
+
+def read_manifest_metadata(folder: Path) -> dict[str, dict[str, Any]] | None:
+    """manifest.json's "metadata": for each weights file, what a loader reads from it besides the tensors, key by
+    key (GGUF's entries); None when the manifest has none (other layouts, manifests older than the field)."""
+    path = folder / MANIFEST
+    if not is_present(path):
+        return None
+    try:
+        data = json.loads(read_small(path, MAX_MANIFEST_JSON, MANIFEST))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ConvertError(f"not valid JSON: {exc}", file=path) from None
+    found = data.get("metadata") if isinstance(data, dict) else None
+    if found is None:
+        return None
+    if not isinstance(found, dict) or not all(isinstance(v, dict) for v in found.values()):
+        raise ConvertError("its metadata is not an object of files, each an object of keys", file=path)
+    return found
+
+
+def metadata_differences(expected: dict[str, Any], actual: dict[str, Any], source: str) -> list[tuple[str, str]]:
+    """(key, what differs) for every key whose record is not the expected one (source says where that comes
+    from: "manifest.json records", "the source gives"), that is missing, or that is not expected."""
+    found = []
+    for key, record in expected.items():
+        if key not in actual:
+            found.append((key, f"is missing; {source} {_shown_record(record)}"))
+        elif actual[key] != record:
+            found.append((key, f"is {_shown_record(actual[key])}; {source} {_shown_record(record)}"))
+    found += [(key, f"is {_shown_record(actual[key])}; {source} no such key") for key in actual if key not in expected]
+    return found
+
+
+def _shown_record(record: object) -> str:
+    if isinstance(record, dict) and "value" in record:
+        return f"{record.get('type')} {record['value']!r:.80}"
+    if isinstance(record, dict) and "count" in record:
+        return f"{record.get('type')} of {record['count']} items, sha256 {str(record.get('sha256'))[:16]}..."
+    return f"{record!r:.80}"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from convert.integrity.digests import Producer
 from convert.model.transforms import Step
@@ -87,6 +88,9 @@ class OutputFile:
     is_text: bool = False
     # Bytes that depend on what was streamed before them (a zip's CRCs, the checksum files), made on arrival.
     deferred: tuple[tuple[int, Producer], ...] = ()
+    # What a loader reads from this file besides its tensors, key by key (GGUF's key/value entries), as the
+    # container's Format.metadata reads it back: manifest.json records it and verify compares it.
+    metadata: Mapping[str, Any] | None = field(default=None, compare=False)
 
     def tensor_starts(self) -> dict[str, int]:
         """Each tensor's first byte in this file, in file order."""

@@ -332,14 +332,18 @@ def build_plan(source: Source, target_name: str, options: PlanOptions = DEFAULT_
     else:
         body = [*copied, *output.others, *weights]
         last = []
-    manifest = _manifest_file(
-        {
-            "source": {
-                "layout": source.layout.name,
-                "files": [{"name": p.name, "size": p.stat().st_size} for p in source.weight_files],
-            },
-            "target": target.name,
+    header: dict[str, object] = {
+        "source": {
+            "layout": source.layout.name,
+            "files": [{"name": p.name, "size": p.stat().st_size} for p in source.weight_files],
         },
+        "target": target.name,
+    }
+    metadata = {f.name: f.metadata for f in weights if f.metadata is not None}
+    if metadata:  # what a loader reads besides the tensors (GGUF's keys): verify names a key that changed
+        header["metadata"] = metadata
+    manifest = _manifest_file(
+        header,
         _placements(tensors, weights),
         [(p.name, p.stat().st_size) for p in source.input_files] if options.hash_input else None,
     )

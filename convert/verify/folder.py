@@ -13,6 +13,7 @@ manifest's ranges are checked against the headers, so a renamed or moved tensor 
 
 from __future__ import annotations
 
+import json
 from contextlib import ExitStack
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -25,10 +26,12 @@ from convert.integrity.manifest import (
     MANIFEST,
     SUMS,
     ManifestEntry,
+    metadata_differences,
     parse_sums,
     read_manifest,
+    read_manifest_metadata,
 )
-from convert.planning.plan import PlanOptions, build_plan, check_source
+from convert.planning.plan import Plan, PlanOptions, build_plan, check_source
 from convert.planning.source import Source, open_source
 from convert.run.writer import PARTIAL_SUFFIX
 from convert.verify.compare import Comparer
@@ -180,6 +183,31 @@ def _check_manifest_places(source: Source, manifest: list[ManifestEntry], report
         report.results.append(Result("manifest", source.records[name].stream.label, False, f"not in {MANIFEST}", name))
 
 
+def _check_metadata(source: Source, report: Report) -> None:
+    """Each weights file's keys (GGUF's key/value entries: rope base, head counts, the vocabulary, the chat
+    template) are what manifest.json recorded when the file was written. SHA256SUMS covers them too, but its line
+    for an edited file can be rewritten; the manifest names the key that changed."""
+    try:
+        recorded = read_manifest_metadata(source.folder)
+    except ConvertError as exc:
+        report.add_error("metadata", exc)
+        return
+    if recorded is None:
+        return
+    container = format_of(source.layout)
+    for name, expected in recorded.items():
+        path = source.folder / name
+        actual = container.metadata(path) if path.name == name and path.is_file() else None
+        if actual is None:
+            report.results.append(Result("metadata", str(path), False, f"in {MANIFEST} but not a file of the model"))
+            continue
+        differences = metadata_differences(expected, actual, f"{MANIFEST} records")
+        for key, what in differences:
+            report.results.append(Result("metadata", str(path), False, f"key {key} {what}"))
+        if not differences:
+            report.results.append(Result("metadata", str(path), True))
+
+
 def _check_zip_crcs(source: Source, report: Report) -> None:
     """Without checksums, a torch zip still carries a CRC-32 per record: a corrupt download shows there. Read
     through the source's own streams, so split parts are checked as the one file they make."""
@@ -198,7 +226,9 @@ def _compare_against(folder: Source, original: Source, report: Report, feed: Fol
     """Every tensor of the folder equals the source's tensor mapped through the tables: first its name, dtype,
     shape and length (a prefix of equal bytes proves nothing about a longer tensor), then byte for byte. feed:
     hashes the folder's bytes as they are read (its follow() is told the ranges to come, in order)."""
-    plan = build_plan(original, folder.layout.name, PlanOptions(outtype=folder.outtype))
+    instruct = format_of(folder.layout).has_chat_template(folder.folder, folder.weight_files)
+    plan = build_plan(original, folder.layout.name, PlanOptions(outtype=folder.outtype, instruct=instruct))
+    _compare_small_files(folder, plan, report)
     expected = {t.name: t for t in plan.tensors}
     comparable = set()
     for name, tensor in expected.items():
@@ -246,6 +276,88 @@ def _compare_against(folder: Source, original: Source, report: Report, feed: Fol
         comparer.close()
     for name in sorted(set(folder.records) - set(expected)):
         report.results.append(Result("against", str(folder.folder), False, "not in the source", name))
+
+
+def _compare_small_files(folder: Source, plan: Plan, report: Report) -> None:
+    """Everything but the tensors, against what converting the source writes: each weights file's keys (GGUF's
+    rope base, head counts, vocabulary, chat template ...), and each file whose bytes the plan holds whole
+    (config.json, params.json, the tokenizer files) or copies (tokenizer.model), naming the key that differs.
+    SHA256SUMS and manifest.json are the folder's own record, checked above, and what depends on the split into
+    files (Format.split_files, split_keys) is the structure check's."""
+    container = format_of(folder.layout)
+
+    def model_keys(records: dict) -> dict:
+        return {k: v for k, v in records.items() if not k.startswith(container.split_keys)}
+
+    planned: dict = {}
+    for output in plan.files:
+        planned.update(model_keys(dict(output.metadata or {})))
+    if planned:
+        held: dict = {}
+        for path in folder.weight_files:
+            held.update(model_keys(container.metadata(path) or {}))
+        where = str(folder.weight_files[0])
+        differences = metadata_differences(planned, held, "the source gives")
+        for key, what in differences:
+            report.results.append(Result("against", where, False, f"key {key} {what}"))
+        if not differences:
+            report.results.append(Result("against", where, True, None))
+    for output in plan.files:
+        path = folder.folder / output.name
+        if output.name in (SUMS, MANIFEST, *container.split_files) or output.metadata is not None:
+            continue
+        if not output.is_text and output.copy_of is None:
+            continue
+        expected = output.text.encode("utf-8") if output.is_text else output.copy_of.read_bytes()  # type: ignore[union-attr]
+        if not is_present(path):
+            report.results.append(Result("against", str(path), False, "missing; converting the source writes it"))
+            continue
+        try:
+            actual_bytes = read_small(path, max(len(expected), 1) * 2 + 2**16, output.name)
+        except ConvertError as exc:
+            report.add_error("against", exc)
+            continue
+        if actual_bytes == expected:
+            report.results.append(Result("against", str(path), True, None))
+            continue
+        report.results.append(Result("against", str(path), False, _first_difference(actual_bytes, expected)))
+
+
+def _first_difference(actual: bytes, expected: bytes) -> str:
+    """Where a small file differs from what the source gives: the first JSON key whose value differs, for JSON."""
+    try:
+        have, want = json.loads(actual), json.loads(expected)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        at = next((i for i, (a, b) in enumerate(zip(actual, expected, strict=False)) if a != b), None)
+        at = min(len(actual), len(expected)) if at is None else at
+        return f"differs from what the source gives at byte {at:,}"
+    where = _json_difference(have, want, "")
+    if where is None:
+        return "differs from what the source gives in its formatting (the same JSON values)"
+    key, got, wanted = where
+    return f"key {key or '(the whole file)'} is {got!r:.80}; the source gives {wanted!r:.80}"
+
+
+def _json_difference(have: object, want: object, path: str) -> tuple[str, object, object] | None:
+    if isinstance(have, dict) and isinstance(want, dict):
+        for key in [*want, *(k for k in have if k not in want)]:
+            if key not in have or key not in want:
+                return (f"{path}.{key}" if path else key, have.get(key, "(absent)"), want.get(key, "(absent)"))
+            found = _json_difference(have[key], want[key], f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+        return None
+    if isinstance(have, list) and isinstance(want, list):
+        for index, (a, b) in enumerate(zip(have, want, strict=False)):
+            found = _json_difference(a, b, f"{path}[{index}]")
+            if found is not None:
+                return found
+        if len(have) != len(want):
+            return (f"{path} length", len(have), len(want))
+        return None
+    if have != want or type(have) is not type(want):
+        return (path, have, want)
+    return None
 
 
 def verify_folder(folder: Path, *, against: Path | None = None, pins: Traversable | None = None) -> Report:
@@ -305,6 +417,7 @@ def _verify(folder: Path, against: Path | None, pins: Traversable | None) -> Rep
             report.results.append(Result("structure", str(folder), True))
         if manifest is not None and not problems:
             _check_manifest_places(opened, manifest, report)
+            _check_metadata(opened, report)
         if not (folder / SUMS).is_file():
             _check_zip_crcs(opened, report)
         report.results.extend(compared)

@@ -5,9 +5,9 @@ Part of the GGUF container (convert/containers/gguf/): see its __init__ for the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from gguf import (
@@ -33,6 +33,7 @@ from convert.containers.gguf.keys import (
     KV,
     check_unmapped,
     check_vocabulary,
+    key_records,
     model_metadata,
     params_from_metadata,
     tokenizer_metadata,
@@ -112,6 +113,7 @@ def _one_model(folder: Path) -> Path:
 class GgufFormat(Format):
     container = "gguf"
     markers = ("*.gguf",)
+    split_keys = ("split.",)
     replaces = ("*.gguf",)
     chat_template = True
     outtypes = tuple(OUTTYPES)
@@ -171,8 +173,21 @@ class GgufFormat(Format):
         for name, layout in layout_split(metadata, infos, stem=STEM, max_size=request.max_shard_size):
             blobs = [(0, layout.header), *((offset, bytes(size)) for offset, size in layout.zero_blobs)]
             pieces = tuple(p for t in layout.offsets for p in placed(by_name[t], layout.offsets[t]))
-            files.append(OutputFile(name, layout.size, blobs=tuple(blobs), pieces=pieces))
+            records = key_records(layout.metadata)
+            files.append(OutputFile(name, layout.size, blobs=tuple(blobs), pieces=pieces, metadata=records))
         return PlannedOutput(files, [], None)
+
+    def has_chat_template(self, folder: Path, weight_files: Sequence[Path]) -> bool:
+        records = self.metadata(weight_files[0]) if weight_files else None
+        return records is not None and Keys.Tokenizer.CHAT_TEMPLATE in records
+
+    def metadata(self, path: Path) -> dict[str, Any] | None:
+        stream = ByteStream([path])
+        try:
+            found, _ = read_gguf(stream, quantized=True)
+        finally:
+            stream.close()
+        return key_records(found.values())
 
 
 MODEL_NAME = "Mixtral"  # general.name; llama.cpp's converter takes it from the folder's name or model card

@@ -6,8 +6,10 @@ Part of the GGUF container (convert/containers/gguf/): see its __init__ for the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -53,6 +55,34 @@ class KV:
     type: GGUFValueType
     value: Any
     item_type: GGUFValueType | None = None
+
+
+def _normal(vtype: GGUFValueType, value: Any) -> Any:
+    """A value as the file holds it, in plain JSON types: a FLOAT32 as the float32 it is written as (1e-05 reads
+    back as 9.999999747378752e-06), integers and bools as Python's."""
+    if vtype in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
+        return float(np.float32(value)) if vtype == GGUFValueType.FLOAT32 else float(value)
+    if vtype == GGUFValueType.BOOL:
+        return bool(value)
+    if vtype == GGUFValueType.STRING:
+        return value if isinstance(value, str) else bytes(value).decode("utf-8", "surrogateescape")
+    return int(value)
+
+
+def key_record(entry: KV) -> dict[str, Any]:
+    """What manifest.json records of one metadata entry, enough to name the key whose type or value changed: the
+    type and value; for an array (the vocabulary's 32,000 tokens) its item type, length and the SHA-256 of its
+    items as JSON."""
+    if entry.type != GGUFValueType.ARRAY:
+        return {"type": entry.type.name, "value": _normal(entry.type, entry.value)}
+    assert entry.item_type is not None
+    items = [_normal(entry.item_type, item) for item in entry.value]
+    digest = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8", "surrogateescape")).hexdigest()
+    return {"type": f"ARRAY[{entry.item_type.name}]", "count": len(items), "sha256": digest}
+
+
+def key_records(entries: Iterable[KV]) -> dict[str, dict[str, Any]]:
+    return {entry.key: key_record(entry) for entry in entries}
 
 
 def _u32(key: str, value: int) -> KV:

@@ -110,6 +110,7 @@ class GGUFLayout:
     nbytes: Mapping[str, int]
     size: int
     runs: tuple[Run, ...] = field(repr=False)
+    metadata: tuple[KV, ...] = field(default=(), repr=False)  # the key/value entries the header holds
 
     @property
     def zero_blobs(self) -> list[tuple[int, int]]:
@@ -151,7 +152,7 @@ def layout_gguf(metadata: Sequence[KV], tensors: Sequence[TensorInfo]) -> GGUFLa
             runs.append(Run("zeros", start + size, _pad(size)))
     return GGUFLayout(
         header, MappingProxyType(offsets), MappingProxyType({i.name: i.nbytes for i in tensors}),
-        len(header) + relative, tuple(runs),
+        len(header) + relative, tuple(runs), tuple(metadata),
     )  # fmt: skip
 
 
