@@ -22,7 +22,7 @@ from convert.common.errors import ConvertError, escape
 from convert.common.sizes import format_size, parse_size
 from convert.containers import format_of
 from convert.fileio.workers import Interrupted, in_run, run_scope, run_stop
-from convert.model.tables import layout, layout_names
+from convert.model.tables import layout, layout_names, target_names
 from convert.planning.plan import Plan, PlanOptions, build_plan, check_source
 from convert.planning.source import open_source
 from convert.run.destination import check_destination
@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="convert a checkpoint folder to another layout")
     convert.add_argument("src", type=Path, help="source checkpoint folder")
     convert.add_argument("dst", type=Path, help="output folder (created; must be empty unless --force)")
-    convert.add_argument("--to", required=True, choices=layouts, help="target layout")
+    convert.add_argument("--to", required=True, choices=target_names(), help="target layout")
     convert.add_argument("--from", dest="source_layout", choices=layouts, help="source layout (default: detected)")
-    outtypes = {name: format_of(layout(name)).outtypes for name in layouts}
+    outtypes = {name: format_of(layout(name)).outtypes for name in target_names()}
     convert.add_argument(
         "--outtype",
         choices=sorted({o for values in outtypes.values() for o in values}),

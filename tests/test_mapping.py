@@ -10,10 +10,14 @@ REAL = {"n_layers": 32, "n_experts": 8}
 
 
 def test_all_layouts_load() -> None:
-    assert set(layout_names()) == {"gguf", "hf", "megablocks", "mistral", "torrent"}
+    assert set(layout_names()) == {"gguf", "gguf_legacy", "hf", "megablocks", "mistral", "torrent"}
+    assert [name for name in layout_names() if layout(name).read_only] == ["gguf_legacy"]
 
 
-@pytest.mark.parametrize(("name", "count"), [("torrent", 995), ("mistral", 995), ("hf", 995), ("megablocks", 323)])
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [("torrent", 995), ("mistral", 995), ("hf", 995), ("megablocks", 323), ("gguf", 323), ("gguf_legacy", 995)],
+)
 def test_real_model_tensor_counts(name: str, count: int) -> None:
     tensors = layout(name).tensors(**REAL)
     names = [t.name for t in tensors]

@@ -171,7 +171,12 @@ CASES: dict[str, tuple[str, Edit, str]] = {
     "unknown-layout-key": (
         "torrent",
         lambda f: edit(f / "torrent.toml", 'container = "mistral_pth"', 'container = "mistral_pth"\nmarker = "x"'),
-        "torrent.toml: layout: unknown key 'marker' (allowed: name, description, container)",
+        "torrent.toml: layout: unknown key 'marker' (allowed: name, description, container, read_only)",
+    ),
+    "read-only-not-a-bool": (
+        "torrent",
+        lambda f: edit(f / "torrent.toml", 'container = "mistral_pth"', 'container = "mistral_pth"\nread_only = "yes"'),
+        "torrent.toml: layout.read_only: must be true or false",
     ),
     "unknown-container": (
         "torrent",

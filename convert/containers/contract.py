@@ -17,6 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
+from convert.common.dtypes import ITEM_SIZE, nbytes_of
 from convert.common.errors import ConvertError
 from convert.containers.safetensors import layout_header
 from convert.containers.torchzip.writer import layout_torch_zip
@@ -45,6 +46,9 @@ class OpenedWeights:
     params_file: Path
     params: ModelParams
     outtype: str | None = None  # the --outtype the files say they were written with, where a container records it
+    # What the files say besides the tensors, which the same container writes back as it is when it re-lays them
+    # (GGUF's key/value entries, split keys aside); opaque to everything but that container.
+    carried: Any = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class OutputRequest:
     instruct: bool
     max_shard_size: int | None  # None: the container's default
     outtype: str | None  # None: the source's element types
+    # The source's OpenedWeights.carried where the source is of this container (a GGUF re-laid as GGUF), else None.
+    carried: Any = None
 
 
 @dataclass(frozen=True)
@@ -89,11 +95,21 @@ class Format(ABC):
     split_files: ClassVar[tuple[str, ...]] = ()
     split_keys: ClassVar[tuple[str, ...]] = ()
 
-    def claims(self, folder: Path) -> bool:
-        """Whether folder holds this container's files. By default any marker present (a file name, or a glob
-        where the names are the user's, such as *.gguf); a container whose file names another container shares
-        looks inside too (a metadata key), so that two layouts with the same file names are told apart."""
+    def claims(self, folder: Path, table: LayoutTable) -> bool:
+        """Whether folder holds table's layout in this container's files. By default any marker present (a file
+        name, or a glob where the names are the user's, such as *.gguf); a container whose file names another
+        layout shares looks inside too (a metadata key, a tensor's name), so that two layouts with the same file
+        names are told apart (gguf and gguf_legacy)."""
         return any(_matches(folder, marker) for marker in self.markers)
+
+    def nbytes(self, dtype: str, shape: tuple[int, ...]) -> int:
+        """The bytes a tensor of this dtype and shape takes in this container's files: elements times their size,
+        or whole blocks for a block-quantized type (GGUF's), whose blocks run along the rows."""
+        return nbytes_of(dtype, shape)
+
+    def stores(self, dtype: str) -> bool:
+        """Whether this container can hold a tensor of this dtype as it is (a quantized GGUF type: GGUF only)."""
+        return dtype in ITEM_SIZE
 
     def check_records(self, records: Iterable[TensorRecord]) -> list[ConvertError]:
         """Every check the container's own records carry, read whole (a torch zip's CRC-32 per storage record):

@@ -111,6 +111,7 @@ class LayoutTable:
     container: str
     kinds: tuple[KindLayout, ...]  # in table order, which is the layout's module order
     path: str = ""  # the file the table was read from, for messages about it
+    read_only: bool = False  # a layout to read and never write (one its loaders no longer load)
 
     def kind_layout(self, kind: str) -> KindLayout:
         for entry in self.kinds:
@@ -175,7 +176,7 @@ def data_dir(name: str) -> Traversable:
 # rules are one line naming the table, the entry and the rule (not a hang or a failure halfway through a run).
 KIND_KEYS = {"scope": True, "shape": True, "rotary_heads": False}  # key -> required
 ATTRIBUTE_KEYS = {"canonical": True, "values": False, "placements": False}
-LAYOUT_KEYS = {"name": True, "description": True, "container": True}
+LAYOUT_KEYS = {"name": True, "description": True, "container": True, "read_only": False}
 PLACEHOLDERS = ("layer", "expert")
 
 
@@ -265,6 +266,11 @@ def layout_names() -> tuple[str, ...]:
     return tuple(sorted(name.removesuffix(".toml") for name in tables if name != "canonical.toml"))
 
 
+def target_names() -> tuple[str, ...]:
+    """The layouts a conversion may write: every table but the read-only ones."""
+    return tuple(name for name in layout_names() if not layout(name).read_only)
+
+
 def _check_pattern(path: Path, where: str, pattern: object, kind: Kind, stacked: bool) -> str:
     """The name pattern has exactly the placeholders its kind's scope needs: {layer} for layer and expert kinds,
     {expert} for an expert kind stored one tensor per expert; no other placeholders, no format specs."""
@@ -322,6 +328,8 @@ def load_layout(path: Path | Traversable, base: Canonical) -> LayoutTable:
         raise _fail(path, "layout.name", f"is {info['name']!r}; it must be the file's name, {stem!r}")
     if not isinstance(info["container"], str) or not info["container"].isidentifier():
         raise _fail(path, "layout.container", "must name a container module (convert.containers resolves it)")
+    if not isinstance(info.get("read_only", False), bool):
+        raise _fail(path, "layout.read_only", "must be true or false")
     if not isinstance(data["tensors"], dict):
         raise _fail(path, "tensors", "must be a table")
     kinds = []
@@ -358,7 +366,9 @@ def load_layout(path: Path | Traversable, base: Canonical) -> LayoutTable:
     if missing:
         raise _fail(path, "tensors", f"no entry for kind {missing[0]!r}: every canonical kind needs one")
     _check_scope_order(path, kinds)
-    return LayoutTable(info["name"], info["description"], info["container"], tuple(kinds), str(path))
+    return LayoutTable(
+        info["name"], info["description"], info["container"], tuple(kinds), str(path), info.get("read_only", False)
+    )
 
 
 @cache

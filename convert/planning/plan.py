@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
-from convert.common.dtypes import CONFIG_NAME, nbytes_of
+from convert.common.dtypes import CONFIG_NAME, ITEM_SIZE
 from convert.common.errors import ConvertError
 from convert.containers import format_of
 from convert.containers.contract import Format, OutputRequest
@@ -19,7 +19,7 @@ from convert.integrity import manifest as integrity
 from convert.model.outputs import Cast, OutputFile, Piece, TargetTensor
 from convert.model.params import ModelParams
 from convert.model.records import TensorRecord
-from convert.model.tables import ATTRIBUTES, KindLayout, LayoutTable, StoredTensor, canonical, layout, layout_names
+from convert.model.tables import ATTRIBUTES, KindLayout, LayoutTable, StoredTensor, canonical, layout, target_names
 from convert.model.transforms import TRANSFORMS, Step
 from convert.planning.source import TOKENIZER, Source
 
@@ -132,14 +132,24 @@ def check_source(source: Source) -> list[ConvertError]:
     return problems
 
 
-def main_dtype(source: Source, *, strict: bool = False) -> str:
+def kept_as_stored(record: TensorRecord, target: Format) -> bool:
+    """A block-quantized tensor the target container stores as it is (quantized GGUF re-laid as GGUF): its bytes
+    are copied, no element of it is read as a number."""
+    return record.dtype not in ITEM_SIZE and target.stores(record.dtype)
+
+
+def main_dtype(source: Source, *, strict: bool = False, target: Format | None = None) -> str:
     """The dtype most bytes have; config.json states it. A tensor that differs is kept as it is, with a warning
-    (an error when strict)."""
+    (an error when strict). Quantized tensors the target keeps as they are count for nothing here."""
     weight: Counter[str] = Counter()
+    kept = [r for r in source.records.values() if target is not None and kept_as_stored(r, target)]
     for record in source.records.values():
-        weight[record.dtype] += record.nbytes
+        if record not in kept:
+            weight[record.dtype] += record.nbytes
     dtype = weight.most_common(1)[0][0] if weight else "BF16"
     for record in source.records.values():
+        if record in kept:
+            continue
         held = format_of(source.layout).checkpoint_dtype(record, dtype)
         if held != dtype and strict:
             raise ConvertError(
@@ -184,10 +194,11 @@ def _source_pieces(source: Source) -> dict[tuple, tuple[TensorRecord, int, KindL
     """Canonical key -> (record, absolute offset, how the source stores the kind)."""
     params = source.params
     env = params.shape_env()
+    reads = format_of(source.layout)
     pieces = {}
     for stored in source.layout.tensors(params.n_layers, params.n_experts):
         record = source.records[stored.name]
-        piece_bytes = nbytes_of(record.dtype, stored.layout.piece_shape(env))
+        piece_bytes = reads.nbytes(record.dtype, stored.layout.piece_shape(env))
         for index, key in enumerate(stored.canonical_keys()):
             pieces[key] = (record, record.offset + index * piece_bytes, stored.layout)
     return pieces
@@ -202,6 +213,15 @@ def target_tensors(source: Source, target: LayoutTable, *, main: str, outtype: s
     env = params.shape_env()
     sources = _source_pieces(source)
     writes, reads = format_of(target), format_of(source.layout)
+    quantized = next((r for r in source.records.values() if kept_as_stored(r, writes)), None)
+    relayout = quantized is not None
+    if quantized is not None and outtype is not None:
+        raise ConvertError(
+            f"is {quantized.dtype}: --outtype {outtype} would requantize it, and quantized weights are only ever "
+            "re-laid byte for byte; leave --outtype out, or convert from the original checkpoint",
+            file=quantized.stream.label,
+            tensor=quantized.name,
+        )
     result = []
     for stored in target.tensors(params.n_layers, params.n_experts):
         shape = stored.shape(env)
@@ -209,13 +229,16 @@ def target_tensors(source: Source, target: LayoutTable, *, main: str, outtype: s
         dtype = sources[keys[0]][0].dtype
         parts = writes.parts(stored.name, shape, dtype, outtype)
         if parts is None:
-            cast_of = partial(_element_cast, target.name, writes, reads, stored.name, shape, main=main, outtype=outtype)
-            pieces = _pieces(stored, stored.name, sources, env, cast_of)
+            cast_of = partial(
+                _element_cast, target.name, writes, reads, stored.name, shape, main=main, outtype=outtype,
+                relayout=relayout,
+            )
+            pieces = _pieces(stored, stored.name, sources, env, cast_of, reads)
             result.append(TargetTensor(stored.name, stored.layer, pieces[0].out_dtype, shape, pieces))
             continue
         for part in parts:
             name = stored.name + part.suffix
-            pieces = _pieces(stored, name, sources, env, lambda _record, cast=part.cast: cast)
+            pieces = _pieces(stored, name, sources, env, lambda _record, cast=part.cast: cast, reads)
             result.append(TargetTensor(name, stored.layer, part.dtype, part.shape, pieces))
     return result
 
@@ -230,9 +253,14 @@ def _element_cast(
     *,
     main: str,
     outtype: str | None,
+    relayout: bool,
 ) -> Cast | None:
     """The cast of a tensor stored as one: the dtype the target stores it in (its rules for outtype, or the
-    source's widening undone) where that differs from the source's."""
+    source's widening undone) where that differs from the source's. relayout: the source holds quantized tensors
+    the target keeps, and every tensor is copied as it is stored (quantized GGUF re-laid as GGUF): converting one
+    would mean dequantizing, which this tool never does."""
+    if relayout:
+        return None
     wanted = writes.tensor_dtype(name, shape, reads.checkpoint_dtype(record, main), outtype)
     if wanted == record.dtype:
         return None
@@ -252,6 +280,7 @@ def _pieces(
     sources: dict[tuple, tuple[TensorRecord, int, KindLayout]],
     env: Mapping[str, int],
     cast_of: Callable[[TensorRecord], Cast | None],
+    reads: Format,
 ) -> tuple[Piece, ...]:
     """The source pieces that fill one output tensor (one per canonical key: several when the target stacks
     experts), placed one after another, each read, moved by the steps between the layouts and cast."""
@@ -262,7 +291,7 @@ def _pieces(
         record, src_offset, src_layout = sources[key]
         dtypes.add(record.dtype)
         piece_shape = src_layout.piece_shape(env)
-        nbytes = nbytes_of(record.dtype, piece_shape)
+        nbytes = reads.nbytes(record.dtype, piece_shape)
         steps = steps_between(src_layout, stored.layout, env)
         piece = Piece(name, record, src_offset, piece_shape, offset, nbytes, steps, cast_of(record))
         pieces.append(piece)
@@ -272,15 +301,24 @@ def _pieces(
     return tuple(pieces)
 
 
-def _tokenizer_copy(source: Source, target: LayoutTable, *, instruct: bool) -> list[OutputFile]:
+def _carries(source: Source, target: LayoutTable, outtype: str | None) -> bool:
+    """Whether the target container writes back what the source's files say besides the tensors (a GGUF re-laid
+    as GGUF, types kept: its keys, the vocabulary included)."""
+    return source.carried is not None and source.layout.container == target.container and outtype is None
+
+
+def _tokenizer_copy(source: Source, target: LayoutTable, *, instruct: bool, outtype: str | None) -> list[OutputFile]:
     """tokenizer.model copied byte for byte (every container keeps it; some also build their own tokenizer files
-    from it). --instruct needs a container with a place for the chat template."""
+    from it). --instruct needs a container with a place for the chat template. A source re-laid in its own
+    container carries its vocabulary in its files, so it needs no tokenizer.model."""
     if instruct and not format_of(target).chat_template:
         raise ConvertError(
             f"--instruct writes a chat template into the tokenizer files; --to {target.name} has "
             "none (the Mistral layouts keep tokenizer.model only)"
         )
     if source.tokenizer is None:
+        if _carries(source, target, outtype):
+            return []
         if instruct:
             raise ConvertError(f"--instruct needs a {TOKENIZER}", file=source.folder)
         log.warning("%s: no %s; the output will have no tokenizer", source.folder, TOKENIZER)
@@ -302,18 +340,20 @@ def build_plan(source: Source, target_name: str, options: PlanOptions = DEFAULT_
             )
         raise first
     target = layout(target_name)
+    if target.read_only:
+        raise ConvertError(f"--to {target.name}: {target.description}; it is a source only")
     if options.outtype is not None and options.outtype not in format_of(target).outtypes:
         if format_of(target).outtypes:
             takes = ", ".join(format_of(target).outtypes)
             raise ConvertError(f"--outtype {options.outtype}: --to {target.name} takes {takes}")
-        converting = [name for name in layout_names() if format_of(layout(name)).outtypes]
+        converting = [name for name in target_names() if format_of(layout(name)).outtypes]
         raise ConvertError(
             f"--outtype {options.outtype}: --to {target.name} keeps the source's element types (--outtype is for "
             f"--to {', '.join(converting)})"
         )
-    dtype = main_dtype(source, strict=options.strict)
+    dtype = main_dtype(source, strict=options.strict, target=format_of(target))
     tensors = target_tensors(source, target, main=dtype, outtype=options.outtype)
-    copied = _tokenizer_copy(source, target, instruct=options.instruct)
+    copied = _tokenizer_copy(source, target, instruct=options.instruct, outtype=options.outtype)
     request = OutputRequest(
         target,
         tensors,
@@ -323,6 +363,7 @@ def build_plan(source: Source, target_name: str, options: PlanOptions = DEFAULT_
         instruct=options.instruct,
         max_shard_size=options.max_shard_size,
         outtype=options.outtype,
+        carried=source.carried if _carries(source, target, options.outtype) else None,
     )
     output = format_of(target).plan(request)
     weights = output.weights

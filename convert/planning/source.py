@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from convert.common.errors import ConvertError, shown
 from convert.containers import format_of
@@ -32,6 +33,7 @@ class Source:
     # folder, so it is a problem like a wrong shape (convert refuses, inspect and verify list it).
     ambiguities: list[ConvertError] = field(default_factory=list)
     outtype: str | None = None  # the --outtype these files were written with, where the container records it
+    carried: Any = None  # what the container writes back as it is when it re-lays these files (OpenedWeights)
 
     @property
     def input_files(self) -> list[Path]:
@@ -62,7 +64,7 @@ def source_identity(source: Source) -> list[dict]:
 def detect_layout(folder: Path) -> str:
     if not folder.is_dir():
         raise ConvertError("not a folder" if folder.exists() else "no such folder", file=folder)
-    found = [name for name in layout_names() if format_of(layout(name)).claims(folder)]
+    found = [name for name in layout_names() if format_of(layout(name)).claims(folder, layout(name))]
     if len(found) == 1:
         return found[0]
     if found:
@@ -117,4 +119,5 @@ def open_source(folder: Path, layout_name: str | None = None) -> Source:
         streams,
         ambiguities,
         opened.outtype,
+        opened.carried,
     )

@@ -47,7 +47,9 @@ from convert.containers.gguf.types import (
     OUTTYPE_OF_DTYPE,
     OUTTYPES,
     Q8_0,
+    QUANTIZED,
     converted_nbytes,
+    tensor_nbytes,
     tensor_type,
 )
 from convert.containers.gguf.writer import TensorInfo, layout_split
@@ -55,6 +57,7 @@ from convert.fileio.regular import MAX_TOKENIZER, is_present, read_small
 from convert.fileio.streams import ByteStream
 from convert.model.outputs import OutputFile
 from convert.model.records import TensorRecord
+from convert.tokenizer.chat_template import CHAT_TEMPLATE
 from convert.tokenizer.sentencepiece import read_model
 
 if TYPE_CHECKING:
@@ -137,7 +140,34 @@ class GgufFormat(Format):
         if vocabulary is not None:
             ambiguities.append(vocabulary)
         _check_beside_tokenizer(folder, metadatas[0], ambiguities)
-        return OpenedWeights(records, paths, paths[0], params, _written_outtype(metadatas[0]))
+        carried = tuple(entry for entry in metadatas[0].values() if not entry.key.startswith(self.split_keys))
+        return OpenedWeights(records, paths, paths[0], params, _written_outtype(metadatas[0]), carried)
+
+    def claims(self, folder: Path, table: LayoutTable) -> bool:
+        """A .gguf model whose tensors are named as table names them: blk.0.ffn_gate_exps for gguf, blk.0.ffn_gate.0
+        for gguf_legacy (headers only are read). One that cannot be read is the writable table's, whose open()
+        then says what is wrong with it."""
+        if not super().claims(folder, table):
+            return False
+        probe = table.kind_layout("expert_w1").pattern.format(layer=0, expert=0)
+        records: list[TensorRecord] = []
+        try:
+            for path in split_paths(_one_model(folder)):  # a split set's tensors are spread over its files
+                stream = ByteStream([path])
+                try:
+                    records += read_gguf(stream, quantized=True)[1]
+                finally:
+                    stream.close()
+        except (ConvertError, OSError):
+            return not table.read_only
+        return any(record.name == probe for record in records)
+
+    def nbytes(self, dtype: str, shape: tuple[int, ...]) -> int:
+        quantized = QUANTIZED.get(dtype)
+        return tensor_nbytes(shape, quantized) if quantized is not None else super().nbytes(dtype, shape)
+
+    def stores(self, dtype: str) -> bool:
+        return dtype in GGML_OF_DTYPE or dtype in QUANTIZED
 
     def tensor_dtype(self, name: str, shape: tuple[int, ...], dtype: str, outtype: str | None) -> str:
         ggml_type = tensor_type(name, shape, outtype or _default_outtype(dtype, name))
@@ -165,9 +195,22 @@ class GgufFormat(Format):
         return None
 
     def plan(self, request: OutputRequest) -> PlannedOutput:
-        outtype = request.outtype or _default_outtype(request.dtype, "the weights")
-        metadata = [*model_metadata(request.params, outtype, name=MODEL_NAME), *_vocabulary(request)]
-        infos = [TensorInfo(t.name, GGMLQuantizationType[t.dtype], t.shape) for t in request.tensors]
+        if request.carried is not None and request.outtype is None:
+            # A GGUF re-laid as GGUF (split, merged, its legacy per-expert tensors stacked, types kept): its keys
+            # are written back as they are, in their order; only the split keys are the output's own.
+            metadata = list(request.carried)
+            if request.instruct:
+                template = KV(Keys.Tokenizer.CHAT_TEMPLATE, GGUFValueType.STRING, CHAT_TEMPLATE)
+                metadata = [e for e in metadata if e.key != template.key] + [template]
+        else:
+            outtype = request.outtype or _default_outtype(request.dtype, "the weights")
+            metadata = [*model_metadata(request.params, outtype, name=MODEL_NAME), *_vocabulary(request)]
+        tensors = request.tensors
+        if request.carried is not None:
+            # Re-laid, the tensors keep the source's order (as gguf-split keeps it): a split set merged again is
+            # the file it came from, byte for byte. A legacy file's stacked experts go where its expert 0 was.
+            tensors = sorted(tensors, key=lambda t: (t.pieces[0].record.stream.label, t.pieces[0].src_offset))
+        infos = [TensorInfo(t.name, GGMLQuantizationType[t.dtype], t.shape) for t in tensors]
         by_name = {t.name: t for t in request.tensors}
         files = []
         for name, layout in layout_split(metadata, infos, stem=STEM, max_size=request.max_shard_size):

@@ -24,7 +24,7 @@ from gguf import (
 
 from convert.common.errors import ConvertError, shown
 from convert.containers.gguf.keys import KV, _get
-from convert.containers.gguf.types import ALIGNMENT, DTYPE_OF_GGML, Q8_0, tensor_nbytes
+from convert.containers.gguf.types import ALIGNMENT, DTYPE_OF_GGML, QUANTIZED, tensor_nbytes
 from convert.containers.gguf.writer import _NUMPY_OF_VALUE, _SCALAR_FORMAT, _pad, split_file_name
 from convert.fileio.streams import ByteStream
 from convert.model.records import TensorRecord
@@ -135,9 +135,10 @@ def read_gguf(stream: ByteStream, *, quantized: bool = False) -> tuple[dict[str,
     more or repeated, over 4 dimensions, an element count that overflows int64, unknown GGML types, rows not a whole
     number of blocks, offsets that are not exactly the previous tensor's padded end) and more: offsets or sizes past
     the end of the file, trailing bytes after the last tensor's padding, bool bytes other than 0/1, invalid UTF-8,
-    a header over MAX_HEADER. Tensors of any type other than F32, F16, BF16 are refused: quantized GGUF is one-way
-    (with quantized, Q8_0 tensors are indexed, dtype "Q8_0", so that verify and inspect can read our own q8_0 files;
-    converting from them is refused by GgufFormat.checkpoint_dtype).
+    a header over MAX_HEADER. Tensors of any type other than F32, F16, BF16 are refused unless quantized is set:
+    then every block-quantized type is indexed too, dtype its GGML name ("Q4_K"), so that a quantized GGUF can be
+    re-laid as GGUF byte for byte (split, merged, its legacy per-expert tensors stacked), inspected and verified;
+    converting one to another layout is refused (GgufFormat.checkpoint_dtype: quantized GGUF is one-way).
 
     Records carry our dtype names and the shape in torch order (outermost first); offsets are absolute. Every count
     is checked against the bytes that remain before anything of that size is allocated."""
@@ -197,7 +198,7 @@ def read_gguf(stream: ByteStream, *, quantized: bool = False) -> tuple[dict[str,
             ggml_type = GGMLQuantizationType(raw_type)
         except ValueError:
             raise cur.fail(f"unknown GGML type {raw_type}", tensor=name) from None
-        if ggml_type not in DTYPE_OF_GGML and not (quantized and ggml_type == Q8_0):
+        if ggml_type not in DTYPE_OF_GGML and not (quantized and ggml_type.name in QUANTIZED):
             rule = (
                 f"is {ggml_type.name}: quantized GGUF is one-way, its weights cannot be restored; convert from the "
                 "original checkpoint instead"

@@ -43,6 +43,12 @@ OUTTYPES: Mapping[str, LlamaFileType] = MappingProxyType(
 OUTTYPE_OF_DTYPE: Mapping[str, str] = MappingProxyType({"F32": "f32", "F16": "f16", "BF16": "bf16"})
 _WIDE_TYPE = MappingProxyType({"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0})
 
+# The block-quantized GGML types, by name (the dtype our records give them): blocks run along a row (ggml's ne0),
+# so a tensor's rows, and an expert's block of rows, are whole byte ranges that can be moved without decoding.
+QUANTIZED: Mapping[str, GGMLQuantizationType] = MappingProxyType(
+    {t.name: t for t, (block, _) in GGML_QUANT_SIZES.items() if block > 1}
+)
+
 # Our dtype names <-> the GGML types a checkpoint's tensors can be read back from.
 GGML_OF_DTYPE: Mapping[str, GGMLQuantizationType] = MappingProxyType({"F32": F32, "F16": F16, "BF16": BF16})
 DTYPE_OF_GGML: Mapping[GGMLQuantizationType, str] = MappingProxyType({v: k for k, v in GGML_OF_DTYPE.items()})
