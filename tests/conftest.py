@@ -35,3 +35,16 @@ def cli() -> CliRunner:
     """The converter's command line as a callable, run in this process (helpers.run_cli):
     cli("convert", src, dst, "--to", "hf", ...)."""
     return run_cli
+
+
+# pyproject.toml's markers; each test module sets one (pytestmark). The stress loop is a tier of its own, so that
+# `-m e2e` does not run it: `make test` leaves it out and CI runs it on its own.
+TIERS = ("unit", "containers", "e2e", "clients", "stress")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test is in exactly one tier, so that the tiers together are the whole suite."""
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+        if len(tiers) != 1:
+            raise pytest.UsageError(f"{item.nodeid}: in tiers {tiers}; a test module sets exactly one of {TIERS}")

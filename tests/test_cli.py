@@ -20,6 +20,8 @@ from helpers import REPO, assert_one_line_error, run_cli, run_process
 
 from convert.sizes import parse_size
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def sample(tmp_path: Path) -> Path:

@@ -19,6 +19,8 @@ from convert.plan import PlanOptions
 from convert.source import detect_layout
 from convert.verify import verify_folder
 
+pytestmark = pytest.mark.e2e
+
 SMALL_SHARDS = PlanOptions(max_shard_size=150_000)  # several hf shards, so stale ones would show
 # What an hf output with a translatable tokenizer also holds (the sample's tokenizer is not one).
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

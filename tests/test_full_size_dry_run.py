@@ -28,6 +28,8 @@ from full_size import (
     write_sparse_mistral,
 )
 
+pytestmark = pytest.mark.e2e
+
 
 def can_make_sparse_files(folder: Path) -> str | None:
     """None if a 1 GiB truncate-extended file occupies (almost) no blocks here, else the reason it does not."""

@@ -41,6 +41,8 @@ from convert.plan import EXPECTED_SLACK, EXPECTED_SLACK_TENSORS, check_source
 from convert.sample import SAMPLE_PARAMS, write_sample
 from convert.source import open_source
 
+pytestmark = pytest.mark.containers
+
 FUZZ = settings(
     max_examples=150,
     deadline=None,

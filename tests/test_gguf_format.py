@@ -27,6 +27,8 @@ from convert.formats.streams import ByteStream
 from convert.params import ModelParams
 from convert.tokenizer import CHAT_TEMPLATE, hf_tokenizer_files
 
+pytestmark = pytest.mark.containers
+
 RNG = np.random.default_rng(20240611)
 
 

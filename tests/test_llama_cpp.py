@@ -26,6 +26,8 @@ from conftest import CliRunner
 from reference import forward, router_margins
 from synthetic import DEFAULT, TinyConfig, make_weights, write_torrent
 
+pytestmark = pytest.mark.clients
+
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make setup` installs it)")
 
 import gguf  # noqa: E402  (after the skip: only these tests need it)

@@ -13,6 +13,8 @@ import pytest
 from convert.errors import ConvertError
 from convert.mapping import data_dir, layout, layout_names, load_canonical, load_layout
 
+pytestmark = pytest.mark.unit
+
 SHIPPED = data_dir("mappings")
 
 

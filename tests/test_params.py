@@ -12,6 +12,8 @@ from convert.errors import ConvertError
 from convert.formats.hf_safetensors import release_metadata
 from convert.params import hf_config_json, hf_params_json, mistral_params_json, read_hf_params, read_mistral_params
 
+pytestmark = pytest.mark.unit
+
 MISTRAL = PARAMS
 HF_4 = {
     "hidden_size": 4096,

@@ -11,6 +11,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,6 +20,8 @@ from synthetic import TinyConfig, make_weights, write_mistral
 
 from convert.mapping import layout_names
 from convert.pipeline import convert_checkpoint
+
+pytestmark = pytest.mark.e2e
 
 PAIRS = list(itertools.permutations(layout_names(), 2))
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

@@ -31,6 +31,8 @@ from tokenizers import Tokenizer
 from convert.errors import ConvertError
 from convert.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, hf_tokenizer_files, parse_model
 
+pytestmark = pytest.mark.clients
+
 SOURCE = "/models/Mixtral-8x7B-Instruct-v0.1/tokenizer.model"
 SPECIAL_TEXTS = ("<s>", "</s>", "<unk>")
 # Mistral's trainer settings that decide encoding; only model_type, byte_fallback and the normalizer are read back.

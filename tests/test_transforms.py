@@ -10,6 +10,8 @@ import pytest
 from convert.mapping import layout, layout_names
 from convert.transforms import TRANSFORMS, Step, run_steps, steps_between
 
+pytestmark = pytest.mark.unit
+
 
 def _matrix(rows: int, cols: int) -> np.ndarray:
     return np.arange(rows * cols, dtype=np.uint32).reshape(rows, cols)

@@ -18,6 +18,8 @@ from convert.formats.safetensors import TensorRecord
 from convert.formats.streams import ByteStream
 from convert.formats.zip_crc import SourceCrc, ZipRecord, check_records, crc32_combine
 
+pytestmark = pytest.mark.unit
+
 
 @settings(max_examples=300, deadline=None, database=None)
 @given(st.binary(max_size=300), st.binary(max_size=300))
