@@ -142,6 +142,7 @@ def run_cli(*args: object, check: bool = True) -> subprocess.CompletedProcess[st
     running, no run scope open, the tool's logger and the signal handlers as they were."""
     from convert import cli, workers
 
+    assert Path(cli.__file__).resolve().is_relative_to(REPO), f"{cli.__file__} is not this checkout's (run_process's)"
     set_here = [name for name in _PROCESS_ONLY_ENV if name in os.environ]
     assert not set_here, f"{set_here} are read at import or by a command's process: use run_process"
     argv = [str(arg) for arg in args]
