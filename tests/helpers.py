@@ -140,7 +140,9 @@ def run_cli(*args: object, check: bool = True) -> subprocess.CompletedProcess[st
     Not the console script's entry() (it installs signal handlers for the process's life and exits with
     os._exit). Afterwards the run must have left this process as it found it: no thread of its own still
     running, no run scope open, the tool's logger and the signal handlers as they were."""
-    from convert import cli, workers
+    from convert.fileio import workers
+
+    from convert import cli
 
     assert Path(cli.__file__).resolve().is_relative_to(REPO), f"{cli.__file__} is not this checkout's (run_process's)"
     set_here = [name for name in _PROCESS_ONLY_ENV if name in os.environ]

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import helpers
 import pytest
+from convert.common.sizes import parse_size
 from helpers import REPO, assert_one_line_error, run_cli, run_process
-
-from convert.sizes import parse_size
 
 pytestmark = pytest.mark.e2e
 
@@ -302,5 +301,5 @@ def test_inspect_recognises_every_layout(sample: Path, tmp_path: Path) -> None:
 def test_convert_and_verify_do_not_import_torch() -> None:
     """Importing torch costs about a second a run, a quarter of copying a 1-layer model here; the tool needs it
     nowhere (tests/test_sample.py: not even `sample`), so it must not creep back into the conversion path."""
-    code = "import sys, convert.cli, convert.stream, convert.verify; sys.exit('torch' in sys.modules)"
+    code = "import sys, convert.cli, convert.run.writer, convert.verify.folder; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False).returncode == 0

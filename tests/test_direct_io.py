@@ -12,15 +12,14 @@ import re
 from pathlib import Path
 
 import pytest
+from convert.common.errors import ConvertError
+from convert.fileio.direct_io import ALIGN, BATCH, O_DIRECT, STAGE, StagedWriter, aligned_buffer, open_direct
+from convert.fileio.residency import cached_fraction
+from convert.fileio.streams import ByteStream
+from convert.fileio.workers import CHUNK, run_scope
+from convert.run import writer as stream
 from helpers import assert_one_line_error, evict, run_cli, tmpfs
 from synthetic import DEFAULT, make_weights, write_torrent
-
-from convert import stream
-from convert.direct_io import ALIGN, BATCH, O_DIRECT, STAGE, StagedWriter, aligned_buffer, open_direct
-from convert.errors import ConvertError
-from convert.formats.streams import ByteStream
-from convert.residency import cached_fraction
-from convert.workers import CHUNK, run_scope
 
 pytestmark = pytest.mark.containers
 

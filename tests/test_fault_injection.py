@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+from convert.fileio.faults import FAULT_ENV, FAULT_LOG_ENV, SITES
+from convert.run import writer as stream
+from convert.run.resume import JOURNAL
 from helpers import REPO, differing_files, evict, run_cli
 from synthetic import DEFAULT, make_weights, write_torrent
-
-from convert import stream
-from convert.faults import FAULT_ENV, FAULT_LOG_ENV, SITES
-from convert.resume import JOURNAL
 
 pytestmark = pytest.mark.e2e
 

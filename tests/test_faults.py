@@ -31,14 +31,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from convert.containers.torchzip.reader import read_torch_index
+from convert.fileio.streams import ByteStream
+from convert.run.resume import JOURNAL
 from helpers import REPO, assert_one_line_error, run_cli, run_measured, tmpfs
 from pickle_ops import call, glob, num, tup, uni
 from safetensors.torch import load_file, save_file
 from test_tokenizer import train as train_tokenizer
-
-from convert.formats.streams import ByteStream
-from convert.formats.torchzip import read_torch_index
-from convert.resume import JOURNAL
 
 pytestmark = pytest.mark.e2e
 
@@ -905,7 +904,7 @@ def test_disk_full_then_resume(base: Path, tmp_path: Path, size: str, full_at_st
 _CHANGE_SOURCE = """
 import os, sys
 from pathlib import Path
-import convert.faults
+import convert.fileio.faults
 
 def change(name):
     if name != os.environ["MIXTRAL_CONVERT_STALL_AT"]:
@@ -918,7 +917,7 @@ def change(name):
         stat = path.stat()
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
 
-convert.faults.stall_point = change
+convert.fileio.faults.stall_point = change
 from convert.cli import main
 sys.exit(main(sys.argv[1:]))
 """

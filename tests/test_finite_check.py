@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from convert.finite import BLOCK, FiniteCheck
-from convert.workers import CHUNK
+from convert.fileio.workers import CHUNK
+from convert.integrity.finite import BLOCK, FiniteCheck
 
 pytestmark = pytest.mark.unit
 

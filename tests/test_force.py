@@ -11,13 +11,12 @@ import itertools
 from pathlib import Path
 
 import pytest
+from convert.model.tables import layout_names
+from convert.planning.plan import PlanOptions
+from convert.planning.source import detect_layout
+from convert.run.pipeline import convert_checkpoint
+from convert.verify.folder import verify_folder
 from helpers import run_cli
-
-from convert.mapping import layout_names
-from convert.pipeline import convert_checkpoint
-from convert.plan import PlanOptions
-from convert.source import detect_layout
-from convert.verify import verify_folder
 
 pytestmark = pytest.mark.e2e
 

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from convert.run.pipeline import convert_checkpoint
 from reference import forward
 from safetensors.torch import load_file
 from synthetic import TinyConfig
 from test_hf_equivalence import TOKENS, logit_tolerance, max_diff
 from transformers import MixtralConfig, MixtralForCausalLM
-
-from convert.pipeline import convert_checkpoint
 
 pytestmark = pytest.mark.clients
 

@@ -1,7 +1,7 @@
 """Fuzzing the readers of untrusted input: the safetensors header parser, the restricted unpickler of torch zip
 checkpoints, and the params.json / config.json readers.
 
-The only allowed outcomes are success or convert.errors.ConvertError: anything else would reach the user as a
+The only allowed outcomes are success or convert.common.errors.ConvertError: anything else would reach the user as a
 traceback. Successes are checked against the rules the readers promise. Known crashers are pinned with @example so
 the tests fail deterministically rather than by luck. Bounded: the whole file runs in well under 60 s.
 """
@@ -26,20 +26,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from convert.common.dtypes import ITEM_SIZE
+from convert.common.errors import ConvertError
+from convert.containers.safetensors import open_safetensors
+from convert.containers.torchzip.reader import _ALLOWED, read_torch_index
+from convert.fileio.streams import ByteStream
+from convert.model.params import ModelParams, read_hf_params, read_mistral_params
+from convert.planning.plan import EXPECTED_SLACK, EXPECTED_SLACK_TENSORS, check_source
+from convert.planning.source import open_source
 from helpers import REPO
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from pickle_ops import glob, uni
 
-from convert.dtypes import ITEM_SIZE
-from convert.errors import ConvertError
-from convert.formats.safetensors import open_safetensors
-from convert.formats.streams import ByteStream
-from convert.formats.torchzip import _ALLOWED, read_torch_index
-from convert.params import ModelParams, read_hf_params, read_mistral_params
-from convert.plan import EXPECTED_SLACK, EXPECTED_SLACK_TENSORS, check_source
 from convert.sample import SAMPLE_PARAMS, write_sample
-from convert.source import open_source
 
 pytestmark = pytest.mark.containers
 
@@ -609,10 +609,10 @@ import torch  # not instrumented: only the converter's code is
 import atheris
 
 with atheris.instrument_imports(include=["convert"]):
-    from convert.errors import ConvertError
-    from convert.formats.safetensors import open_safetensors
-    from convert.formats.streams import ByteStream
-    from convert.formats.torchzip import read_torch_index
+    from convert.common.errors import ConvertError
+    from convert.containers.safetensors import open_safetensors
+    from convert.fileio.streams import ByteStream
+    from convert.containers.torchzip.reader import read_torch_index
 
 TARGET = os.environ["FUZZ_TARGET"]
 SCRATCH = Path(tempfile.mkdtemp())

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from convert.fileio.faults import FAULT_ENV, STALL_AT_ENV
+from convert.fileio.workers import CHUNK
+from convert.run.pipeline import convert_checkpoint
+from convert.run.resume import JOURNAL
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import quantize
 from helpers import REPO, assert_one_line_error, differing_files, run_cli
 from synthetic import DEFAULT, TinyConfig, make_weights, write_megablocks, write_mistral, write_torrent
 
-from convert.faults import FAULT_ENV, STALL_AT_ENV
-from convert.pipeline import convert_checkpoint
-from convert.resume import JOURNAL
 from convert.sample import tokenizer_model
-from convert.workers import CHUNK
 
 pytestmark = pytest.mark.e2e
 

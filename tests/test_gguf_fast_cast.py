@@ -12,12 +12,11 @@ from collections.abc import Iterator
 import gguf
 import numpy as np
 import pytest
+from convert.common.errors import ConvertError
+from convert.containers import gguf as G
 from gguf import GGMLQuantizationType as T
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from convert.errors import ConvertError
-from convert.formats import gguf as G
 
 pytestmark = pytest.mark.unit
 

@@ -16,16 +16,15 @@ import gguf
 import numpy as np
 import pytest
 import sentencepiece as spm
+from convert.common.errors import ConvertError
+from convert.containers import gguf as G
+from convert.fileio.streams import ByteStream
+from convert.model.params import ModelParams
+from convert.tokenizer.sentencepiece import CHAT_TEMPLATE, hf_tokenizer_files
 from gguf import MODEL_TENSOR as M
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 from test_tokenizer import train
-
-from convert.errors import ConvertError
-from convert.formats import gguf as G
-from convert.formats.streams import ByteStream
-from convert.params import ModelParams
-from convert.tokenizer import CHAT_TEMPLATE, hf_tokenizer_files
 
 pytestmark = pytest.mark.containers
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from convert.mapping import canonical, layout, layout_names
+from convert.model.tables import canonical, layout, layout_names
 
 pytestmark = pytest.mark.unit
 

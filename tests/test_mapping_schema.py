@@ -9,9 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from convert.errors import ConvertError
-from convert.mapping import data_dir, layout, layout_names, load_canonical, load_layout
+from convert.common.errors import ConvertError
+from convert.model.tables import data_dir, layout, layout_names, load_canonical, load_layout
 
 pytestmark = pytest.mark.unit
 

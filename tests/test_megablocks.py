@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from convert.model.params import DEFAULT_MAX_POSITIONS
 from helpers import run_cli
 from safetensors.torch import load_file
-
-from convert.params import DEFAULT_MAX_POSITIONS
 
 pytestmark = pytest.mark.clients
 

@@ -11,10 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from convert.fileio.streams import ByteStream
 from full_size import write_sparse_mistral
 from helpers import run_measured
-
-from convert.formats.streams import ByteStream
 
 pytestmark = pytest.mark.e2e
 

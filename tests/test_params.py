@@ -6,11 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+from convert.common.errors import ConvertError
+from convert.containers.hf_safetensors import release_metadata
+from convert.model.params import (
+    hf_config_json,
+    hf_params_json,
+    mistral_params_json,
+    read_hf_params,
+    read_mistral_params,
+)
 from full_size import CONFIG_SHA256, PARAMS, PARAMS_JSON
-
-from convert.errors import ConvertError
-from convert.formats.hf_safetensors import release_metadata
-from convert.params import hf_config_json, hf_params_json, mistral_params_json, read_hf_params, read_mistral_params
 
 pytestmark = pytest.mark.unit
 

@@ -253,7 +253,7 @@ def test_a_moved_source_is_refused(sample: tuple[Path, Path], dst: Path, tmp_pat
 
 def test_the_sampled_digest_sees_bytes_that_size_and_mtime_do_not(tmp_path: Path) -> None:
     """Two files of one size whose bytes differ only in the middle: the sampled digest tells them apart."""
-    from convert.fingerprint import file_fingerprint  # here, so that the other tests run on code without it
+    from convert.run.fingerprint import file_fingerprint  # here, so that the other tests run on code without it
 
     size = 8 * 2**20
     middle = size // 9 * 4 // 4096 * 4096 + 100  # inside the fourth sampled range

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from convert.model.tables import layout_names
+from convert.run.pipeline import convert_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 from synthetic import TinyConfig, make_weights, write_mistral
-
-from convert.mapping import layout_names
-from convert.pipeline import convert_checkpoint
 
 pytestmark = pytest.mark.e2e
 

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from convert.common.dtypes import ITEM_SIZE
+from convert.common.errors import ConvertError
+from convert.containers.safetensors import layout_header, open_safetensors
 from helpers import run_cli
 from safetensors.torch import load_file, save_file
-
-from convert.dtypes import ITEM_SIZE
-from convert.errors import ConvertError
-from convert.formats.safetensors import layout_header, open_safetensors
 
 pytestmark = pytest.mark.containers
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
+from convert.tokenizer.sentencepiece import BYTE, CONTROL, NORMAL, UNKNOWN, parse_model
 from helpers import REPO, run_cli
 from test_tokenizer import sp_chat
 
 from convert.sample import SAMPLE_PARAMS
-from convert.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, parse_model
 
 pytestmark = pytest.mark.clients
 

@@ -18,10 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from convert.run.resume import JOURNAL
 from helpers import REPO, differing_files, handles_sigterm, run_cli
 from synthetic import DEFAULT, make_weights, write_torrent
-
-from convert.resume import JOURNAL
 
 pytestmark = pytest.mark.stress
 

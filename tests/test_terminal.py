@@ -10,10 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from convert.common.sizes import format_size
+from convert.run.writer import progress_bar
 from helpers import assert_one_line_error, run_cli
-
-from convert.sizes import format_size
-from convert.stream import progress_bar
 
 pytestmark = pytest.mark.e2e
 

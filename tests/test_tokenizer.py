@@ -22,14 +22,13 @@ from pathlib import Path
 import jinja2
 import pytest
 import sentencepiece as spm
+from convert.common.errors import ConvertError
+from convert.tokenizer.sentencepiece import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, hf_tokenizer_files, parse_model
 from helpers import REPO, assert_one_line_error, run_cli
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from synthetic import TinyConfig, make_weights, write_torrent
 from tokenizers import Tokenizer
-
-from convert.errors import ConvertError
-from convert.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, hf_tokenizer_files, parse_model
 
 pytestmark = pytest.mark.clients
 
@@ -215,13 +214,13 @@ def test_parser_reads_what_sentencepiece_reads(model_bytes: bytes, sp: spm.Sente
 
 
 def test_needs_no_sentencepiece_protobuf_or_hf_libraries(model_bytes: bytes, tmp_path: Path) -> None:
-    """The converter's side: convert.tokenizer imports and builds the same files with none of them importable."""
+    """The converter's side: convert.tokenizer.sentencepiece imports and builds the same files with none of them importable."""
     (tmp_path / "tokenizer.model").write_bytes(model_bytes)
     code = f"""
 import json, sys
 for name in ("sentencepiece", "google", "google.protobuf", "tokenizers", "transformers"):
     sys.modules[name] = None
-from convert.tokenizer import hf_tokenizer_files
+from convert.tokenizer.sentencepiece import hf_tokenizer_files
 data = open({str(tmp_path / "tokenizer.model")!r}, "rb").read()
 print(json.dumps(hf_tokenizer_files(data, vocab_size=500, instruct=True, source="t")))
 """

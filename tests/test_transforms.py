@@ -6,9 +6,8 @@ import itertools
 
 import numpy as np
 import pytest
-
-from convert.mapping import layout, layout_names
-from convert.transforms import TRANSFORMS, Step, run_steps, steps_between
+from convert.model.tables import layout, layout_names
+from convert.model.transforms import TRANSFORMS, Step, run_steps, steps_between
 
 pytestmark = pytest.mark.unit
 

@@ -18,17 +18,16 @@ from pathlib import Path
 import blake3
 import pytest
 import torch
+from convert.fileio.direct_io import ALIGN, aligned_buffer
+from convert.fileio.faults import FAULT_ENV
+from convert.fileio.streams import ByteStream
+from convert.fileio.workers import CHUNK, BufferPool, Lease, run_scope
+from convert.integrity.manifest import TensorEntry
+from convert.verify.hashing import FolderHasher
+from convert.verify.onepass import FileHashes, FolderFeed
 from helpers import REPO, evict, flip_byte, run_cli, start_held
 from safetensors import safe_open
 from synthetic import TinyConfig, make_weights, write_torrent
-
-from convert.checksums import FolderHasher
-from convert.direct_io import ALIGN, aligned_buffer
-from convert.faults import FAULT_ENV
-from convert.formats.streams import ByteStream
-from convert.integrity import TensorEntry
-from convert.onepass import FileHashes, FolderFeed
-from convert.workers import CHUNK, BufferPool, Lease, run_scope
 
 pytestmark = pytest.mark.e2e
 

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from convert import writeback
+from convert.fileio import writeback
 
 pytestmark = pytest.mark.unit
 

@@ -9,14 +9,13 @@ import zlib
 from pathlib import Path
 
 import pytest
+from convert.common.errors import ConvertError
+from convert.containers.safetensors import TensorRecord
+from convert.fileio.streams import ByteStream
+from convert.integrity.crc32 import SourceCrc, ZipRecord, check_records, crc32_combine
 from helpers import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from convert.errors import ConvertError
-from convert.formats.safetensors import TensorRecord
-from convert.formats.streams import ByteStream
-from convert.formats.zip_crc import SourceCrc, ZipRecord, check_records, crc32_combine
 
 pytestmark = pytest.mark.unit
 
