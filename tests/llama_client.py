@@ -103,16 +103,19 @@ for arguments in jobs:
 """
 
 
-def llama_converter_many(hf_folder: Path, jobs: Sequence[tuple[Path, str]], *, vocab_only: bool = False) -> None:
-    """llama.cpp's convert_hf_to_gguf.py on an HF folder once per (out_file, outtype), in one subprocess.
+def llama_converter_many(
+    hf_folder: Path, jobs: Sequence[tuple[Path, str] | tuple[Path, str, bool]], *, vocab_only: bool = False
+) -> None:
+    """llama.cpp's convert_hf_to_gguf.py on an HF folder once per (out_file, outtype), in one subprocess; a job
+    (out_file, outtype, True) is a --vocab-only one, as is every job with vocab_only.
 
     A failure raises with the script's stderr.
     """
     script = converter_script()
     arguments = []
-    for out_file, outtype in jobs:
+    for out_file, outtype, *only_vocab in jobs:
         arguments.append([str(hf_folder), "--outfile", str(out_file), "--outtype", outtype])
-        if vocab_only:
+        if vocab_only or any(only_vocab):
             arguments[-1].append("--vocab-only")
     # The script puts its own gguf-py on sys.path unless NO_LOCAL_GGUF is set; PYTHONPATH says the same, so the
     # vendored copy wins over the venv's `gguf` whatever a later version of the script does.
@@ -121,10 +124,10 @@ def llama_converter_many(hf_folder: Path, jobs: Sequence[tuple[Path, str]], *, v
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     command = [sys.executable, "-c", _DRIVER, str(script), json.dumps(arguments)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    missing = [str(out) for out, _ in jobs if not out.is_file()]
+    missing = [str(job[0]) for job in jobs if not job[0].is_file()]
     if result.returncode != 0 or missing:
         raise AssertionError(
-            f"llama.cpp's converter exited {result.returncode} on {hf_folder} ({', '.join(t for _, t in jobs)}),"
+            f"llama.cpp's converter exited {result.returncode} on {hf_folder} ({', '.join(j[1] for j in jobs)}),"
             f" missing {missing}\nstderr:\n{result.stderr[-4000:]}"
         )
 

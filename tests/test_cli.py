@@ -5,16 +5,22 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
+import helpers
 import pytest
-from helpers import REPO, assert_one_line_error, run_cli
+from helpers import REPO, assert_one_line_error, run_cli, run_process
 
 from convert.common.sizes import parse_size
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
@@ -141,8 +147,82 @@ def test_missing_folder_and_unknown_layout(tmp_path: Path) -> None:
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    result = run_cli("--debug", "inspect", tmp_path / "nope", check=False)
+    """A process: the traceback and the exit status are the interpreter's, for the exception --debug lets out."""
+    result = run_process("--debug", "inspect", tmp_path / "nope", check=False)
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_in_process_runs_say_what_the_command_says(sample: Path, tmp_path: Path) -> None:
+    """run_cli (main() in the test process) gives the exit status, stdout and stderr of the command run as a
+    process, on every path out of main(): success, a warning, problems found (1), an error (2), argparse's usage
+    error (SystemExit 2) and --version (SystemExit 0). The other tests rely on this."""
+    (sample / "tokenizer.model").write_bytes(b"not a tokenizer")  # a warning line on stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(sample, broken)
+    (broken / "params.json").write_text(json.dumps(json.loads((sample / "params.json").read_text()) | {"dim": 96}))
+    out = tmp_path / "out"
+    commands = [
+        ("convert", sample, out, "--to", "hf", "--max-shard-size", "250KB"),  # with the warning
+        ("convert", sample, out, "--to", "hf", "--dry-run"),
+        ("convert", sample, out, "--to", "gguf", "--dry-run", "--json"),
+        ("inspect", broken),
+        ("inspect", tmp_path / "nope"),
+        ("verify", tmp_path / "nope", "--json"),
+        ("convert", sample, out, "--to", "nowhere"),
+        ("--version",),
+    ]
+    statuses = set()
+    for command in commands:
+        said = []
+        for run in (run_cli, run_process):
+            result = run(*command, check=False)
+            written = sorted(p.name for p in out.iterdir()) if out.exists() else []
+            shutil.rmtree(out, ignore_errors=True)
+            timing = r"in [\d.]+ s \([^)]*\)"  # the summary line's time and rate
+            said.append((result.returncode, re.sub(timing, "in T", result.stdout), result.stderr, written))
+        assert said[0] == said[1], command
+        statuses.add(said[1][0])
+    assert statuses == {0, 1, 2}
+
+
+def test_in_process_runs_must_leave_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_cli fails a run that leaves a thread running, a handler on the tool's logger or a signal handler
+    changed: a process of its own would take them with it, here they would reach the next test."""
+    import logging
+
+    import convert.cli
+
+    release = threading.Event()
+
+    def leaves_a_thread(argv: list[str]) -> int:
+        threading.Thread(target=release.wait, name="left-behind", daemon=True).start()
+        return 0
+
+    def leaves_a_handler(argv: list[str]) -> int:
+        logging.getLogger("mixtral-convert").addHandler(handler)
+        return 0
+
+    def leaves_a_signal_handler(argv: list[str]) -> int:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return 0
+
+    handler = logging.NullHandler()
+    sigterm = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(helpers, "_THREAD_GRACE", 0.1)
+    try:
+        for main, said in [
+            (leaves_a_thread, "left threads running: ['left-behind']"),
+            (leaves_a_handler, "changed the tool's logger"),
+            (leaves_a_signal_handler, "changed the signal handlers"),
+        ]:
+            with monkeypatch.context() as patched:
+                patched.setattr(convert.cli, "main", main)
+                with pytest.raises(AssertionError, match=re.escape(said)):
+                    run_cli("inspect", ".")
+    finally:
+        release.set()
+        logging.getLogger("mixtral-convert").removeHandler(handler)
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def test_missing_and_extra_tensors_are_named(sample: Path, tmp_path: Path) -> None:

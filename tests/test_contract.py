@@ -31,7 +31,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -51,6 +50,8 @@ from convert.run.writer import partial_name
 
 if TYPE_CHECKING:
     from conftest import CliRunner
+
+pytestmark = pytest.mark.containers
 
 Case = tuple[str, str | None]  # a layout, and the --outtype asked of it (None: the container's default)
 
@@ -130,11 +131,9 @@ K = TypeVar("K", bound=Hashable)
 
 
 def run_all(cli: CliRunner, commands: dict[K, list[object]]) -> dict[K, subprocess.CompletedProcess[str]]:
-    """Run independent read-only commands on every core at once (each is mostly the interpreter starting), so the
-    file stays quick; the tests then check each result."""
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        futures = {key: pool.submit(cli, *args, check=False) for key, args in commands.items()}
-        return {key: future.result() for key, future in futures.items()}
+    """Run independent read-only commands one after another; the tests then check each result. (In the test process,
+    as the cli fixture runs them: a run owns the process's streams and its run scope, so they cannot overlap.)"""
+    return {key: cli(*args, check=False) for key, args in commands.items()}
 
 
 @pytest.fixture(scope="module")

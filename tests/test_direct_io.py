@@ -22,6 +22,8 @@ from convert.fileio.streams import ByteStream
 from convert.fileio.workers import CHUNK, run_scope
 from convert.run import writer as stream
 
+pytestmark = pytest.mark.containers
+
 # 2 layers of 8 experts at dim 256, FFN 2048 and a 32003 vocab: about 84 MB, so the weights file is written
 # through the staged writer (stream.DIRECT_MIN) in more than one STAGE.
 EMBED = "model.embed_tokens.weight"  # 32003 x 256 bf16: about 16 MB, two chunks

@@ -24,6 +24,8 @@ from convert.fileio.faults import FAULT_ENV, FAULT_LOG_ENV, SITES
 from convert.run import writer as stream
 from convert.run.resume import JOURNAL
 
+pytestmark = pytest.mark.e2e
+
 MEDIUM = dataclasses.replace(DEFAULT, dim=256, head_dim=64, hidden_dim=2048, n_experts=8, vocab=32003)
 BOUND = 1.0  # seconds from the failure to the process's exit
 INDEX = "model.safetensors.index.json"

@@ -40,6 +40,8 @@ from convert.containers.torchzip.reader import read_torch_index
 from convert.fileio.streams import ByteStream
 from convert.run.resume import JOURNAL
 
+pytestmark = pytest.mark.e2e
+
 SHARD_SIZE = "150KB"  # the sample then has 5 HF shards
 INDEX = "model.safetensors.index.json"
 COMPLETION = {"hf": INDEX, "mistral": "params.json", "torrent": "params.json", "megablocks": "params.json"}

@@ -8,6 +8,8 @@ import torch
 from convert.fileio.workers import CHUNK
 from convert.integrity.finite import BLOCK, FiniteCheck
 
+pytestmark = pytest.mark.unit
+
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 

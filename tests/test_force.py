@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
-from convert.model.tables import layout_names
+from convert.model.tables import target_names
 from convert.planning.plan import PlanOptions
 from convert.planning.source import detect_layout
 from convert.run.pipeline import convert_checkpoint
 from convert.verify.folder import verify_folder
+
+pytestmark = pytest.mark.e2e
 
 SMALL_SHARDS = PlanOptions(max_shard_size=150_000)  # several hf shards, so stale ones would show
 # What an hf output with a translatable tokenizer also holds (the sample's tokenizer is not one).
@@ -32,7 +34,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-PAIRS = [(a, b) for a, b in itertools.permutations(layout_names(), 2)]
+PAIRS = [(a, b) for a, b in itertools.permutations(target_names(), 2)]
 
 
 @pytest.mark.parametrize(("first", "second"), PAIRS, ids=[f"{a}-then-{b}" for a, b in PAIRS])

@@ -16,6 +16,8 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from convert.run.pipeline import convert_checkpoint
 
+pytestmark = pytest.mark.clients
+
 VOCAB = 1003  # TOKENS use ids up to 1002
 
 

@@ -28,6 +28,8 @@ from full_size import (
     write_sparse_mistral,
 )
 
+pytestmark = pytest.mark.e2e
+
 
 def can_make_sparse_files(folder: Path) -> str | None:
     """None if a 1 GiB truncate-extended file occupies (almost) no blocks here, else the reason it does not."""
@@ -70,9 +72,8 @@ def test_dry_run_reproduces_published_files(full_size_source: Path, tmp_path: Pa
     """config.json and the index are byte-identical to the published ones; the 19 shard sizes match exactly."""
     dst = tmp_path / "dst"
     proc = cli(
-        "convert", full_size_source, dst, "--to", "hf", "--from", "mistral", "--dry-run", "--json", "--no-progress",
-        timeout=300,
-    )  # fmt: skip
+        "convert", full_size_source, dst, "--to", "hf", "--from", "mistral", "--dry-run", "--json", "--no-progress"
+    )
     assert not dst.exists(), "a dry run created the destination"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 

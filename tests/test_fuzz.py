@@ -43,6 +43,8 @@ from convert.planning.plan import EXPECTED_SLACK, EXPECTED_SLACK_TENSORS, check_
 from convert.planning.source import open_source
 from convert.sample import SAMPLE_PARAMS, write_sample
 
+pytestmark = pytest.mark.containers
+
 FUZZ = settings(
     max_examples=150,
     deadline=None,

@@ -32,6 +32,8 @@ from convert.run.pipeline import convert_checkpoint
 from convert.run.resume import JOURNAL
 from convert.sample import tokenizer_model
 
+pytestmark = pytest.mark.e2e
+
 F32, F16, BF16, Q8_0 = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
                         GGMLQuantizationType.Q8_0)  # fmt: skip
 WIDE_TYPE = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0}

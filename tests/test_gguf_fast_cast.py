@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from convert.common.errors import ConvertError
 from convert.containers.gguf import casts
 
+pytestmark = pytest.mark.unit
+
 RNG = np.random.default_rng(20240612)
 TYPES = (T.F16, T.BF16, T.Q8_0)
 NEAR_HALF = float(np.nextafter(np.float32(0.5), np.float32(0)))

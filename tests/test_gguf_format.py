@@ -31,6 +31,8 @@ from convert.model.params import ModelParams
 from convert.tokenizer.chat_template import CHAT_TEMPLATE
 from convert.tokenizer.hf_files import hf_tokenizer_files
 
+pytestmark = pytest.mark.containers
+
 RNG = np.random.default_rng(20240611)
 
 

@@ -21,6 +21,8 @@ from conftest import CliRunner
 from gguf import GGUFValueType as V
 from gguf_edit import Entries, rewrite
 
+pytestmark = pytest.mark.containers
+
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory, cli: CliRunner) -> Path:

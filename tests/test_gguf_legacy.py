@@ -40,6 +40,8 @@ from legacy_gguf import legacy_from  # noqa: E402
 from llama_client import load, logits  # noqa: E402
 from test_tokenizer import train  # noqa: E402
 
+pytestmark = pytest.mark.clients
+
 # Rows of 256 and 512 elements: whole K-quant super-blocks, so Q4_K_M really uses Q4_K, Q5_K and Q6_K here.
 CFG = replace(DEFAULT, dim=256, hidden_dim=512, n_heads=4, n_kv_heads=2, head_dim=64)
 SEED = 7

@@ -30,6 +30,8 @@ from synthetic import (
 )
 from transformers import AutoConfig, MixtralForCausalLM
 
+pytestmark = pytest.mark.clients
+
 # Two sequences of 12 ids, including the last vocab row (1002) so a truncated embedding or lm_head shows.
 TOKENS = torch.tensor(
     [

@@ -24,6 +24,8 @@ from pickle_ops import glob, uni
 from safetensors.torch import load_file, save_file
 from test_faults import CHECKPOINT, PKL, archive_entries, read_safetensors, safetensors_bytes, write_archive
 
+pytestmark = pytest.mark.e2e
+
 PEAK_RSS_MIB = 512  # the bound of the issue, for every bad input
 TIME_LIMIT = 30  # seconds; each case takes one or two (a hang or a runaway loop shows as a failure, not a stall)
 GUARD_AS = 4 * 2**30  # address space for the child: a runaway allocation fails there, not on the shared machine

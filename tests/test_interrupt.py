@@ -13,6 +13,8 @@ import pytest
 from full_size import write_sparse_mistral
 from helpers import REPO, run_cli, start_held
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_run_stops_cleanly_and_resumes(tmp_path: Path, signum: int) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import CliRunner
 
+pytestmark = pytest.mark.e2e
+
 MISSING = "/nonexistent/mixtral-convert-test"
 CASES = {
     "verify-missing-folder": (["verify", MISSING, "--json"], "no such folder"),

@@ -12,6 +12,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 PACKAGE = Path(__file__).resolve().parent.parent / "convert"
 # Lowest first. The root package (convert/__init__.py, the version) is below everything.
 LAYERS = (

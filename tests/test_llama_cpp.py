@@ -26,6 +26,8 @@ from conftest import CliRunner
 from reference import forward, router_margins
 from synthetic import DEFAULT, TinyConfig, make_weights, write_torrent
 
+pytestmark = pytest.mark.clients
+
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make setup` installs it)")
 
 import gguf  # noqa: E402  (after the skip: only these tests need it)
@@ -221,18 +223,30 @@ def test_tokenization_equals_sentencepiece_small_vocab(theirs: Callable[[str], P
     assert_tokenizes_like_sentencepiece(theirs("f32"), tokenizer_model)
 
 
-def test_tokenization_equals_sentencepiece_mixtral(tmp_path: Path, cli: CliRunner) -> None:
+@pytest.fixture(scope="module")
+def mixtral_vocabulary(tmp_path_factory: pytest.TempPathFactory, cli: CliRunner) -> dict[str, Path]:
+    """A 1-layer checkpoint with Mixtral's own tokenizer.model (32000 pieces, from mistral-common) ("torrent"),
+    our hf output of it ("hf"), and what llama.cpp's converter writes from that: the whole model at f32
+    ("theirs") and the vocabulary alone, --vocab-only ("vocab"), both in one run of the converter (most of a run
+    is importing torch and the converter). The tests only read them."""
+    cfg: TinyConfig = replace(CFG, n_layers=1, vocab=32000)
+    root = tmp_path_factory.mktemp("mixtral_vocabulary")
+    made = {name: root / name for name in ("torrent", "hf")}
+    made |= {name: root / f"{name}.gguf" for name in ("theirs", "vocab")}
+    write_torrent(made["torrent"], cfg, make_weights(cfg, SEED))
+    (made["torrent"] / "tokenizer.model").write_bytes(mixtral_tokenizer().read_bytes())
+    cli("convert", made["torrent"], made["hf"], "--to", "hf", "--from", "torrent", "--no-progress")
+    llama_converter_many(made["hf"], [(made["theirs"], "f32"), (made["vocab"], "f32", True)])
+    return made
+
+
+def test_tokenization_equals_sentencepiece_mixtral(mixtral_vocabulary: dict[str, Path]) -> None:
     """Mixtral's own tokenizer.model (32000 pieces, from mistral-common), through our hf output and llama.cpp's
     converter with --vocab-only."""
     model_bytes = mixtral_tokenizer().read_bytes()
     assert hashlib.md5(model_bytes).hexdigest() == MIXTRAL_TOKENIZER_MD5
-    cfg: TinyConfig = replace(CFG, n_layers=1, vocab=32000)
-    src, dst = tmp_path / "torrent", tmp_path / "hf"
-    write_torrent(src, cfg, make_weights(cfg, SEED))
-    (src / "tokenizer.model").write_bytes(model_bytes)
-    cli("convert", src, dst, "--to", "hf", "--from", "torrent", "--no-progress")
-    vocab = llama_converter(dst, tmp_path / "vocab.gguf", "f32", vocab_only=True)
-    assert_tokenizes_like_sentencepiece(vocab, model_bytes)
+    assert (mixtral_vocabulary["torrent"] / "tokenizer.model").read_bytes() == model_bytes
+    assert_tokenizes_like_sentencepiece(mixtral_vocabulary["vocab"], model_bytes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -455,18 +469,15 @@ def test_llama_cpp_tokenizes_our_gguf_like_sentencepiece(
     assert_tokenizes_like_sentencepiece(ours("torrent", "bf16"), tokenizer_model)
 
 
-def test_our_mixtral_vocabulary_is_llama_cpps(tmp_path: Path, cli: CliRunner) -> None:
+def test_our_mixtral_vocabulary_is_llama_cpps(
+    tmp_path: Path, cli: CliRunner, mixtral_vocabulary: dict[str, Path]
+) -> None:
     """Mixtral's own tokenizer.model (32000 pieces): our GGUF's vocabulary keys equal those llama.cpp's converter
     writes from our hf output, and llama.cpp tokenizes with them as SentencePiece does."""
     model_bytes = mixtral_tokenizer().read_bytes()
-    cfg: TinyConfig = replace(CFG, n_layers=1, vocab=32000)
-    src, hf, ggml = tmp_path / "torrent", tmp_path / "hf", tmp_path / "gguf"
-    write_torrent(src, cfg, make_weights(cfg, SEED))
-    (src / "tokenizer.model").write_bytes(model_bytes)
-    cli("convert", src, hf, "--to", "hf", "--from", "torrent", "--no-progress")
-    cli("convert", src, ggml, "--to", "gguf", "--outtype", "f32", "--no-progress")
-    theirs = llama_converter(hf, tmp_path / "theirs.gguf", "f32")
-    assert compare_gguf(ggml / "model.gguf", theirs) == []
+    ggml = tmp_path / "gguf"
+    cli("convert", mixtral_vocabulary["torrent"], ggml, "--to", "gguf", "--outtype", "f32", "--no-progress")
+    assert compare_gguf(ggml / "model.gguf", mixtral_vocabulary["theirs"]) == []
     assert_tokenizes_like_sentencepiece(ggml / "model.gguf", model_bytes)
 
 

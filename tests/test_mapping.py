@@ -6,6 +6,8 @@ import pytest
 
 from convert.model.tables import canonical, layout, layout_names
 
+pytestmark = pytest.mark.unit
+
 REAL = {"n_layers": 32, "n_experts": 8}
 
 

@@ -14,6 +14,8 @@ from convert.common.errors import ConvertError
 from convert.containers import format_of
 from convert.model.tables import data_dir, layout, layout_names, load_canonical, load_layout
 
+pytestmark = pytest.mark.unit
+
 SHIPPED = data_dir("mappings")
 
 

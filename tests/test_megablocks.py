@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from convert.model.params import DEFAULT_MAX_POSITIONS
 
+pytestmark = pytest.mark.clients
+
 FILES = [f"consolidated.{i:02d}.pt" for i in range(8)]
 # A site folder holding a transformers 4.x (pip install --target DIR transformers==4.45.2 ...), to run the script
 # from a release that still ships it; the suite's own transformers is tried first.

@@ -16,6 +16,8 @@ from helpers import run_measured
 
 from convert.fileio.streams import ByteStream
 
+pytestmark = pytest.mark.e2e
+
 GIB = 2**30
 
 

@@ -17,6 +17,8 @@ from conftest import CliRunner
 from gguf import GGUFValueType as V
 from gguf_edit import Entries, rewrite
 
+pytestmark = pytest.mark.e2e
+
 
 def rewrite_sums_line(folder: Path, name: str) -> None:
     """What someone hiding an edit does: the file's SHA256SUMS line made to match again."""

@@ -31,6 +31,8 @@ from convert.model.params import (
     written_keys,
 )
 
+pytestmark = pytest.mark.unit
+
 MISTRAL = PARAMS
 HF_4 = {
     "hidden_size": 4096,

@@ -25,6 +25,8 @@ from convert.run.pipeline import convert_checkpoint
 from convert.sample import write_sample
 from convert.verify.folder import verify_folder
 
+pytestmark = pytest.mark.containers
+
 
 @dataclass(frozen=True)
 class ByteOfBf16:

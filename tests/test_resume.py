@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, assert_one_line_error, differing_files, run_cli
 
+pytestmark = pytest.mark.e2e
+
 SHARD_SIZE = "150KB"  # the sample then has 5 shards
 INDEX = "model.safetensors.index.json"
 

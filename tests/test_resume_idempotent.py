@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import CliRunner
 
+pytestmark = pytest.mark.e2e
+
 
 def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}

@@ -20,6 +20,8 @@ import test_resume
 from helpers import REPO, assert_one_line_error, run_cli
 from test_resume import INDEX, SHARD_SIZE, killed_at, same_files
 
+pytestmark = pytest.mark.e2e
+
 JOURNAL = ".mixtral-convert-journal"
 LOCK = ".mixtral-convert-lock"
 STALL_AT = "model-00003-of-00005.safetensors"  # two shards finished, the third being written

@@ -11,16 +11,19 @@ import json
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 from synthetic import TinyConfig, make_weights, write_mistral
 
-from convert.model.tables import layout_names
+from convert.model.tables import target_names
 from convert.run.pipeline import convert_checkpoint
 
-PAIRS = list(itertools.permutations(layout_names(), 2))
+pytestmark = pytest.mark.e2e
+
+PAIRS = list(itertools.permutations(target_names(), 2))
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 

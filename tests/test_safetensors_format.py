@@ -15,6 +15,8 @@ from convert.common.dtypes import ITEM_SIZE
 from convert.common.errors import ConvertError
 from convert.containers.safetensors import layout_header, open_safetensors
 
+pytestmark = pytest.mark.containers
+
 TORCH_DTYPE = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
     "F8_E4M3": torch.float8_e4m3fn, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,

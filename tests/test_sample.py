@@ -16,6 +16,8 @@ from test_tokenizer import sp_chat
 from convert.sample import SAMPLE_PARAMS
 from convert.tokenizer.sentencepiece import BYTE, CONTROL, NORMAL, UNKNOWN, parse_model
 
+pytestmark = pytest.mark.clients
+
 TEXTS = [
     "Convert the sample, then verify the checksums.",
     "  leading spaces, trailing spaces  ",

@@ -15,6 +15,8 @@ from helpers import assert_one_line_error, run_cli
 from convert.common.sizes import format_size
 from convert.run.writer import progress_bar
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:

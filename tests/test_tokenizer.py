@@ -32,6 +32,8 @@ from convert.common.errors import ConvertError
 from convert.tokenizer.hf_files import hf_tokenizer_files
 from convert.tokenizer.sentencepiece import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, parse_model
 
+pytestmark = pytest.mark.clients
+
 SOURCE = "/models/Mixtral-8x7B-Instruct-v0.1/tokenizer.model"
 SPECIAL_TEXTS = ("<s>", "</s>", "<unk>")
 # Mistral's trainer settings that decide encoding; only model_type, byte_fallback and the normalizer are read back.

@@ -40,6 +40,8 @@ from test_faults import (
 )
 from test_tokenizer import train as train_tokenizer
 
+pytestmark = pytest.mark.containers
+
 PEAK_MIB = 512
 
 

@@ -11,6 +11,8 @@ from convert.model.tables import layout, layout_names
 from convert.model.transforms import TRANSFORMS, Step, run_steps
 from convert.planning.plan import steps_between
 
+pytestmark = pytest.mark.unit
+
 
 def _matrix(rows: int, cols: int) -> np.ndarray:
     return np.arange(rows * cols, dtype=np.uint32).reshape(rows, cols)

@@ -13,6 +13,8 @@ import blake3
 import pytest
 from helpers import assert_one_line_error, flip_byte, run_cli
 
+pytestmark = pytest.mark.e2e
+
 LAYOUTS = ("hf", "torrent", "mistral", "megablocks")
 
 

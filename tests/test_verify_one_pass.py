@@ -30,6 +30,8 @@ from convert.integrity.manifest import TensorEntry
 from convert.verify.hashing import FolderHasher
 from convert.verify.onepass import FileHashes, FolderFeed
 
+pytestmark = pytest.mark.e2e
+
 # Tensors bigger than one 8 MiB chunk (the embedding and output: 5000 x 1024 bf16), so a differing tensor leaves
 # chunks the comparison skips; about 70 MB a side in all.
 CONFIG = TinyConfig(dim=1024, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=128, hidden_dim=1792, vocab=5000)

@@ -11,6 +11,8 @@ import pytest
 
 from convert.fileio import writeback
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is a Linux call")
 def test_linux_has_the_call() -> None:

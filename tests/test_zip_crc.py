@@ -19,6 +19,8 @@ from convert.fileio.streams import ByteStream
 from convert.integrity.crc32 import CheckedRecord, SourceCrc, check_records, crc32_combine
 from convert.model.records import TensorRecord
 
+pytestmark = pytest.mark.unit
+
 
 @settings(max_examples=300, deadline=None, database=None)
 @given(st.binary(max_size=300), st.binary(max_size=300))
