@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LowercaseLevel())
+    level = log.level  # put back at the end, with the handler: main() may run inside a longer-lived program
     log.addHandler(handler)
     log.setLevel(logging.INFO if args.debug else logging.WARNING)
     commands = {"convert": run_convert, "inspect": run_inspect, "verify": run_verify, "sample": run_sample}
@@ -329,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
         for signum, previous in before.items():
             # The run is over and its outcome stands: as a command, a late signal is ignored rather than
             # killing the process during the interpreter's exit (which resets handlers to the default).

@@ -170,8 +170,6 @@ def run_cli(*args: object, check: bool = True) -> subprocess.CompletedProcess[st
         except BaseException:  # what the interpreter does with an uncaught exception: the traceback, status 1
             traceback.print_exc()
             code = 1
-        finally:
-            logger.setLevel(level)  # main() sets it for its run; a process would end here
     result = subprocess.CompletedProcess(
         ["mixtral-convert", *argv], code, _as_read_by_a_parent(stdout), _as_read_by_a_parent(stderr)
     )
@@ -181,7 +179,9 @@ def run_cli(*args: object, check: bool = True) -> subprocess.CompletedProcess[st
     left = sorted(t.name for t in _new_threads(threads))
     assert not left, f"mixtral-convert {' '.join(argv)} left threads running: {left}\nstderr:\n{result.stderr}"
     assert not workers.in_run(), f"mixtral-convert {' '.join(argv)} left its run scope open"
-    assert (logger.handlers, logger.filters) == (handlers, filters), f"{argv} changed the tool's logger"
+    changed = (logger.handlers, logger.filters, logger.level) != (handlers, filters, level)
+    logger.setLevel(level)  # so that one leak fails one test, not every test after it
+    assert not changed, f"{argv} changed the tool's logger (handlers, filters or level)"
     now = {signum: signal.getsignal(signum) for signum in dispositions}
     assert now == dispositions, f"mixtral-convert {' '.join(argv)} changed the signal handlers: {now}"
     if signal.SIGINT in seen:  # the command took the Ctrl-C meant for pytest (and exited 130): pass it on

@@ -1,7 +1,7 @@
 """Reading a torch zip checkpoint (.pt / .pth) as an index of byte ranges, without loading any storage.
 
-The archive holds one */data.pkl pickle and one */data/<key> record per storage. The pickle is read by an
-unpickler whose allow-list resolves the few globals torch.save emits to inert stand-ins: nothing from the
+The archive holds one */data.pkl pickle and one */data/<key> record per storage. The pickle is read by the
+allow-list unpickler of convert/containers/torchzip/unpickler.py: nothing from the
 file is ever imported or called, and there is no fallback to an unrestricted load.
 
 The zip layer is read the way torch.load reads it (miniz: names found ignoring ASCII case, the first record's
@@ -13,19 +13,23 @@ no CRC-32; the conversion does (convert/integrity/crc32.py), from the bytes it r
 
 from __future__ import annotations
 
-import collections
 import io
 import pickle
-import pickletools
 import struct
 import zipfile
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
-from types import MappingProxyType
 
-from convert.common.dtypes import ITEM_SIZE, STORAGE_CLASS, nbytes_of
+from convert.common.dtypes import ITEM_SIZE, nbytes_of
 from convert.common.errors import ConvertError
+from convert.containers.torchzip.unpickler import (
+    MAX_PICKLE,
+    STORAGE_CLASS_OF,
+    IndexUnpickler,
+    Storage,
+    TensorRef,
+    prescan,
+)
 from convert.fileio.streams import ByteStream, StreamFile
 from convert.integrity.crc32 import CheckedRecord
 from convert.model.records import TensorRecord
@@ -45,144 +49,6 @@ MAX_RECORDS = 2**16  # a record per storage: Mixtral-8x7B has 995, 8x22B about 1
 MAX_DIRECTORY = 16 * 2**20  # Mixtral's central directory is about 100 KB
 MAX_SMALL_RECORD = 2**20  # byteorder, version, serialization_id...: a few bytes each
 MAX_FORMAT_VERSION = 10  # torch 2.13's kMaxSupportedFileFormatVersion; torch.save writes 3
-
-
-def _refuse_build(self: object, _state: object) -> None:
-    raise pickle.UnpicklingError(f"BUILD on {type(self).__name__.lstrip('_')} is not allowed")
-
-
-def _sealed(cls: type) -> type:
-    """Stand-ins are slotted (no __dict__ for BUILD to update) and refuse __setstate__, which a frozen slotted
-    dataclass otherwise gets and which writes its slots: a file cannot rewrite what the allow-list hands out."""
-    cls.__setstate__ = _refuse_build  # type: ignore[attr-defined]
-    return cls
-
-
-@_sealed
-@dataclass(frozen=True, slots=True)
-class _StorageType:
-    dtype: str
-
-
-@_sealed
-@dataclass(frozen=True, slots=True)
-class _Storage:
-    key: str
-    dtype: str
-    numel: int
-
-
-@_sealed
-@dataclass(frozen=True, slots=True)
-class _Callable:
-    function: Callable[..., object]
-
-    def __call__(self, *args: object) -> object:
-        return self.function(*args)
-
-
-@_sealed
-@dataclass(frozen=True, slots=True)
-class _TensorRef:
-    storage: _Storage
-    offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-
-
-_STORAGE_CLASS_OF = {dtype: cls for cls, dtype in STORAGE_CLASS.items()}
-
-
-def _is_int_tuple(value: object) -> bool:
-    return isinstance(value, tuple) and all(type(v) is int and v >= 0 for v in value)
-
-
-def _rebuild_tensor_v2(storage: object, offset: object, size: object, stride: object, *_rest: object) -> _TensorRef:
-    if not isinstance(storage, _Storage) or type(offset) is not int or offset < 0:
-        raise pickle.UnpicklingError("_rebuild_tensor_v2 called with a malformed storage or offset")
-    if not _is_int_tuple(size) or not _is_int_tuple(stride) or len(size) != len(stride):
-        raise pickle.UnpicklingError("_rebuild_tensor_v2 called with a malformed size or stride")
-    return _TensorRef(storage, offset, size, stride)  # type: ignore[arg-type]
-
-
-def _rebuild_parameter(data: object, *_rest: object) -> object:
-    if not isinstance(data, _TensorRef):
-        raise pickle.UnpicklingError("_rebuild_parameter called without a tensor")
-    return data
-
-
-_ALLOWED = MappingProxyType(
-    {
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("torch._utils", "_rebuild_tensor_v2"): _Callable(_rebuild_tensor_v2),
-        ("torch._utils", "_rebuild_parameter"): _Callable(_rebuild_parameter),
-        **{("torch", cls): _StorageType(dtype) for cls, dtype in STORAGE_CLASS.items()},
-    }
-)
-
-
-# Mixtral's data.pkl is about 100 KB: 995 tensors at about 104 bytes and 32 opcodes each. The bounds leave room for
-# a hundred times that, and keep what the C unpickler builds before the allow-list sees anything (an EMPTY_SET is
-# one byte and a 216-byte object) to a few hundred MB: 8 MiB of EMPTY_SET used to peak at 1.9 GiB.
-MAX_PICKLE = 16 * 2**20
-MAX_OPCODES = 2**20  # at most about 250 MB of objects (measured: 1M EMPTY_SETs), a prescan of about a second
-MAX_MEMO = 2**20  # the unpickler sizes its memo by the largest index: a few bytes could ask for gigabytes
-_MEMO_OPCODES = frozenset(("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"))
-_INT_OPCODES = frozenset(("INT", "LONG", "LONG1", "LONG4"))
-
-
-# The opcodes torch.load's default (weights_only) unpickler executes (torch/_weights_only_unpickler.py, torch
-# 2.6 to 2.13); it refuses a pickle with any other ("Unsupported operand"). torch.save (protocol 2) emits only
-# these, so a data.pkl with another opcode is refused here too: never read a file torch.load would not.
-TORCH_LOAD_OPCODES = frozenset(
-    {
-        "PROTO", "STOP", "GLOBAL", "NEWOBJ", "REDUCE", "BUILD", "APPEND", "APPENDS", "SETITEM", "SETITEMS", "MARK",
-        "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "NONE", "NEWFALSE", "NEWTRUE", "EMPTY_TUPLE", "EMPTY_LIST",
-        "EMPTY_DICT", "EMPTY_SET", "BININT", "BININT1", "BININT2", "BINFLOAT", "BINUNICODE", "SHORT_BINSTRING",
-        "BINPERSID", "BINGET", "LONG_BINGET", "BINPUT", "LONG_BINPUT", "LONG1",
-    }
-)  # fmt: skip
-
-
-def _prescan(data: bytes) -> None:
-    """Refuse what the C unpickler would let cost memory or time before the allow-list sees anything: a pickle
-    larger or with more opcodes than a checkpoint index needs, far memo indexes, integers beyond 64 bits; and
-    any opcode torch.load's own unpickler does not execute."""
-    if len(data) > MAX_PICKLE:
-        raise pickle.UnpicklingError(f"data.pkl is {len(data)} bytes, over the {MAX_PICKLE} a checkpoint index needs")
-    for count, (opcode, argument, _) in enumerate(pickletools.genops(data)):
-        if count >= MAX_OPCODES:
-            raise pickle.UnpicklingError(
-                f"data.pkl has over {MAX_OPCODES} opcodes; a checkpoint index needs about 32 a tensor"
-            )
-        if opcode.name not in TORCH_LOAD_OPCODES:
-            raise pickle.UnpicklingError(
-                f"opcode {opcode.name} is not one torch.load executes (it refuses the file too; torch.save never "
-                "writes it)"
-            )
-        if opcode.name in _MEMO_OPCODES:
-            index = int(argument)  # type: ignore[arg-type]
-            if not 0 <= index < MAX_MEMO:
-                raise pickle.UnpicklingError(f"memo index {index} is out of range")
-        elif opcode.name in _INT_OPCODES and isinstance(argument, int) and not -(2**63) <= argument < 2**64:
-            raise pickle.UnpicklingError("an integer beyond 64 bits (no size, offset or count is that large)")
-
-
-class _IndexUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> object:
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not on the allow-list") from None
-
-    def persistent_load(self, pid: object) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
-        _, storage_type, key, _location, numel = pid
-        valid = isinstance(storage_type, _StorageType) and storage_type.dtype in ITEM_SIZE
-        if not valid or not isinstance(key, str) or type(numel) is not int or numel < 0:
-            raise pickle.UnpicklingError("malformed storage reference")
-        return _Storage(key, storage_type.dtype, numel)
 
 
 def read_torch_index(stream: ByteStream) -> list[TensorRecord]:
@@ -206,15 +72,15 @@ def read_torch_index(stream: ByteStream) -> list[TensorRecord]:
                     f"data.pkl is {entries[pickle_name].size} bytes, over the {MAX_PICKLE} allowed"
                 )
             data = archive.read(pickle_name)
-            _prescan(data)
-            state = _IndexUnpickler(io.BytesIO(data)).load()
+            prescan(data)
+            state = IndexUnpickler(io.BytesIO(data)).load()
         except ConvertError:
             raise
         except Exception as exc:  # any malformed pickle: the message names what failed
             raise ConvertError(f"torch checkpoint: data.pkl refused: {exc}", file=label) from None
 
     if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, _TensorRef) for k, v in state.items()
+        isinstance(k, str) and isinstance(v, TensorRef) for k, v in state.items()
     ):
         raise ConvertError("torch checkpoint: data.pkl must hold a flat dict of tensor names to tensors", file=label)
 
@@ -236,10 +102,10 @@ def read_torch_index(stream: ByteStream) -> list[TensorRecord]:
 
 
 def _storages(
-    state: dict[str, _TensorRef], entries: dict[str, _Entry], prefix: str, label: str
+    state: dict[str, TensorRef], entries: dict[str, _Entry], prefix: str, label: str
 ) -> dict[str, CheckedRecord]:
     """Each storage key's record, once every reference to it agrees with the others and with the record."""
-    first: dict[str, tuple[str, _Storage]] = {}
+    first: dict[str, tuple[str, Storage]] = {}
     tensors: dict[str, list[str]] = {}
     for name, ref in state.items():
         storage = ref.storage
@@ -281,8 +147,8 @@ def _storages(
     return storages
 
 
-def _storage_text(storage: _Storage) -> str:
-    return f"{_STORAGE_CLASS_OF[storage.dtype]} of {storage.numel}"
+def _storage_text(storage: Storage) -> str:
+    return f"{STORAGE_CLASS_OF[storage.dtype]} of {storage.numel}"
 
 
 # How a damaged record is named in the one line: what the file is, and the loader that would not notice.
