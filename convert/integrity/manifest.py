@@ -22,6 +22,7 @@ from convert.integrity.digests import TENSOR_DIGEST, TENSOR_DIGESTS, Digests
 
 SUMS = "SHA256SUMS"
 MANIFEST = "manifest.json"
+FILE_SHA256 = "file_sha256"  # manifest.json's field: {weights file name: its SHA-256}, absent in older manifests
 MANIFEST_FORMAT = "mixtral-convert manifest 1"
 _PLACEHOLDER = "0" * 64
 _READ_CHUNK = 8 * 2**20
@@ -43,6 +44,10 @@ def _render_manifest(
     """Readable JSON: the header indented, then one tensor a line. inputs: the source files hashed with
     --hash-input (name, size), or None."""
     body = dict(header)
+    # Each weights file's SHA-256 (the one SHA256SUMS lists): where a file's bytes match it, its tensors' digests
+    # are those of the bytes the writer digested, so verify need not recompute them (convert/verify/folder.py).
+    files = dict.fromkeys(t.file for t in tensors)
+    body[FILE_SHA256] = {n: digests.file_sha256[n] if digests is not None else _PLACEHOLDER for n in files}
     if inputs is not None:
         hashes = digests.input_sha256() if digests is not None else {}
         body["inputs"] = [{"name": n, "size": size, "sha256": hashes.get(n, _PLACEHOLDER)} for n, size in inputs]
@@ -71,7 +76,9 @@ def manifest_bytes(
 ) -> Rendered:
     """manifest.json: each output tensor's file, dtype, shape, absolute byte range and digest (the algorithm
     named by its "tensor_digest" field: BLAKE3, which has 64 hex digits like SHA-256, so the size is known in
-    advance); with inputs, the SHA-256 of each source file too."""
+    advance), and the SHA-256 of each file holding tensors ("file_sha256": 64 hex digits too, from the digests
+    the writer computed for SHA256SUMS; the manifest is written after those files); with inputs, the SHA-256 of
+    each source file too."""
     header = {
         "format": MANIFEST_FORMAT,
         "tool": f"mixtral-convert {__version__}",
@@ -182,6 +189,27 @@ def read_manifest(folder: Path) -> list[ManifestEntry] | None:
     if len(set(names)) != len(names):
         raise ConvertError("lists a tensor twice", file=path)
     return entries
+
+
+def read_manifest_file_sha256(folder: Path) -> dict[str, str] | None:
+    """manifest.json's "file_sha256": the SHA-256 of each file it places tensors in, as written; None when it has
+    none (manifests older than the field) or no manifest. One that is not {name: 64 hex digits} is a
+    ConvertError."""
+    path = folder / MANIFEST
+    if not is_present(path):
+        return None
+    try:
+        data = json.loads(read_small(path, MAX_MANIFEST_JSON, MANIFEST))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ConvertError(f"not valid JSON: {exc}", file=path) from None
+    found = data.get(FILE_SHA256) if isinstance(data, dict) else None
+    if found is None:
+        return None
+    if not isinstance(found, dict) or not all(
+        isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v) for v in found.values()
+    ):
+        raise ConvertError(f"its {FILE_SHA256} is not an object of file names, each a SHA-256 in hex", file=path)
+    return found
 
 
 def read_manifest_metadata(folder: Path) -> dict[str, dict[str, Any]] | None:

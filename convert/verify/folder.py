@@ -5,23 +5,32 @@ bounded as in conversion: files are hashed (convert/verify/hashing.py) and compa
 chunks through pooled reads.
 
 manifest.json, when present, records each tensor's file, byte range, dtype, shape and digest (BLAKE3, or SHA-256
-in manifests older than its tensor_digest field). Each tensor's
-bytes are hashed in the same read that hashes its file for SHA256SUMS, so a shard whose bytes were changed is
-caught even when its SHA256SUMS line was rewritten to match (the manifest is itself listed there), and the
-manifest's ranges are checked against the headers, so a renamed or moved tensor is caught too.
+in manifests older than its tensor_digest field), and each of those files' SHA-256 (file_sha256, in manifests
+written since). A shard whose bytes were changed is caught even when its SHA256SUMS line was rewritten to match
+(the manifest is itself listed there), naming the tensor, and the manifest's ranges are checked against the
+headers, so a renamed or moved tensor is caught too.
+
+Where the manifest is the one SHA256SUMS lists and a file's SHA-256 is the one both record, the file's bytes are
+those the writer took its tensors' digests from: recomputing them adds nothing, so such files are only hashed
+with SHA-256, two at a time (convert/verify/hashing.py's sha256_files: as fast as checking SHA256SUMS can be
+here). Only a file that then fails is read again for its tensors' digests, to name the tensor. Every other file
+(an older manifest, a SHA256SUMS line that differs from the manifest's record) has each tensor's bytes hashed in
+the same read that hashes the file for SHA256SUMS, as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from contextlib import ExitStack
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from convert.common.errors import ConvertError, shown
 from convert.containers import format_of
-from convert.fileio.regular import MAX_SUMS, is_present, read_small
-from convert.fileio.workers import run_scope
+from convert.fileio.regular import MAX_MANIFEST_JSON, MAX_SUMS, is_present, read_small
+from convert.fileio.workers import run_scope, run_stop
 from convert.integrity.manifest import (
     MANIFEST,
     SUMS,
@@ -29,6 +38,7 @@ from convert.integrity.manifest import (
     metadata_differences,
     parse_sums,
     read_manifest,
+    read_manifest_file_sha256,
     read_manifest_metadata,
 )
 from convert.planning.plan import Plan, PlanOptions, build_plan, check_source
@@ -48,10 +58,33 @@ def _hash_pass(
     hasher: FolderHasher, path: Path, ranges: list[ManifestEntry], hashed: dict[Path, FileHashes]
 ) -> FileHashes:
     """One sequential read of path: its SHA-256 and the digest of each range, in bounded memory (the pool's
-    buffers and a hash state per tensor); no read at all when verify --against hashed it already (same ranges)."""
+    buffers and a hash state per tensor); no read at all when it was hashed already (by verify --against, or by
+    the SHA-256 pass: then without its ranges, which only a file whose SHA-256 the manifest records has)."""
     if path in hashed:
         return hashed[path]
     return hasher.hash_file(path, ranges, [e.algorithm for e in ranges])
+
+
+def _vouched(folder: Path, manifest: list[ManifestEntry] | None) -> dict[str, str]:
+    """The files whose tensors' digests need not be recomputed if their bytes have the SHA-256 given here:
+    manifest.json records it for them (file_sha256, written from the same bytes as the tensors' digests), the
+    manifest is the one SHA256SUMS lists, and SHA256SUMS lists the same SHA-256 for them. Empty for a manifest
+    without file_sha256 (older versions), or one SHA256SUMS does not vouch for: then every tensor is hashed."""
+    if not manifest:
+        return {}
+    try:
+        recorded = read_manifest_file_sha256(folder)
+        if recorded is None or not is_present(folder / SUMS) or not is_present(folder / MANIFEST):
+            return {}
+        pairs = parse_sums(read_small(folder / SUMS, MAX_SUMS, SUMS).decode("utf-8"))
+        listed = {name: digest for digest, name in pairs}
+        written = read_small(folder / MANIFEST, MAX_MANIFEST_JSON, MANIFEST)
+        if listed.get(MANIFEST) != hashlib.sha256(written).hexdigest():
+            return {}
+    except (ConvertError, ValueError, UnicodeDecodeError):
+        return {}  # the checks that follow say what is wrong
+    files = {e.file for e in manifest}
+    return {name: digest for name, digest in recorded.items() if name in files and listed.get(name) == digest}
 
 
 def _entries_by_file(manifest: list[ManifestEntry] | None) -> dict[str, list[ManifestEntry]]:
@@ -64,8 +97,10 @@ def _entries_by_file(manifest: list[ManifestEntry] | None) -> dict[str, list[Man
 
 def _hash_targets(folder: Path, manifest: list[ManifestEntry] | None) -> dict[Path, list[tuple[ManifestEntry, str]]]:
     """The files _check_sums_with will hash, each with the ranges it will ask for: those SHA256SUMS lists and
-    those manifest.json places tensors in (a SHA256SUMS that cannot be read lists none here; the pass says why)."""
-    by_file = _entries_by_file(manifest)
+    those manifest.json places tensors in (a SHA256SUMS that cannot be read lists none here; the pass says why);
+    no ranges for a file whose SHA-256 vouches for its tensors' digests (_vouched)."""
+    vouched = _vouched(folder, manifest)
+    by_file = {n: [] if n in vouched else e for n, e in _entries_by_file(manifest).items()}
     names = set(by_file)
     try:
         if is_present(folder / SUMS):
@@ -76,14 +111,18 @@ def _hash_targets(folder: Path, manifest: list[ManifestEntry] | None) -> dict[Pa
     return {folder / n: [(e, e.algorithm) for e in by_file.get(n, [])] for n in names if Path(n).name == n}
 
 
-def _check_tensor_hashes(path: Path, entries: list[ManifestEntry], digests: dict[str, str], report: Report) -> None:
+def _check_tensor_hashes(
+    path: Path, entries: list[ManifestEntry], digests: dict[str, str] | None, report: Report
+) -> None:
+    """Each tensor's range lies in the file and has the digest manifest.json says. digests None: the file's
+    SHA-256 is the one the manifest records, so every range holds the bytes the manifest's digests were taken of."""
     size = path.stat().st_size
     failed = False
     for entry in entries:
         problem = None
         if entry.end > size:
             problem = f"{MANIFEST} places it at bytes [{entry.begin}, {entry.end}) but the file has {size}"
-        elif digests[entry.name] != entry.digest:
+        elif digests is not None and digests[entry.name] != entry.digest:
             problem = (
                 f"{entry.algorithm} of bytes [{entry.begin}, {entry.end}) is {digests[entry.name]}, {MANIFEST} says "
                 f"{entry.digest}"
@@ -102,9 +141,12 @@ def _check_sums_with(
     manifest: list[ManifestEntry] | None,
     hashed: dict[Path, FileHashes],
 ) -> None:
-    """Each file's SHA-256 against SHA256SUMS and, in the same read, each of its tensors' against manifest.json;
-    hashed: the files verify --against hashed already as it compared them."""
+    """Each file's SHA-256 against SHA256SUMS and, in the same read, each of its tensors' against manifest.json
+    (only for a file whose SHA-256 is not the one the manifest records: _vouched); hashed: the files verify
+    --against hashed already as it compared them."""
     by_file = _entries_by_file(manifest)
+    vouched = _vouched(folder, manifest)
+    hashed = {**hashed, **_sha256_pass(hasher, _hash_targets(folder, manifest), hashed)}
     sums = folder / SUMS
     pairs: list[tuple[str, str]] = []
     if not is_present(sums):
@@ -123,11 +165,16 @@ def _check_sums_with(
         if not is_present(path):
             report.results.append(Result("sha256", str(path), False, f"listed in {SUMS} but missing"))
             continue
-        actual, tensor_digests = _hash_pass(hasher, path, by_file.get(name, []), hashed)
+        entries = by_file.get(name, [])
+        actual, tensor_digests = _hash_pass(hasher, path, [] if name in vouched else entries, hashed)
         problem = None if actual == expected else f"sha256 is {actual}, {SUMS} says {expected}"
         report.results.append(Result("sha256", str(path), actual == expected, problem))
         if name in by_file:
-            _check_tensor_hashes(path, by_file[name], tensor_digests, report)
+            if name in vouched and actual == vouched[name]:
+                _check_tensor_hashes(path, entries, None, report)
+                continue
+            tensor_digests = _all_digests(hasher, path, entries, tensor_digests)
+            _check_tensor_hashes(path, entries, tensor_digests, report)
     for name, entries in sorted(by_file.items()):
         if name in listed:
             continue
@@ -137,7 +184,7 @@ def _check_sums_with(
             report.results.append(Result("manifest", str(folder / MANIFEST), False, problem))
             continue
         _, tensor_digests = _hash_pass(hasher, path, entries, hashed)  # not in SHA256SUMS (or none): one read
-        _check_tensor_hashes(path, entries, tensor_digests, report)
+        _check_tensor_hashes(path, entries, _all_digests(hasher, path, entries, tensor_digests), report)
     if not pairs:
         return
     for path in sorted(folder.iterdir()):
@@ -147,6 +194,42 @@ def _check_sums_with(
             report.results.append(Result("sha256", str(path), False, f"not covered by {SUMS}"))
         else:
             report.notes.append(f"{shown(path.name)} is not covered by {SUMS}")
+
+
+def _all_digests(
+    hasher: FolderHasher, path: Path, entries: list[ManifestEntry], digests: dict[str, str]
+) -> dict[str, str]:
+    """digests, or where path was hashed for its SHA-256 alone (its SHA-256 then was not the manifest's record:
+    changed since it was written), its tensors' digests from a second read, to name the tensors that changed."""
+    if all(e.name in digests for e in entries):
+        return digests
+    return hasher.hash_file(path, entries, [e.algorithm for e in entries])[1]
+
+
+def _sha256_pass(
+    hasher: FolderHasher, targets: dict[Path, list[tuple[ManifestEntry, str]]], hashed: dict[Path, FileHashes]
+) -> dict[Path, FileHashes]:
+    """The SHA-256 of every target file with no ranges to hash and not hashed already, two files at once; the
+    others are left to _hash_pass (a file that is not there, or not a regular file, too: it says so in turn)."""
+    return _start_sha256_pass(hasher, targets, hashed)()
+
+
+def _start_sha256_pass(
+    hasher: FolderHasher, targets: dict[Path, list[tuple[ManifestEntry, str]]], hashed: dict[Path, FileHashes]
+) -> Callable[[], dict[Path, FileHashes]]:
+    """_sha256_pass on the hasher's threads, while the caller goes on (verify without --against starts it before
+    opening the folder: the structure checks then cost no time); the call returned waits for it."""
+    wanted = []
+    for path, ranges in sorted(targets.items()):
+        if ranges or path in hashed:
+            continue
+        try:
+            if is_present(path):
+                wanted.append(path)
+        except ConvertError:
+            continue
+    finish = hasher.start_sha256_files(wanted)
+    return lambda: {path: (digest, {}) for path, digest in finish().items()}
 
 
 def _check_folder(folder: Path) -> None:
@@ -396,6 +479,10 @@ def _verify(folder: Path, against: Path | None, pins: Traversable | None) -> Rep
     with ExitStack() as stack:
         hasher = FolderHasher()
         stack.callback(hasher.close)
+        # Without --against, every file whose SHA-256 alone is wanted is hashed while the folder is opened and
+        # checked below. A failure meanwhile stops the run first, so that close() need not wait for the hashing.
+        stack.push(lambda _type, error, _trace: run_stop().fail(error) if error is not None else None)
+        started = _start_sha256_pass(hasher, _hash_targets(folder, manifest), {}) if against is None else None
         # The folder is opened before its files are hashed, so that with --against the comparison can hash
         # them as it reads them; the results keep their order: checksums, pins, structure, against.
         try:
@@ -407,6 +494,8 @@ def _verify(folder: Path, against: Path | None, pins: Traversable | None) -> Rep
         hashed: dict[Path, FileHashes] = {}
         if against is not None and opened is not None and not problems:
             compared, hashed = _compare_and_hash(hasher, opened, against, _hash_targets(folder, manifest))
+        if started is not None:
+            hashed = started()
         _check_sums_with(hasher, folder, report, manifest, hashed)
         if pins is not None:
             check_pins(folder, pins, report)
