@@ -160,16 +160,23 @@ def _manifest_entry(item: object, algorithm: str) -> ManifestEntry | None:
     return ManifestEntry(name, file, dtype, tuple(shape), offsets[0], offsets[1], digest, algorithm)
 
 
+def _manifest_json(path: Path) -> object | None:
+    """The parsed manifest.json at path, None when there is none; one that is not JSON is a ConvertError."""
+    if not is_present(path):
+        return None
+    try:
+        return json.loads(read_small(path, MAX_MANIFEST_JSON, MANIFEST))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ConvertError(f"not valid JSON: {exc}", file=path) from None
+
+
 def read_manifest(folder: Path) -> list[ManifestEntry] | None:
     """The tensor entries of folder's manifest.json; None when there is none. One that cannot be read is a
     ConvertError naming the file and why."""
     path = folder / MANIFEST
-    if not is_present(path):
+    data = _manifest_json(path)
+    if data is None:
         return None
-    try:
-        data = json.loads(read_small(path, MAX_MANIFEST_JSON, MANIFEST))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ConvertError(f"not valid JSON: {exc}", file=path) from None
     items = data.get("tensors") if isinstance(data, dict) else None
     if not isinstance(items, list):
         raise ConvertError("has no list of tensors", file=path)
@@ -196,12 +203,9 @@ def read_manifest_file_sha256(folder: Path) -> dict[str, str] | None:
     none (manifests older than the field) or no manifest. One that is not {name: 64 hex digits} is a
     ConvertError."""
     path = folder / MANIFEST
-    if not is_present(path):
+    data = _manifest_json(path)
+    if data is None:
         return None
-    try:
-        data = json.loads(read_small(path, MAX_MANIFEST_JSON, MANIFEST))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ConvertError(f"not valid JSON: {exc}", file=path) from None
     found = data.get(FILE_SHA256) if isinstance(data, dict) else None
     if found is None:
         return None
@@ -216,12 +220,9 @@ def read_manifest_metadata(folder: Path) -> dict[str, dict[str, Any]] | None:
     """manifest.json's "metadata": for each weights file, what a loader reads from it besides the tensors, key by
     key (GGUF's entries); None when the manifest has none (other layouts, manifests older than the field)."""
     path = folder / MANIFEST
-    if not is_present(path):
+    data = _manifest_json(path)
+    if data is None:
         return None
-    try:
-        data = json.loads(read_small(path, MAX_MANIFEST_JSON, MANIFEST))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ConvertError(f"not valid JSON: {exc}", file=path) from None
     found = data.get("metadata") if isinstance(data, dict) else None
     if found is None:
         return None
