@@ -142,13 +142,13 @@ def main_dtype(source: Source, *, strict: bool = False, target: Format | None = 
     """The dtype most bytes have; config.json states it. A tensor that differs is kept as it is, with a warning
     (an error when strict). Quantized tensors the target keeps as they are count for nothing here."""
     weight: Counter[str] = Counter()
-    kept = [r for r in source.records.values() if target is not None and kept_as_stored(r, target)]
+    kept = {name for name, r in source.records.items() if target is not None and kept_as_stored(r, target)}
     for record in source.records.values():
-        if record not in kept:
+        if record.name not in kept:
             weight[record.dtype] += record.nbytes
     dtype = weight.most_common(1)[0][0] if weight else "BF16"
     for record in source.records.values():
-        if record in kept:
+        if record.name in kept:
             continue
         held = format_of(source.layout).checkpoint_dtype(record, dtype)
         if held != dtype and strict:
