@@ -190,7 +190,7 @@ def _summary(plan: Plan, dst: Path, started_ns: int, seconds: float, *, resumed:
     rate = f"{format_size(int(size / seconds))}/s" if seconds > 0 else "-"
     shown = escape(str(dst))
     line = f"wrote {len(files)} files, {format_size(size)} ({size:,} bytes) to {shown} in {seconds:.1f} s ({rate})"
-    if resumed:
+    if resumed and len(files) < len(plan.files):  # --resume with nothing to resume was a plain run: no such clause
         line += f"; {len(plan.files) - len(files)} files were kept from the interrupted run"
     if plan.options.checksums:
         return f"{line}; check them with `cd {shown} && sha256sum -c SHA256SUMS` or `mixtral-convert verify {shown}`"

@@ -52,6 +52,7 @@ def test_nothing_to_resume_is_a_plain_run(
     result = cli("convert", source, out, "--to", target, "--resume", "--no-progress")
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert digests(out) == plain[target]
+    assert result.stdout.startswith("wrote ") and "interrupted run" not in result.stdout  # nothing was resumed
 
 
 @pytest.mark.parametrize("target", ["hf", "gguf", "torrent"])
