@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -20,29 +21,22 @@ from convert.containers.contract import (
     text_file,
     torch_zip_file,
 )
-from convert.containers.hf_safetensors import HF_READ_ORDER
+from convert.containers.hf_safetensors import CONFIG_PARAMS, HF_READ_ORDER
 from convert.containers.torchzip.reader import read_torch_index
 from convert.fileio.streams import ByteStream
 from convert.integrity.crc32 import check_records
 from convert.model.outputs import TargetTensor
 from convert.model.params import (
-    DEFAULT_EXPERTS_PER_TOKEN,
     DEFAULT_MAX_POSITIONS,
-    DEFAULT_ROPE_THETA,
-    IMPLIED_HEAD_DIM,
     JSON,
     Dialect,
     JsonType,
-    Key,
     ModelParams,
     Reading,
     check_consistent,
-    head_dim_is_not_implied,
     json_params,
     max_positions,
     read_json_params,
-    same_as,
-    vocab_from_tensors,
 )
 from convert.model.records import TensorRecord
 
@@ -75,36 +69,19 @@ def _whole_context_is_no_window(reading: Reading) -> None:
         got["sliding_window"] = None
 
 
-# The upload's keys, in its order, with the value types transformers' script reads; read as config.json is.
+# The upload's keys, in its order: config.json's spellings and value types (transformers' script reads it as
+# config.json is read), but for the window written as a string of the whole context when there is none, and
+# max_position_embeddings left out when it is the default rather than written with it.
+_CONFIG_KEY = {key.field: key for key in CONFIG_PARAMS.keys}
 MEGABLOCKS_PARAMS: Final = Dialect(
     name="params.json (megablocks)",
     syntax=JSON,
     keys=(
-        Key("dim", ("hidden_size",), INT),
-        Key("hidden_dim", ("intermediate_size",), INT),
-        Key("n_heads", ("num_attention_heads",), INT),
-        Key("n_layers", ("num_hidden_layers",), INT),
-        Key("n_kv_heads", ("num_key_value_heads",), INT, default=same_as("n_heads")),
-        Key("n_experts", ("num_local_experts",), INT),
-        Key("experts_per_tok", ("num_experts_per_tok",), INT, default=DEFAULT_EXPERTS_PER_TOKEN),
-        Key("vocab_size", ("vocab_size",), INT, absent=(), fallback=vocab_from_tensors),
-        Key("norm_eps", ("rms_norm_eps",), NUMBER),
-        Key(
-            "rope_theta",
-            ("rope_theta",),
-            NUMBER,
-            default=DEFAULT_ROPE_THETA,
-            preferred=("rope_parameters", "rope_theta"),
-        ),
-        Key("sliding_window", ("sliding_window",), WINDOW, required=False, encode=_window_as_uploaded),
-        Key("head_dim", ("head_dim",), INT, default=IMPLIED_HEAD_DIM, when=head_dim_is_not_implied),
-        Key(
-            "max_position_embeddings",
-            ("max_position_embeddings",),
-            INT,
-            required=False,
-            omit=(None, DEFAULT_MAX_POSITIONS),
-        ),
+        *(_CONFIG_KEY[field] for field in ("dim", "hidden_dim", "n_heads", "n_layers", "n_kv_heads", "n_experts")),
+        *(_CONFIG_KEY[field] for field in ("experts_per_tok", "vocab_size", "norm_eps", "rope_theta")),
+        replace(_CONFIG_KEY["sliding_window"], encode=_window_as_uploaded),
+        _CONFIG_KEY["head_dim"],
+        replace(_CONFIG_KEY["max_position_embeddings"], encode=None, omit=(None, DEFAULT_MAX_POSITIONS)),
     ),
     order=(*HF_READ_ORDER, _whole_context_is_no_window),
     check=check_consistent,
