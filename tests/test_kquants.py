@@ -191,8 +191,8 @@ def test_rows_are_independent(ggml: None) -> None:
     from kquant_client import ggml_quantize
 
     rows = many_rows(256, seed=3)[:300]
-    whole = kquants.quantize_q4_k(rows)
-    assert np.array_equal(whole, np.concatenate([kquants.quantize_q4_k(rows[i : i + 1]) for i in range(300)]))
+    whole = kquants.quantize(rows, Q.Q4_K)
+    assert np.array_equal(whole, np.concatenate([kquants.quantize(rows[i : i + 1], Q.Q4_K) for i in range(300)]))
     assert np.array_equal(whole, ggml_quantize(rows, Q.Q4_K))
 
 
@@ -269,12 +269,12 @@ def test_nearest_int_rounds_half_to_even() -> None:
 
 def test_rejects_what_it_cannot_quantize() -> None:
     with pytest.raises(TypeError, match="float32"):
-        kquants.quantize_q4_k(np.zeros((2, 256), dtype=np.float64))
+        kquants.quantize(np.zeros((2, 256), dtype=np.float64), Q.Q4_K)
     with pytest.raises(ValueError, match="multiple"):
-        kquants.quantize_q6_k(np.zeros((2, 320), dtype=np.float32))  # a multiple of 32, not of 256
+        kquants.quantize(np.zeros((2, 320), dtype=np.float32), Q.Q6_K)  # a multiple of 32, not of 256
     with pytest.raises(ValueError, match="2-D"):
-        kquants.quantize_q5_k(np.zeros(256, dtype=np.float32))
+        kquants.quantize(np.zeros(256, dtype=np.float32), Q.Q5_K)
     with pytest.raises(ValueError, match="no byte-exact quantizer"):
         kquants.quantize(np.zeros((1, 256), dtype=np.float32), Q.IQ4_XS)
-    assert kquants.quantize_q4_0(np.zeros((2, 320), dtype=np.float32)).shape == (2, 10 * 18)
+    assert kquants.quantize(np.zeros((2, 320), dtype=np.float32), Q.Q4_0).shape == (2, 10 * 18)
     assert set(kquants.QUANTIZERS) == set(ALL_TYPES)

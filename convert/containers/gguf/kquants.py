@@ -76,6 +76,7 @@ llama.cpp bytes to match; here they get the bit trick's result, as a build witho
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from types import MappingProxyType
 
 import numpy as np
@@ -430,64 +431,10 @@ def _quantize_rows(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return out.reshape(rows.shape[0], -1)
 
 
-def quantize_q4_0(rows: np.ndarray) -> np.ndarray:
-    """quantize_row_q4_0_ref over each row: (n_rows, k) float32, k % 32 == 0 -> (n_rows, k/32*18) uint8."""
-    return _quantize_rows(rows, GGMLQuantizationType.Q4_0)
-
-
-def quantize_q4_1(rows: np.ndarray) -> np.ndarray:
-    """quantize_row_q4_1_ref over each row: (n_rows, k) float32, k % 32 == 0 -> (n_rows, k/32*20) uint8."""
-    return _quantize_rows(rows, GGMLQuantizationType.Q4_1)
-
-
-def quantize_q5_0(rows: np.ndarray) -> np.ndarray:
-    """quantize_row_q5_0_ref over each row: (n_rows, k) float32, k % 32 == 0 -> (n_rows, k/32*22) uint8."""
-    return _quantize_rows(rows, GGMLQuantizationType.Q5_0)
-
-
-def quantize_q5_1(rows: np.ndarray) -> np.ndarray:
-    """quantize_row_q5_1_ref over each row: (n_rows, k) float32, k % 32 == 0 -> (n_rows, k/32*24) uint8."""
-    return _quantize_rows(rows, GGMLQuantizationType.Q5_1)
-
-
-def quantize_q8_0(rows: np.ndarray) -> np.ndarray:
-    """quantize_row_q8_0_ref over each row (gguf-py's own Q8_0): (n_rows, k), k % 32 == 0 -> (n_rows, k/32*34)."""
-    return _quantize_rows(rows, GGMLQuantizationType.Q8_0)
-
-
-def quantize_q3_k(rows: np.ndarray) -> np.ndarray:
-    """quantize_row_q3_K_ref over each row: (n_rows, k) float32, k % 256 == 0 -> (n_rows, k/256*110) uint8."""
-    return _quantize_rows(rows, GGMLQuantizationType.Q3_K)
-
-
-def quantize_q4_k(rows: np.ndarray) -> np.ndarray:
-    """quantize_row_q4_K_ref over each row: (n_rows, k) float32, k % 256 == 0 -> (n_rows, k/256*144) uint8."""
-    return _quantize_rows(rows, GGMLQuantizationType.Q4_K)
-
-
-def quantize_q5_k(rows: np.ndarray) -> np.ndarray:
-    """quantize_row_q5_K_ref over each row: (n_rows, k) float32, k % 256 == 0 -> (n_rows, k/256*176) uint8."""
-    return _quantize_rows(rows, GGMLQuantizationType.Q5_K)
-
-
-def quantize_q6_k(rows: np.ndarray) -> np.ndarray:
-    """quantize_row_q6_K_ref over each row: (n_rows, k) float32, k % 256 == 0 -> (n_rows, k/256*210) uint8."""
-    return _quantize_rows(rows, GGMLQuantizationType.Q6_K)
-
-
-# Each type's byte-exact quantizer (what llama-quantize writes for that type without an importance matrix).
+# Each type's byte-exact quantizer (what llama-quantize writes for that type without an importance matrix): rows
+# (n_rows, k) float32, k a multiple of the type's block -> (n_rows, k / block * block bytes) uint8.
 QUANTIZERS: Mapping[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = MappingProxyType(
-    {
-        GGMLQuantizationType.Q4_0: quantize_q4_0,
-        GGMLQuantizationType.Q4_1: quantize_q4_1,
-        GGMLQuantizationType.Q5_0: quantize_q5_0,
-        GGMLQuantizationType.Q5_1: quantize_q5_1,
-        GGMLQuantizationType.Q8_0: quantize_q8_0,
-        GGMLQuantizationType.Q3_K: quantize_q3_k,
-        GGMLQuantizationType.Q4_K: quantize_q4_k,
-        GGMLQuantizationType.Q5_K: quantize_q5_k,
-        GGMLQuantizationType.Q6_K: quantize_q6_k,
-    }
+    {qtype: partial(_quantize_rows, qtype=qtype) for qtype in _BLOCK_FUNCTIONS}
 )
 
 
