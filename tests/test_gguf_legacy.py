@@ -216,6 +216,15 @@ def test_a_quantized_file_splits_and_merges_back_to_itself(
     assert cli("verify", tmp_path / "merged", "--against", tmp_path / "split", check=False).returncode == 0
 
 
+def test_the_outtype_a_file_already_has_re_lays_it(files: dict[str, Path], cli: CliRunner, tmp_path: Path) -> None:
+    """--outtype q8_0 on a Q8_0 file asks for no new type: it is re-laid as without --outtype, byte for byte, and
+    verify --against (which asks for the folder's own outtype) agrees."""
+    modern = files["modern-q8_0"]
+    cli("convert", modern, tmp_path / "same", "--to", "gguf", "--outtype", "q8_0", "--no-progress")
+    assert (tmp_path / "same" / "model.gguf").read_bytes() == (modern / "model.gguf").read_bytes()
+    assert cli("verify", tmp_path / "same", "--against", modern, check=False).returncode == 0
+
+
 def test_experts_of_one_layer_in_different_types_are_refused(
     files: dict[str, Path], cli: CliRunner, tmp_path: Path
 ) -> None:

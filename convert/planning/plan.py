@@ -215,7 +215,7 @@ def target_tensors(source: Source, target: LayoutTable, *, main: str, outtype: s
     writes, reads = format_of(target), format_of(source.layout)
     quantized = next((r for r in source.records.values() if kept_as_stored(r, writes)), None)
     relayout = quantized is not None
-    if quantized is not None and outtype is not None:
+    if quantized is not None and outtype not in (None, source.outtype):
         raise ConvertError(
             f"is {quantized.dtype}: --outtype {outtype} would requantize it, and quantized weights are only ever "
             "re-laid byte for byte; leave --outtype out, or convert from the original checkpoint",
@@ -303,8 +303,10 @@ def _pieces(
 
 def _carries(source: Source, target: LayoutTable, outtype: str | None) -> bool:
     """Whether the target container writes back what the source's files say besides the tensors (a GGUF re-laid
-    as GGUF, types kept: its keys, the vocabulary included)."""
-    return source.carried is not None and source.layout.container == target.container and outtype is None
+    as GGUF, types kept: its keys, the vocabulary included): --outtype absent, or the one the source was written
+    with (as verify --against asks for the folder's own)."""
+    same_types = outtype is None or outtype == source.outtype
+    return source.carried is not None and source.layout.container == target.container and same_types
 
 
 def _tokenizer_copy(source: Source, target: LayoutTable, *, instruct: bool, outtype: str | None) -> list[OutputFile]:

@@ -310,10 +310,7 @@ def _compare_against(folder: Source, original: Source, report: Report, feed: Fol
     shape and length (a prefix of equal bytes proves nothing about a longer tensor), then byte for byte. feed:
     hashes the folder's bytes as they are read (its follow() is told the ranges to come, in order)."""
     instruct = format_of(folder.layout).has_chat_template(folder.folder, folder.weight_files)
-    # The outtype the folder was written with, unless the source has it too: then the folder is the source re-laid
-    # (a quantized GGUF split, merged or upgraded), which converting with no --outtype gives.
-    outtype = folder.outtype if folder.outtype != original.outtype else None
-    plan = build_plan(original, folder.layout.name, PlanOptions(outtype=outtype, instruct=instruct))
+    plan = build_plan(original, folder.layout.name, PlanOptions(outtype=folder.outtype, instruct=instruct))
     _compare_small_files(folder, plan, report)
     expected = {t.name: t for t in plan.tensors}
     comparable = set()

@@ -195,7 +195,7 @@ class GgufFormat(Format):
         return None
 
     def plan(self, request: OutputRequest) -> PlannedOutput:
-        if request.carried is not None and request.outtype is None:
+        if request.carried is not None:
             # A GGUF re-laid as GGUF (split, merged, its legacy per-expert tensors stacked, types kept): its keys
             # are written back as they are, in their order; only the split keys are the output's own.
             metadata = list(request.carried)
