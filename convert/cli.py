@@ -13,9 +13,10 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from convert import __version__
 from convert.common.errors import ConvertError, escape
@@ -23,14 +24,15 @@ from convert.common.sizes import format_size, parse_size
 from convert.containers import format_of
 from convert.fileio.workers import Interrupted, in_run, run_scope, run_stop
 from convert.model.tables import layout, layout_names, target_names
-from convert.planning.plan import Plan, PlanOptions, build_plan, check_source
-from convert.planning.source import open_source
-from convert.run.destination import check_destination
-from convert.run.pipeline import convert_checkpoint
-from convert.run.resume import JOURNAL
 from convert.verify.folder import verify_folder
 from convert.verify.pins import check_pins, resolve_pins
 from convert.verify.report import Report
+
+# Only what verify needs to start is imported here: planning and writing import every container (numpy,
+# gguf-py), a tenth of a second or more that verify of a small folder would lose to a bare SHA-256 of it (its
+# target, bench/verify-floor.md). convert and inspect import them where they begin.
+if TYPE_CHECKING:
+    from convert.planning.plan import Plan
 
 log = logging.getLogger("mixtral-convert")
 
@@ -54,7 +56,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    convert = commands.add_parser("convert", help="convert a checkpoint folder to another layout")
+    commands.add_parser("convert", help="convert a checkpoint folder to another layout", options=_convert_options)
+
+    verify = commands.add_parser("verify", help="check a folder: checksums, format rules, names and shapes")
+    verify.add_argument("path", type=Path)
+    verify.add_argument("--against", type=Path, metavar="SRC", help="also check every tensor against this source")
+    verify.add_argument("--expect", metavar="PINS", help="a sha256sum/md5sum file (or a shipped pins name)")
+    verify.add_argument("--json", action="store_true", help="print one JSON report")
+
+    inspect = commands.add_parser("inspect", help="describe a checkpoint folder and the problems found in it")
+    inspect.add_argument("path", type=Path)
+    inspect.add_argument("--from", dest="source_layout", choices=layouts, help="layout (default: detected)")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sample = commands.add_parser("sample", help="write a tiny random Mixtral in the torrent layout")
+    sample.add_argument("dst", type=Path)
+    sample.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _convert_options(convert: argparse.ArgumentParser) -> None:
+    """convert's arguments. --outtype names what every container converts to, which imports them all: they are
+    added when convert is the command or its help is shown (_Parser), not for verify."""
+    layouts = layout_names()
     convert.add_argument("src", type=Path, help="source checkpoint folder")
     convert.add_argument("dst", type=Path, help="output folder (created; must be empty unless --force)")
     convert.add_argument("--to", required=True, choices=target_names(), help="target layout")
@@ -103,24 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the source files against a sha256sum/md5sum file (or a shipped pins name) first",
     )
 
-    verify = commands.add_parser("verify", help="check a folder: checksums, format rules, names and shapes")
-    verify.add_argument("path", type=Path)
-    verify.add_argument("--against", type=Path, metavar="SRC", help="also check every tensor against this source")
-    verify.add_argument("--expect", metavar="PINS", help="a sha256sum/md5sum file (or a shipped pins name)")
-    verify.add_argument("--json", action="store_true", help="print one JSON report")
-
-    inspect = commands.add_parser("inspect", help="describe a checkpoint folder and the problems found in it")
-    inspect.add_argument("path", type=Path)
-    inspect.add_argument("--from", dest="source_layout", choices=layouts, help="layout (default: detected)")
-    inspect.add_argument("--json", action="store_true", help="print one JSON object")
-
-    sample = commands.add_parser("sample", help="write a tiny random Mixtral in the torrent layout")
-    sample.add_argument("dst", type=Path)
-    sample.add_argument("--seed", type=int, default=0)
-    return parser
-
 
 def run_convert(args: argparse.Namespace) -> int:
+    from convert.planning.plan import PlanOptions, build_plan
+    from convert.planning.source import open_source
+    from convert.run.pipeline import convert_checkpoint
+
     if args.json and not args.dry_run:
         raise ConvertError("--json goes with --dry-run")
     if args.hash_input and not args.checksums:
@@ -198,6 +210,9 @@ def _summary(plan: Plan, dst: Path, started_ns: int, seconds: float, *, resumed:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from convert.planning.plan import check_source
+    from convert.planning.source import open_source
+
     with open_source(args.path, args.source_layout) as source:
         checks = format_of(source.layout).check_records(source.records.values())
         problems = [p.line() for p in [*check_source(source), *checks]]
@@ -256,6 +271,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    from convert.run.destination import check_destination
     from convert.sample import write_sample  # learns the tokenizer's merges; no other command needs it
 
     check_destination(args.dst, None)
@@ -276,6 +292,31 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse's parser with one error path (UsageError), and arguments that can wait: `options` adds them the
+    first time the parser parses or shows its usage or help (a subcommand's parser parses only when it is the
+    command)."""
+
+    def __init__(self, *args: Any, options: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._options = options
+
+    def _with_options(self) -> None:
+        if self._options is not None:
+            add, self._options = self._options, None
+            add(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._with_options()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._with_options()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._with_options()
+        return super().format_help()
+
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         raise UsageError(f"{self.prog}: error: {message}")
@@ -364,6 +405,8 @@ def _what_was_interrupted(args: argparse.Namespace, argv: list[str] | None) -> s
     if args.command == "convert" and args.dry_run:
         return "a dry run writes nothing"
     if args.command == "convert":
+        from convert.run.resume import JOURNAL
+
         if not (args.dst / JOURNAL).is_file():
             return "nothing was written"
         words = [w for w in (sys.argv[1:] if argv is None else argv) if w != "--force"]

@@ -11,16 +11,18 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import blake3
 import pytest
-from helpers import flip_byte, run_cli
+from helpers import REPO, flip_byte, run_cli
 
+from convert.fileio.direct_io import READ_SIZE
 from convert.fileio.workers import run_scope
 from convert.integrity.manifest import FILE_SHA256
-from convert.run.reader import READ_SIZE
 from convert.verify import hashing
 from convert.verify.folder import verify_folder
 from convert.verify.hashing import FolderHasher
@@ -295,3 +297,29 @@ def test_a_missing_shard_still_fails_as_before(outputs: Path, tmp_path: Path) ->
     report = _verify(folder)
     failed = _failed(report)
     assert ("sha256", str(shard), None) in failed
+
+
+def test_verify_starts_hashing_before_importing_the_containers(outputs: Path) -> None:
+    """verify's start-up is what it loses to a bare SHA-256 of a small folder: the SHA-256 pass must start before
+    numpy and gguf-py (which every container imports) are. In a fresh interpreter, as the console script runs:
+    the real start_sha256_files is wrapped to note what was imported when the pass began, and still runs."""
+    probe = (
+        "import sys\n"
+        "from convert.verify.hashing import FolderHasher\n"
+        "real = FolderHasher.start_sha256_files\n"
+        "seen = []\n"
+        "def start(self, paths):\n"
+        "    seen.append(sorted(m for m in ('numpy', 'gguf', 'convert.planning.plan') if m in sys.modules))\n"
+        "    return real(self, paths)\n"
+        "FolderHasher.start_sha256_files = start\n"
+        "from convert.cli import main\n"
+        "code = main(['verify', sys.argv[1]])\n"
+        "print('seen', seen)\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(outputs / "hf")], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "verified:" in done.stdout
+    assert "seen [[]" in done.stdout, done.stdout  # the first pass (the weights); later ones hash small files

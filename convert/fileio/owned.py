@@ -23,6 +23,7 @@ from convert.common.errors import ConvertError
 log = logging.getLogger("mixtral-convert")
 
 LOCK = ".mixtral-convert-lock"
+PARTIAL_SUFFIX = ".partial"  # a file being written is NAME.partial until it is whole; verify reports leftovers
 LINK_RULE = (
     "is a symbolic link; mixtral-convert never writes through a link in the output folder "
     "(it could point outside it, or into the source): remove the link"

@@ -13,13 +13,12 @@ from pathlib import Path
 
 from convert.common.errors import ConvertError
 from convert.containers import format_of
-from convert.fileio.owned import LOCK
+from convert.fileio.owned import LOCK, PARTIAL_SUFFIX
 from convert.integrity.manifest import MANIFEST, SUMS
 from convert.model.tables import layout, layout_names
 from convert.planning.plan import Plan
 from convert.planning.source import TOKENIZER
 from convert.run.resume import JOURNAL
-from convert.run.writer import PARTIAL_SUFFIX
 
 # Files every output holds whatever its layout (the tokenizer when the source has one, the integrity files unless
 # --no-checksums): an earlier run's copy that this run does not write would describe another output.

@@ -19,7 +19,7 @@ import numpy as np
 
 from convert.common.dtypes import ITEM_SIZE, word_dtype
 from convert.common.errors import ConvertError
-from convert.fileio.direct_io import ALIGN, aligned_buffer
+from convert.fileio.direct_io import ALIGN, READ_AHEAD, READ_SIZE, aligned_buffer
 from convert.fileio.faults import fault_point
 from convert.fileio.streams import ByteStream
 from convert.fileio.workers import CHUNK, POLL, QUEUE_DEPTH, UNWIND, BufferPool, Lease, Pending, Worker, run_stop
@@ -29,12 +29,6 @@ from convert.model.outputs import OutputFile, Piece
 from convert.model.transforms import run_steps
 
 Chunk = tuple[int, memoryview, str | None, Lease | None]  # offset in the file, bytes, their tensor, their lease
-# Reads in flight at once: direct reads have no kernel readahead, and one at a time left the disk idle while the
-# reader computed a zip's CRC-32.
-READ_AHEAD = 2
-# One source read: this VM's disk read 8 MiB requests at about half the speed of 32-64 MiB ones
-# (bench/profiles.md). Each read is handed on in CHUNK slices, so queues and hashers see the same chunks as before.
-READ_SIZE = 32 * 2**20
 # Pool buffers (READ_SIZE each): the reads in flight, the one being handed on, and the slices downstream (the
 # writer's and both hashers' queues, 3 * QUEUE_DEPTH chunks, span up to three reads). Fewer only slows the reader:
 # every slice handed on is released without it, so a take always ends.

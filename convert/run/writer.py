@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from convert.common.errors import ConvertError
 from convert.fileio import faults
-from convert.fileio.direct_io import ALIGN, StagedWriter, aligned_buffer, open_direct
+from convert.fileio.direct_io import ALIGN, READ_AHEAD, READ_SIZE, StagedWriter, aligned_buffer, open_direct
 from convert.fileio.faults import fault_point
-from convert.fileio.owned import no_links
+from convert.fileio.owned import PARTIAL_SUFFIX, no_links
 from convert.fileio.workers import BufferPool, Pending, Worker, run_stop
 from convert.fileio.writeback import EarlyWriteback
 from convert.integrity.digests import TENSOR_DIGEST, Digests, Hasher, new_hasher
@@ -39,13 +39,12 @@ from convert.integrity.manifest import file_digest
 from convert.model.outputs import OutputFile
 from convert.planning.plan import Plan
 from convert.planning.source import source_identity
-from convert.run.reader import POOL_BUFFERS, READ_AHEAD, READ_SIZE, FileReader
+from convert.run.reader import POOL_BUFFERS, FileReader
 from convert.run.resume import Journal
 
 log = logging.getLogger("mixtral-convert")
 
 DIRECT_MIN = 64 * 2**20  # smaller files (metadata, tiny models) are not worth the staging
-PARTIAL_SUFFIX = ".partial"
 
 
 def partial_name(name: str) -> str:

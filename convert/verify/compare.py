@@ -24,12 +24,12 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from convert.common.errors import ConvertError
-from convert.fileio.direct_io import ALIGN, aligned_buffer
+from convert.fileio.direct_io import ALIGN, READ_AHEAD, aligned_buffer
 from convert.fileio.workers import CHUNK, QUEUE_DEPTH, BufferPool, Lease, Pending, Worker
 from convert.integrity.digests import Digests
 from convert.model.outputs import Piece
 from convert.model.records import TensorRecord
-from convert.run.reader import READ_AHEAD, piece_chunks
+from convert.run.reader import piece_chunks
 from convert.verify.onepass import FolderFeed
 
 T = TypeVar("T")

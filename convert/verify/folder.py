@@ -26,9 +26,11 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from convert.common.errors import ConvertError, shown
 from convert.containers import format_of
+from convert.fileio.owned import PARTIAL_SUFFIX
 from convert.fileio.regular import MAX_MANIFEST_JSON, MAX_SUMS, is_present, read_small
 from convert.fileio.workers import run_scope, run_stop
 from convert.integrity.manifest import (
@@ -41,14 +43,17 @@ from convert.integrity.manifest import (
     read_manifest_file_sha256,
     read_manifest_metadata,
 )
-from convert.planning.plan import Plan, PlanOptions, build_plan, check_source
-from convert.planning.source import Source, open_source
-from convert.run.writer import PARTIAL_SUFFIX
-from convert.verify.compare import Comparer
 from convert.verify.hashing import FileHashes, FolderHasher
-from convert.verify.onepass import FolderFeed
 from convert.verify.pins import check_pins
 from convert.verify.report import Report, Result
+
+# Opening a folder, planning and comparing import every container (numpy, gguf-py): a tenth of a second or more,
+# which a verify of a small folder loses to a bare SHA-256 of it. They are imported where they are used, after the
+# SHA-256 pass has started (_verify); this module's own imports need none of them.
+if TYPE_CHECKING:
+    from convert.planning.plan import Plan
+    from convert.planning.source import Source
+    from convert.verify.onepass import FolderFeed
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 READ_CHUNK = 8 * 2**20
@@ -309,6 +314,9 @@ def _compare_against(folder: Source, original: Source, report: Report, feed: Fol
     """Every tensor of the folder equals the source's tensor mapped through the tables: first its name, dtype,
     shape and length (a prefix of equal bytes proves nothing about a longer tensor), then byte for byte. feed:
     hashes the folder's bytes as they are read (its follow() is told the ranges to come, in order)."""
+    from convert.planning.plan import PlanOptions, build_plan
+    from convert.verify.compare import Comparer
+
     instruct = format_of(folder.layout).has_chat_template(folder.folder, folder.weight_files)
     plan = build_plan(original, folder.layout.name, PlanOptions(outtype=folder.outtype, instruct=instruct))
     _compare_small_files(folder, plan, report)
@@ -454,6 +462,9 @@ def _compare_and_hash(
     """verify --against's results, and the files it hashed for the checksum pass from the same reads. After a
     failed read nothing is taken from it: the checksum pass then reads every file itself, as it always did, so
     a read error there is still the error it was."""
+    from convert.planning.source import open_source
+    from convert.verify.onepass import FolderFeed
+
     compared = Report(str(opened.folder))
     feed = FolderFeed(hasher, wanted)
     try:
@@ -480,6 +491,9 @@ def _verify(folder: Path, against: Path | None, pins: Traversable | None) -> Rep
         # checked below. A failure meanwhile stops the run first, so that close() need not wait for the hashing.
         stack.push(lambda _type, error, _trace: run_stop().fail(error) if error is not None else None)
         started = _start_sha256_pass(hasher, _hash_targets(folder, manifest), {}) if against is None else None
+        from convert.planning.plan import check_source
+        from convert.planning.source import open_source
+
         # The folder is opened before its files are hashed, so that with --against the comparison can hash
         # them as it reads them; the results keep their order: checksums, pins, structure, against.
         try:

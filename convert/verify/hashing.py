@@ -20,13 +20,12 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
-from convert.fileio.direct_io import ALIGN, aligned_buffer
+from convert.fileio.direct_io import ALIGN, READ_AHEAD, READ_SIZE, aligned_buffer
 from convert.fileio.faults import stall_point
 from convert.fileio.streams import ByteStream
 from convert.fileio.workers import BufferPool, Lease, Pending, Worker
 from convert.integrity.digests import Hasher, new_hasher
 from convert.integrity.manifest import TensorEntry
-from convert.run.reader import READ_AHEAD, READ_SIZE
 
 # The reads in flight, each hasher's queue and the call it runs, and the chunk being handed over.
 # Reads of READ_SIZE, the size this disk serves fastest: the reads in flight, the one each hasher works on, and
