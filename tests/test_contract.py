@@ -72,7 +72,17 @@ LOSSY: dict[str, str] = {
     # 8-bit blocks of 32 with one f16 scale (amax / 127): each value within about half a scale step of the original.
     "q8_0": "quantized to 8 bits per element",
 }
-ONE_WAY = {"q8_0"}  # quantized: the converter refuses to restore it ("one-way"), so no torch.load read-back exists
+# llama-quantize's mixes (q4_k_m ...): blocks of 2^(b-1) steps a side at b bits, the largest of a block exact, so
+# a value is within one step of it (a clamped edge), amax / 2^(b-1). The sample's rows (64, 96) are not whole
+# 256-value super-blocks, so its K types fall back to the 32-value ones (Q4_0, Q5_0, Q5_1, Q8_0).
+MIX_BITS = {"q3_k_s": 3, "q3_k_m": 3, "q3_k_l": 3, "q4_0": 4, "q4_1": 4, "q4_k_s": 4, "q4_k_m": 4, "q5_0": 5,
+            "q5_1": 5, "q5_k_s": 5, "q5_k_m": 5, "q6_k": 6}  # fmt: skip
+LOSSY.update({mix: f"llama-quantize's {mix.upper()} mix" for mix in MIX_BITS})
+# How far a quantized value may be from the original, as a fraction of the tensor's largest magnitude.
+QUANT_BOUND = {"q8_0": 1 / 127}
+QUANT_BOUND.update({mix: 1 / 2 ** (bits - 1) for mix, bits in MIX_BITS.items()})
+# quantized: the converter refuses to restore it ("one-way"), so no torch.load read-back exists
+ONE_WAY = {"q8_0", *MIX_BITS}
 
 
 def read_gguf(folder: Path) -> dict[str, torch.Tensor]:
@@ -240,8 +250,8 @@ def test_write_and_read_back(
             assert torch.equal(narrowed.view(torch.uint8), original.view(torch.uint8)), key
         elif outtype == "f16":  # LOSSY: values under 2^-14 round to the subnormal grid of 2^-24
             assert (value.float() - original.float()).abs().max().item() <= 2.0**-25, key
-        else:  # LOSSY q8_0: within a block's scale step (amax / 127), the block's amax at most the tensor's
-            bound = original.float().abs().max().item() / 127
+        else:  # LOSSY quantized: within QUANT_BOUND of the tensor's amax (a block's amax is at most the tensor's)
+            bound = original.float().abs().max().item() * QUANT_BOUND[outtype]
             assert (value.float() - original.float()).abs().max().item() <= bound, key
 
 

@@ -206,8 +206,9 @@ def test_metadata_keys_types_and_order() -> None:
     assert values["llama.context_length"] == 32768 and values["llama.rope.freq_base"] == 1e6
     assert values["general.file_type"] == 32 and values["general.quantization_version"] == 2
     assert [gtypes.file_type(o) for o in ("f32", "f16", "bf16", "q8_0")] == [0, 1, 32, 7]
-    with pytest.raises(ConvertError, match="unknown GGUF outtype 'q4_0'"):
-        gtypes.file_type("q4_0")
+    assert [gtypes.file_type(o) for o in ("q4_0", "q4_k_m", "q5_k_m", "q6_k")] == [2, 15, 17, 18]
+    with pytest.raises(ConvertError, match="unknown GGUF outtype 'q2_k'"):
+        gtypes.file_type("q2_k")
 
 
 def test_params_round_trip() -> None:

@@ -127,6 +127,12 @@ class Format(ABC):
         source again as it was converted). False for a container with no place for one."""
         return False
 
+    def for_model(self, params: ModelParams) -> Format:
+        """This container as the plan of one model's output sees it: a container whose choices for a tensor depend
+        on the whole model (GGUF: the type llama-quantize gives a tensor depends on the layer and expert counts)
+        returns a copy that knows params, so that FORMAT itself stays stateless. Default: itself."""
+        return self
+
     def tensor_dtype(self, name: str, shape: tuple[int, ...], dtype: str, outtype: str | None) -> str:
         """The dtype this container stores tensor name in, given the checkpoint's dtype for it and --outtype."""
         return dtype

@@ -212,7 +212,7 @@ def target_tensors(source: Source, target: LayoutTable, *, main: str, outtype: s
     params = source.params
     env = params.shape_env()
     sources = _source_pieces(source)
-    writes, reads = format_of(target), format_of(source.layout)
+    writes, reads = format_of(target).for_model(params), format_of(source.layout)
     quantized = next((r for r in source.records.values() if kept_as_stored(r, writes)), None)
     relayout = quantized is not None
     if quantized is not None and outtype not in (None, source.outtype):

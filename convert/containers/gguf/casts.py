@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from gguf import (
-    GGMLQuantizationType,
-)
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from convert.common.errors import ConvertError
+from convert.containers.gguf.kquants import quantize
+from convert.containers.gguf.quant_mix import CHOSEN
 from convert.containers.gguf.types import _NUMPY_OF_DTYPE, BF16, DTYPE_OF_GGML, F16, F32, Q8_0, Q8_BLOCK, Q8_BLOCK_BYTES
 
 
@@ -93,11 +93,38 @@ def convert_elements(
     fast path does not handle exactly as the reference (NaN or infinity anywhere, a value that overflows, a Q8_0
     block whose scale is a denormal with an infinite inverse) sends the whole slice to the reference, so results
     and error lines are its own."""
+    if dst in BLOCK_QUANTIZED:
+        return _quantize_blocks(_as_float32(data, src_dtype), dst, tensor, file, first_element)
     if dst in (F16, BF16, Q8_0) and src_dtype in _NUMPY_OF_DTYPE:
         fast = _convert_fast(data, src_dtype, dst)
         if fast is not None:
             return fast
     return convert_elements_reference(data, src_dtype, dst, tensor=tensor, file=file, first_element=first_element)
+
+
+# llama-quantize's types besides Q8_0 (which has the converter's path above): ggml's reference quantizers.
+BLOCK_QUANTIZED = frozenset(CHOSEN - {Q8_0})
+
+
+def _quantize_blocks(
+    values: np.ndarray, dst: GGMLQuantizationType, tensor: str, file: str | None, first: int
+) -> np.ndarray:
+    """A slice of whole blocks quantized as llama-quantize does (kquants.py: ggml's reference quantizers, byte for
+    byte). Blocks are independent, so slices are too. A NaN or infinity is refused naming the tensor: ggml's
+    quantizers give such a block meaningless scales (or assert), and llama-quantize's validation would reject it."""
+    block = GGML_QUANT_SIZES[dst][0]
+    if values.size % block:
+        raise ValueError(f"a {dst.name} slice must hold whole blocks of {block}, got {values.size} elements")
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise ConvertError(
+            f"value {values[bad]} at element {first + bad} cannot be quantized to {dst.name}; the checkpoint holds "
+            "NaN or infinite weights",
+            file=file,
+            tensor=tensor,
+        )
+    return quantize(values.reshape(-1, block), dst).reshape(-1)
 
 
 def convert_elements_reference(

@@ -5,6 +5,7 @@ Part of the GGUF container (convert/containers/gguf/): see its __init__ for the 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ from convert.containers.gguf.keys import (
     params_from_metadata,
     tokenizer_metadata,
 )
+from convert.containers.gguf.quant_mix import CHOSEN, MIXES, tensor_order
 from convert.containers.gguf.reader import _SPLIT_NAME, check_splits, read_gguf, split_paths
 from convert.containers.gguf.types import (
     _NUMPY_OF_DTYPE,
@@ -61,6 +63,7 @@ from convert.tokenizer.chat_template import CHAT_TEMPLATE
 from convert.tokenizer.sentencepiece import read_model
 
 if TYPE_CHECKING:
+    from convert.model.params import ModelParams
     from convert.model.tables import LayoutTable
 
 STEM = "model"  # the output is model.gguf, or model-0000i-of-0000N.gguf when split
@@ -169,8 +172,15 @@ class GgufFormat(Format):
     def stores(self, dtype: str) -> bool:
         return dtype in GGML_OF_DTYPE or dtype in QUANTIZED
 
+    _params: ModelParams | None = None  # set on the copy for_model returns
+
+    def for_model(self, params: ModelParams) -> GgufFormat:
+        bound = copy.copy(self)
+        bound._params = params
+        return bound
+
     def tensor_dtype(self, name: str, shape: tuple[int, ...], dtype: str, outtype: str | None) -> str:
-        ggml_type = tensor_type(name, shape, outtype or _default_outtype(dtype, name))
+        ggml_type = tensor_type(name, shape, outtype or _default_outtype(dtype, name), self._params)
         return DTYPE_OF_GGML.get(ggml_type, ggml_type.name)
 
     def checkpoint_dtype(self, record: TensorRecord, main: str) -> str:
@@ -185,7 +195,7 @@ class GgufFormat(Format):
         return main if record.dtype == "F32" and forced else record.dtype
 
     def cast(self, src: str, dst: str) -> _Cast | None:
-        if src in GGML_OF_DTYPE and dst in (*GGML_OF_DTYPE, Q8_0.name):
+        if src in GGML_OF_DTYPE and (dst in GGML_OF_DTYPE or dst == Q8_0.name or dst in _QUANTIZED_BY_NAME):
             return _Cast(src, dst, restore=False)
         return None
 
@@ -205,7 +215,12 @@ class GgufFormat(Format):
         else:
             outtype = request.outtype or _default_outtype(request.dtype, "the weights")
             metadata = [*model_metadata(request.params, outtype, name=MODEL_NAME), *_vocabulary(request)]
+            if outtype in MIXES:
+                metadata = _as_quantized(metadata)
         tensors = request.tensors
+        if request.carried is None and request.outtype in MIXES:
+            # llama-quantize writes the tensors in the order of its std::map of them (quant_mix.tensor_order).
+            tensors = sorted(tensors, key=lambda t: tensor_order(t.name))
         if request.carried is not None:
             # Re-laid, the tensors keep the source's order (as gguf-split keeps it): a split set merged again is
             # the file it came from, byte for byte. A legacy file's stacked experts go where its expert 0 was.
@@ -242,6 +257,20 @@ def _vocabulary(request: OutputRequest) -> list[KV]:
     --instruct asked for the chat template; no tokenizer.model was warned about already."""
     built = from_tokenizer(request, tokenizer_metadata, "the GGUF has no vocabulary (llama.cpp will not load it)")
     return built or []
+
+
+_QUANTIZED_BY_NAME = frozenset(t.name for t in CHOSEN)  # what a mix quantizes to (casts.py: kquants.py's bytes)
+_AT_THE_END = (Keys.General.QUANTIZATION_VERSION, Keys.General.FILE_TYPE)
+
+
+def _as_quantized(metadata: list[KV]) -> list[KV]:
+    """The keys llama-quantize writes from the converter's GGUF of the model: every key in its order, except that
+    general.quantization_version and then general.file_type (the mix's ftype, which model_metadata already
+    holds) go last: gguf_set_val_u32 removes a key and appends it, and llama_model_quantize sets those two after
+    copying the others (gguf_set_kv)."""
+    kept = [e for e in metadata if e.key not in _AT_THE_END]
+    moved = {e.key: e for e in metadata if e.key in _AT_THE_END}
+    return [*kept, *(moved[key] for key in _AT_THE_END)]
 
 
 def _written_outtype(metadata: Mapping[str, KV]) -> str | None:

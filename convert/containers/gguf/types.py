@@ -23,6 +23,8 @@ from gguf import (
 )
 
 from convert.common.errors import ConvertError
+from convert.containers.gguf.quant_mix import MIXES, quantized_type
+from convert.model.params import ModelParams
 
 ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]  # Mixtral is the llama architecture with experts ("llama")
 ALIGNMENT = GGUF_DEFAULT_ALIGNMENT  # 32; no general.alignment key is written, so readers use this default
@@ -30,13 +32,15 @@ F32, F16, BF16, Q8_0 = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGML
                         GGMLQuantizationType.Q8_0)  # fmt: skip
 Q8_BLOCK, Q8_BLOCK_BYTES = GGML_QUANT_SIZES[Q8_0]  # 32 elements -> fp16 scale + 32 int8 = 34 bytes
 
-# --outtype -> general.file_type (convert_hf_to_gguf.py's --outtype choices map to these LlamaFileType members).
+# --outtype -> general.file_type: convert_hf_to_gguf.py's --outtype choices (f32, f16, bf16, q8_0), then
+# llama-quantize's mixes (quant_mix.MIXES: what llama-quantize writes from an f32 or bf16 GGUF of the model).
 OUTTYPES: Mapping[str, LlamaFileType] = MappingProxyType(
     {
         "f32": LlamaFileType.ALL_F32,
         "f16": LlamaFileType.MOSTLY_F16,
         "bf16": LlamaFileType.MOSTLY_BF16,
         "q8_0": LlamaFileType.MOSTLY_Q8_0,
+        **{outtype: ftype for outtype, (ftype, _) in MIXES.items()},
     }
 )
 # The outtype that keeps a checkpoint's own element type (the default: no silent cast).
@@ -77,7 +81,9 @@ def tensor_name(kind: MODEL_TENSOR, layer: int | None = None) -> str:
 _GATE_INP = re.compile(re.escape(TENSOR_NAMES[MODEL_TENSOR.FFN_GATE_INP]).replace(r"\{bid\}", r"\d+") + r"\.weight")
 
 
-def tensor_type(name: str, shape: tuple[int, ...], outtype: str) -> GGMLQuantizationType:
+def tensor_type(
+    name: str, shape: tuple[int, ...], outtype: str, params: ModelParams | None = None
+) -> GGMLQuantizationType:
     """The GGML type llama.cpp's converter gives a Mixtral tensor (ModelBase.prepare_tensors):
 
     - 1-D tensors and names ending in _norm.weight: F32 ("most of the codebase ... only handles F32" for norms);
@@ -85,7 +91,14 @@ def tensor_type(name: str, shape: tuple[int, ...], outtype: str) -> GGMLQuantiza
     - anything else: the outtype's type; for q8_0, a row (the innermost dimension, shape[-1] in torch order) that is
       not a whole number of 32-element blocks makes gguf.quants raise QuantError and the converter falls back to F16.
     token_embd and output get no special case at q8_0 (their override only applies to the TQ1_0/TQ2_0 outtypes).
+
+    For llama-quantize's mixes (q4_k_m ...), quant_mix's rules, which depend on the model's layer and expert counts
+    (params); a tensor they leave unquantized is F32, as it is in the converter's f32 or bf16 GGUF they start from.
     """
+    if outtype in MIXES:
+        if params is None:
+            raise ValueError(f"--outtype {outtype}: the type of {name} depends on the model's parameters")
+        return quantized_type(name, shape, outtype, params) or F32
     wide = _WIDE_TYPE.get(outtype)
     if wide is None:
         _outtype(outtype)
