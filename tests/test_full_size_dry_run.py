@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,3 +109,27 @@ def test_dry_run_reproduces_published_files(full_size_source: Path, tmp_path: Pa
     assert generation.get("bos_token_id") == 1 and generation.get("eos_token_id") == 2
     assert files.get("tokenizer.model", {}).get("size") == len(TOKENIZER), "tokenizer.model not planned as a copy"
     assert not [n for n in files if n.startswith("consolidated") or n == "params.json"]
+
+
+def test_the_gguf_sizes_docs_gguf_md_quotes(full_size_source: Path, tmp_path: Path, cli: CliRunner) -> None:
+    """docs/gguf.md's table of which --outtype fits which machine quotes the full model's model.gguf size for every
+    GGUF outtype (and bits per weight in its table): each must be what the dry run plans, so the docs cannot drift
+    from the code."""
+    from convert.containers import format_of
+    from convert.model.tables import layout
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "gguf.md").read_text()
+    quoted = re.findall(r"`(\w+)`(?: \|)?\s+([\d.]+) GB(?: \| ([\d.]+) \|)?", text)
+    by_outtype = {outtype: (float(gb), float(bits) if bits else None) for outtype, gb, bits in quoted}
+    assert len(by_outtype) == len(quoted), "an outtype is quoted twice"
+    outtypes = format_of(layout("gguf")).outtypes
+    assert sorted(by_outtype) == sorted(outtypes), "docs/gguf.md should quote every GGUF outtype's size"
+    parameters = sum(math.prod(shape) for shape in torrent_shapes().values())
+    for outtype in outtypes:
+        proc = cli("convert", full_size_source, tmp_path / "dst", "--to", "gguf", "--outtype", outtype,
+                   "--dry-run", "--json")  # fmt: skip
+        size = next(f["size"] for f in json.loads(proc.stdout)["files"] if f["name"] == "model.gguf")
+        gb, bits = by_outtype[outtype]
+        assert gb == round(size / 1e9, 1), f"{outtype}: docs say {gb} GB, the plan {size:,} bytes"
+        if bits is not None:
+            assert abs(bits - size * 8 / parameters) < 0.006, f"{outtype}: {bits} bits per weight quoted"
