@@ -8,6 +8,9 @@ Three references:
   several scales, heavy tails, ties, signed zeros, sparse, flat and extreme rows.
 - gguf-py's dequantizers: our bytes decode (sizes from gguf.GGML_QUANT_SIZES) to values within each type's error.
 
+Both backends are held to the same bytes: the numpy code and the numba kernels (kquants_jit.py; skipped when numba
+is not installed). tests/test_kquants_jit.py checks what is particular to the kernels (no FMA, fp16, threads).
+
 NaN and infinities are outside the contract (the converter refuses non-finite tensors before quantizing). So are
 the magnitudes at which ggml's own Q4_K/Q5_K stop on the assertion in nearest_int (this build keeps asserts):
 sub-blocks of values around 1e-36 and below, or 1e7 and above; extreme rows here stay inside what ggml completes.
@@ -52,6 +55,14 @@ ERROR_BOUNDS = {
     Q.Q5_1: (0.055, 0.05),
     Q.Q8_0: (0.008, 0.007),
 }
+
+
+@pytest.fixture(params=["numpy", "jit"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each of kquants' backends; the jit one needs numba (the `fast` extra)."""
+    if request.param == "jit" and kquants.jit_kernels() is None:
+        pytest.skip("numba is not installed (pip install -e '.[fast]')")
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +150,9 @@ def f32_model(tmp_path_factory: pytest.TempPathFactory, cli: CliRunner) -> Path:
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
-def test_llama_model_quantize_bytes(ggml: None, f32_model: Path, tmp_path: Path, qtype: GGMLQuantizationType) -> None:
+def test_llama_model_quantize_bytes(
+    ggml: None, f32_model: Path, tmp_path: Path, qtype: GGMLQuantizationType, backend: str
+) -> None:
     """Every tensor llama_model_quantize (pure, no imatrix, 4 threads) writes as qtype is our bytes for its rows."""
     from kquant_client import llama_quantize
 
@@ -154,7 +167,7 @@ def test_llama_model_quantize_bytes(ggml: None, f32_model: Path, tmp_path: Path,
         values = source[tensor.name]
         rows = values.reshape(-1, values.shape[-1])
         theirs = np.asarray(tensor.data).reshape(rows.shape[0], -1)
-        ours = kquants.QUANTIZERS[qtype](rows)
+        ours = kquants.quantize(rows, qtype, backend=backend)
         assert ours.shape == theirs.shape, tensor.name
         differing = np.nonzero((ours != theirs).any(axis=1))[0]
         assert differing.size == 0, f"{tensor.name}: rows {differing[:10].tolist()} differ from llama.cpp's"
@@ -168,31 +181,32 @@ def test_llama_model_quantize_bytes(ggml: None, f32_model: Path, tmp_path: Path,
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("k", [256, 512])
-def test_ggml_quantize_chunk_bytes(ggml: None, qtype: GGMLQuantizationType, k: int) -> None:
+def test_ggml_quantize_chunk_bytes(ggml: None, qtype: GGMLQuantizationType, k: int, backend: str) -> None:
     from kquant_client import ggml_quantize
 
     rows = many_rows(k, seed=k)
-    ours = kquants.quantize(rows, qtype)
+    ours = kquants.quantize(rows, qtype, backend=backend)
     theirs = ggml_quantize(rows, qtype)
     differing = np.nonzero((ours != theirs).any(axis=1))[0]
     assert differing.size == 0, f"rows {differing[:10].tolist()} of {rows.shape[0]} differ from ggml's"
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
-def test_extreme_magnitudes(ggml: None, qtype: GGMLQuantizationType) -> None:
+def test_extreme_magnitudes(ggml: None, qtype: GGMLQuantizationType, backend: str) -> None:
     from kquant_client import ggml_quantize
 
     rows = extreme_rows(qtype)
-    assert np.array_equal(kquants.quantize(rows, qtype), ggml_quantize(rows, qtype))
+    assert np.array_equal(kquants.quantize(rows, qtype, backend=backend), ggml_quantize(rows, qtype))
 
 
-def test_rows_are_independent(ggml: None) -> None:
+def test_rows_are_independent(ggml: None, backend: str) -> None:
     """One call on all rows, one per row and ggml on all rows agree: no state crosses rows or chunks."""
     from kquant_client import ggml_quantize
 
     rows = many_rows(256, seed=3)[:300]
-    whole = kquants.quantize(rows, Q.Q4_K)
-    assert np.array_equal(whole, np.concatenate([kquants.quantize(rows[i : i + 1], Q.Q4_K) for i in range(300)]))
+    whole = kquants.quantize(rows, Q.Q4_K, backend=backend)
+    one_by_one = [kquants.quantize(rows[i : i + 1], Q.Q4_K, backend=backend) for i in range(300)]
+    assert np.array_equal(whole, np.concatenate(one_by_one))
     assert np.array_equal(whole, ggml_quantize(rows, Q.Q4_K))
 
 
@@ -222,9 +236,9 @@ def test_fp16_rounding_is_ggml(ggml: None) -> None:
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
-def test_round_trip_through_gguf_dequantize(qtype: GGMLQuantizationType) -> None:
+def test_round_trip_through_gguf_dequantize(qtype: GGMLQuantizationType, backend: str) -> None:
     rows = np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32)
-    packed = kquants.quantize(rows, qtype)
+    packed = kquants.quantize(rows, qtype, backend=backend)
     block, block_bytes = GGML_QUANT_SIZES[qtype]
     assert packed.dtype == np.uint8
     assert packed.shape == (512, 512 // block * block_bytes)
@@ -239,10 +253,10 @@ def test_round_trip_through_gguf_dequantize(qtype: GGMLQuantizationType) -> None
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
-def test_zero_rows_give_zero_scales(qtype: GGMLQuantizationType) -> None:
+def test_zero_rows_give_zero_scales(qtype: GGMLQuantizationType, backend: str) -> None:
     rows = np.zeros((3, 512), dtype=np.float32)
     rows[1] = -0.0
-    packed = kquants.quantize(rows, qtype)
+    packed = kquants.quantize(rows, qtype, backend=backend)
     assert not gguf_quants.dequantize(packed, qtype).any()
     block_bytes = GGML_QUANT_SIZES[qtype][1]
     blocks = packed.reshape(-1, block_bytes)
@@ -267,14 +281,17 @@ def test_nearest_int_rounds_half_to_even() -> None:
     assert quant_rules.nearest_int(values).tolist() == [0, 2, 2, 0, -2, -2, 0, 4, 4194303, -4194303]
 
 
-def test_rejects_what_it_cannot_quantize() -> None:
+def test_rejects_what_it_cannot_quantize(backend: str) -> None:
     with pytest.raises(TypeError, match="float32"):
-        kquants.quantize(np.zeros((2, 256), dtype=np.float64), Q.Q4_K)
-    with pytest.raises(ValueError, match="multiple"):
-        kquants.quantize(np.zeros((2, 320), dtype=np.float32), Q.Q6_K)  # a multiple of 32, not of 256
+        kquants.quantize(np.zeros((2, 256), dtype=np.float64), Q.Q4_K, backend=backend)
+    with pytest.raises(ValueError, match="multiple"):  # a multiple of 32, not of 256
+        kquants.quantize(np.zeros((2, 320), dtype=np.float32), Q.Q6_K, backend=backend)
     with pytest.raises(ValueError, match="2-D"):
-        kquants.quantize(np.zeros(256, dtype=np.float32), Q.Q5_K)
+        kquants.quantize(np.zeros(256, dtype=np.float32), Q.Q5_K, backend=backend)
     with pytest.raises(ValueError, match="no byte-exact quantizer"):
-        kquants.quantize(np.zeros((1, 256), dtype=np.float32), Q.IQ4_XS)
-    assert kquants.quantize(np.zeros((2, 320), dtype=np.float32), Q.Q4_0).shape == (2, 10 * 18)
+        kquants.quantize(np.zeros((1, 256), dtype=np.float32), Q.IQ4_XS, backend=backend)
+    with pytest.raises(ValueError, match="unknown backend"):
+        kquants.quantize(np.zeros((1, 256), dtype=np.float32), Q.Q4_K, backend="c")
+    assert kquants.quantize(np.zeros((2, 320), dtype=np.float32), Q.Q4_0, backend=backend).shape == (2, 10 * 18)
+    assert kquants.quantize(np.zeros((0, 256), dtype=np.float32), Q.Q4_K, backend=backend).shape == (0, 144)
     assert set(kquants.QUANTIZERS) == set(ALL_TYPES)

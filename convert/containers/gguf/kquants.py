@@ -3,6 +3,12 @@
 What llama-quantize writes for a tensor when it runs without an importance matrix, reproduced so that a quantized
 GGUF from this converter can equal llama.cpp's to the byte. Pure functions over float32 arrays, no I/O.
 
+Two backends give the same bytes: `quantize(rows, qtype)` runs numba-compiled ports of the C loops
+(kquants_jit.py, legacy_quants_jit.py: ~3x ggml's reference speed per core for Q4_K, the GIL released so threads
+add up; compiled on a type's first use, ~1-6 s, then loaded from numba's cache) when numba is installed (the
+`fast` extra), and this module's vectorized numpy code otherwise (`backend="numpy"` asks for it; it is also the
+second witness the tests compare the kernels with). bench/KQUANTS.md has the timings.
+
 Sources (ggml-org/llama.cpp; read for the rules, written here in our own structure)
 - ggml/src/ggml-quants.c:
   - quantize_q3_K / quantize_q4_K / quantize_q5_K / quantize_q6_K (and quantize_q4_0 ... quantize_q8_0): with no
@@ -76,7 +82,7 @@ llama.cpp bytes to match; here they get the bit trick's result, as a build witho
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from functools import partial
+from functools import cache, partial
 from types import MappingProxyType
 
 import numpy as np
@@ -409,9 +415,9 @@ _BLOCK_FUNCTIONS: Mapping[GGMLQuantizationType, Callable[[np.ndarray], np.ndarra
 )
 
 
-def _quantize_rows(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """rows (n_rows, k) float32, k a multiple of qtype's block -> (n_rows, k/block*block_bytes) uint8."""
-    block, block_bytes = GGML_QUANT_SIZES[qtype]
+def _check_rows(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """rows as a C-contiguous (n_blocks, block) float32 view, after the checks every backend shares."""
+    block = GGML_QUANT_SIZES[qtype][0]
     rows = np.asarray(rows)
     if rows.ndim != 2:
         raise ValueError(f"expected 2-D rows, got shape {rows.shape}")
@@ -419,17 +425,84 @@ def _quantize_rows(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         raise TypeError(f"expected float32 rows, got {rows.dtype}")
     if rows.shape[1] % block:
         raise ValueError(f"row length {rows.shape[1]} is not a multiple of {qtype.name}'s block of {block}")
-    blocks = np.ascontiguousarray(rows).reshape(-1, block)
-    out = np.empty((blocks.shape[0], block_bytes), dtype=np.uint8)
-    step = CHUNK_VALUES // block
+    return np.ascontiguousarray(rows).reshape(-1, block)
+
+
+def _row_bytes(rows: np.ndarray, qtype: GGMLQuantizationType) -> int:
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    return np.shape(rows)[1] // block * block_bytes
+
+
+def _quantize_rows_numpy(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """rows (n_rows, k) float32, k a multiple of qtype's block -> (n_rows, k/block*block_bytes) uint8."""
+    blocks = _check_rows(rows, qtype)
+    out = np.empty((blocks.shape[0], GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
+    step = CHUNK_VALUES // GGML_QUANT_SIZES[qtype][0]
     blocks_fn = _BLOCK_FUNCTIONS[qtype]
     # Overflow, 0/0 and the like happen in lanes C computes too (or in lanes masked out); IEEE gives both the
     # same values, so the warnings say nothing.
     with np.errstate(all="ignore"):
         for start in range(0, blocks.shape[0], step):
             out[start : start + step] = blocks_fn(blocks[start : start + step])
-    return out.reshape(rows.shape[0], -1)
+    return out.reshape(len(rows), _row_bytes(rows, qtype))
 
+
+@cache
+def jit_kernels() -> Mapping[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], None]] | None:
+    """kquants_jit's kernels by type, or None when numba is not installed (or NUMBA_DISABLE_JIT is set, which
+    would run them as plain Python). Imported on first use: numba takes ~0.5 s to import."""
+    try:
+        from numba.core import config
+
+        from convert.containers.gguf.kquants_jit import q3_k_kernel, q4_k_kernel, q5_k_kernel, q6_k_kernel
+        from convert.containers.gguf.legacy_quants_jit import (
+            q4_0_kernel,
+            q4_1_kernel,
+            q5_0_kernel,
+            q5_1_kernel,
+            q8_0_kernel,
+        )
+    except ImportError:
+        return None
+    if config.DISABLE_JIT:
+        return None
+    return MappingProxyType(
+        {
+            GGMLQuantizationType.Q4_0: q4_0_kernel,
+            GGMLQuantizationType.Q4_1: q4_1_kernel,
+            GGMLQuantizationType.Q5_0: q5_0_kernel,
+            GGMLQuantizationType.Q5_1: q5_1_kernel,
+            GGMLQuantizationType.Q8_0: q8_0_kernel,
+            GGMLQuantizationType.Q3_K: q3_k_kernel,
+            GGMLQuantizationType.Q4_K: q4_k_kernel,
+            GGMLQuantizationType.Q5_K: q5_k_kernel,
+            GGMLQuantizationType.Q6_K: q6_k_kernel,
+        }
+    )
+
+
+def _quantize_rows_jit(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """The same bytes as _quantize_rows_numpy, from kquants_jit's compiled kernels (which release the GIL)."""
+    kernels = jit_kernels()
+    if kernels is None:
+        raise RuntimeError("the jit backend needs numba (pip install 'mixtral-convert[fast]')")
+    blocks = _check_rows(rows, qtype)
+    out = np.empty((blocks.shape[0], GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
+    if blocks.shape[0]:
+        kernels[qtype](blocks, out)
+    return out.reshape(len(rows), _row_bytes(rows, qtype))
+
+
+def _quantize_rows(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """The jit backend when numba is there, else the numpy one: the same bytes either way."""
+    if jit_kernels() is not None:
+        return _quantize_rows_jit(rows, qtype)
+    return _quantize_rows_numpy(rows, qtype)
+
+
+BACKENDS: Mapping[str, Callable[[np.ndarray, GGMLQuantizationType], np.ndarray]] = MappingProxyType(
+    {"auto": _quantize_rows, "numpy": _quantize_rows_numpy, "jit": _quantize_rows_jit}
+)
 
 # Each type's byte-exact quantizer (what llama-quantize writes for that type without an importance matrix): rows
 # (n_rows, k) float32, k a multiple of the type's block -> (n_rows, k / block * block bytes) uint8.
@@ -438,10 +511,13 @@ QUANTIZERS: Mapping[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = 
 )
 
 
-def quantize(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """The block bytes ggml's reference quantizer of qtype writes for rows (one of QUANTIZERS)."""
+def quantize(rows: np.ndarray, qtype: GGMLQuantizationType, *, backend: str = "auto") -> np.ndarray:
+    """The block bytes ggml's reference quantizer of qtype writes for rows. backend: "jit" (numba, compiled
+    kernels that release the GIL), "numpy" (the vectorized fallback) or "auto" (jit when numba imports)."""
+    if qtype not in _BLOCK_FUNCTIONS:
+        raise ValueError(f"no byte-exact quantizer for {GGMLQuantizationType(qtype).name}")
     try:
-        fn = QUANTIZERS[qtype]
+        fn = BACKENDS[backend]
     except KeyError:
-        raise ValueError(f"no byte-exact quantizer for {GGMLQuantizationType(qtype).name}") from None
-    return fn(rows)
+        raise ValueError(f"unknown backend {backend!r}: one of {sorted(BACKENDS)}") from None
+    return fn(rows, GGMLQuantizationType(qtype))
