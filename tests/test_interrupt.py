@@ -65,3 +65,46 @@ def test_signal_during_verify_says_verify_did_not_finish(tmp_path: Path, signum:
     assert process.returncode == 130, stderr
     said = "mixtral-convert: interrupted; verify did not finish; it changes nothing, run it again"
     assert stderr.splitlines() == [said]
+
+
+def _processes_using(marker: str) -> list[int]:
+    """Live processes whose environment holds marker (their /proc/PID/environ)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds the compiling child through /proc")
+def test_a_signal_while_the_quantizer_compiles_stops_at_once(tmp_path: Path) -> None:
+    """The first K-quant conversion on a machine compiles the quantizer (seconds of LLVM calls that hold the GIL,
+    so no signal handler of the compiling process runs meanwhile). It compiles in a child process before the run
+    starts (kquants.prepare): a signal then stops the run at once and the child is killed. With an empty numba
+    cache (NUMBA_CACHE_DIR), signalled 1.5 s in, mid-compile: the one line and exit 130 within 0.5 s (compiling
+    in a worker thread instead took 0.55-0.6 s here), and no process of the run left."""
+    from dataclasses import replace
+
+    from synthetic import DEFAULT, make_weights, write_torrent
+
+    cfg = replace(DEFAULT, dim=256, hidden_dim=512, n_heads=4, n_kv_heads=2, head_dim=64)  # whole Q4_K blocks
+    write_torrent(tmp_path / "src", cfg, make_weights(cfg, 3))
+    cache = tmp_path / "numba-cache"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    command = [sys.executable, "-m", "convert", "convert", tmp_path / "src", tmp_path / "out", "--to", "gguf",
+               "--outtype", "q4_k_m", "--no-progress"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    assert process.poll() is None, "finished before the signal: the compile was not cold"
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    took = time.monotonic() - sent
+    lines = [line for line in stderr.splitlines() if not line.startswith("mixtral-convert: warning:")]
+    assert process.returncode == 130 and lines == ["mixtral-convert: interrupted; nothing was written"], stderr
+    assert took < 0.5, f"exit took {took:.2f} s after the signal"
+    assert _processes_using(str(cache)) == [], "a compiling child outlived the run"

@@ -29,7 +29,7 @@ from convert.containers.contract import (
     from_tokenizer,
     placed,
 )
-from convert.containers.gguf.casts import convert_elements, restore_elements
+from convert.containers.gguf.casts import BLOCK_QUANTIZED, convert_elements, restore_elements
 from convert.containers.gguf.keys import (
     KV,
     check_unmapped,
@@ -39,6 +39,7 @@ from convert.containers.gguf.keys import (
     params_from_metadata,
     tokenizer_metadata,
 )
+from convert.containers.gguf.kquants import prepare
 from convert.containers.gguf.quant_mix import CHOSEN, MIXES, tensor_order
 from convert.containers.gguf.reader import _SPLIT_NAME, check_splits, read_gguf, split_paths
 from convert.containers.gguf.types import (
@@ -80,6 +81,8 @@ class _Cast:
         self._item = np.dtype(_NUMPY_OF_DTYPE[src_dtype]).itemsize
         self._dst = GGMLQuantizationType[dst_dtype]
         self.granule = self._item * GGML_QUANT_SIZES[self._dst][0]  # Q8_0: whole blocks of 32 elements
+        if self._dst in BLOCK_QUANTIZED and not restore:
+            prepare(self._dst)  # compiled here, on the planning thread, not in the middle of the run
 
     def out_nbytes(self, nbytes: int) -> int:
         return converted_nbytes(nbytes // self._item, self._dst)
