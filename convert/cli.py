@@ -91,6 +91,16 @@ def _convert_options(convert: argparse.ArgumentParser) -> None:
         + ", ".join(f"--to {name} ({'|'.join(values)})" for name, values in outtypes.items() if values)
         + " (default: the source's; no other layout converts elements)",
     )
+    # A quantized outtype with another group than its default is spelled OUTTYPE-gN (Format.outtype_variants).
+    groups = {name: format_of(layout(name)).outtype_variants for name in target_names()}
+    convert.add_argument(
+        "--group-size",
+        type=int,
+        choices=sorted({int(v.rpartition("-g")[2]) for values in groups.values() for v in values}),
+        help="with a quantized --outtype, its quantization group, for "
+        + ", ".join(f"--to {name}" for name, values in groups.items() if values)
+        + " (default: the layout's own)",
+    )
     convert.add_argument(
         "--max-shard-size",
         type=_size,
@@ -139,13 +149,15 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ConvertError("--hash-input records hashes in manifest.json, which --no-checksums does not write")
     if args.resume and args.force:
         raise ConvertError("--resume continues a run and --force starts over: choose one")
+    if args.group_size is not None and args.outtype is None:
+        raise ConvertError("--group-size goes with a quantized --outtype")
     options = PlanOptions(
         max_shard_size=args.max_shard_size,
         hash_input=args.hash_input,
         instruct=args.instruct,
         strict=args.strict,
         checksums=args.checksums,
-        outtype=args.outtype,
+        outtype=args.outtype if args.group_size is None else f"{args.outtype}-g{args.group_size}",
     )
     if args.expect:  # a dry run too: the pins are what the user asked to check (this reads every source byte)
         pins = check_pins_or_fail(args.src, args.expect)

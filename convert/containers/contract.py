@@ -89,6 +89,10 @@ class Format(ABC):
     must_not_contain: ClassVar[tuple[str, ...]] = ()  # globs an output folder must not hold beside this one
     chat_template: ClassVar[bool] = False  # whether the output has a place for --instruct's chat template
     outtypes: ClassVar[tuple[str, ...]] = ()  # what --outtype may ask of this container; none: dtypes are kept
+    # Outtypes taken besides those: one of them with a setting other than its default, spelled OUTTYPE-gN for a
+    # quantization group of N (--group-size), as the plan and OpenedWeights.outtype carry it. Not --outtype's
+    # choices, nor run one by one by the contract test (they differ from their outtype by a number only).
+    outtype_variants: ClassVar[tuple[str, ...]] = ()
     # What depends on how the weights were split into files (--max-shard-size), which verify --against, knowing
     # the source but not the split asked for, does not compare: files (hf's index; the structure check ties it to
     # the shards) and key prefixes of Format.metadata (GGUF's split.*).
@@ -177,6 +181,13 @@ class Part:
     dtype: str
     shape: tuple[int, ...]  # as stored, for the whole tensor (all experts, when the table stacks them)
     cast: Cast  # computes this part's bytes from a slice of the source's elements
+    # The end of the table's name the suffix replaces, where the part is named beside the tensor rather than
+    # after it (MLX: q_proj.weight's scales are q_proj.scales, so ".weight" is replaced by ".scales").
+    replaces: str = ""
+
+    def name_for(self, name: str) -> str:
+        """This part's tensor name, name being the table's."""
+        return name.removesuffix(self.replaces) + self.suffix
 
 
 def _matches(folder: Path, marker: str) -> bool:

@@ -187,6 +187,24 @@ def shard_groups(tensors: Sequence[TargetTensor], max_shard_size: int) -> list[l
 
 
 TOKENIZER_CONFIG = "tokenizer_config.json"  # where the chat template is, with --instruct
+# The safetensors __metadata__ "format" of layouts that share hf's file names: mlx-lm writes "mlx" (transformers
+# writes "pt"). A folder whose weights say one of these is that layout's, told apart by what is inside.
+FOREIGN_FORMATS = ("mlx",)
+
+
+def weights_format(folder: Path) -> str | None:
+    """The __metadata__ "format" of the folder's model.safetensors, else of its first model-*.safetensors shard;
+    None where there is none or it cannot be read (opening the folder then says why)."""
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    path = folder / SINGLE if is_present(folder / SINGLE) else (shards[0] if shards else None)
+    if path is None:
+        return None
+    try:
+        stream, _, metadata = open_safetensors(path)
+    except ConvertError:
+        return None
+    stream.close()
+    return metadata.get("format")
 
 
 class HfSafetensors(Format):
@@ -208,6 +226,10 @@ class HfSafetensors(Format):
     # vLLM switches to its Mistral loader when it finds a consolidated*.safetensors, so an HF folder never holds one.
     must_not_contain = ("consolidated*.safetensors", "params.json")
     chat_template = True
+
+    def claims(self, folder: Path, table: LayoutTable) -> bool:
+        """Its file names, unless the weights say another writer made them (see FOREIGN_FORMATS)."""
+        return super().claims(folder, table) and weights_format(folder) not in FOREIGN_FORMATS
 
     def has_chat_template(self, folder: Path, weight_files: Sequence[Path]) -> bool:
         path = folder / TOKENIZER_CONFIG

@@ -89,7 +89,6 @@ def check_source(source: Source) -> list[ConvertError]:
     names, wrong shapes, files another loader would read instead. convert stops at the first; inspect lists them
     all."""
     params = source.params
-    env = params.shape_env()
     problems = list(source.ambiguities)
     label = source.folder
     implied = source.layout.tensor_count(params.n_layers, params.n_experts)
@@ -105,10 +104,10 @@ def check_source(source: Source) -> list[ConvertError]:
             )
         )
         return problems
-    expected = {t.name: t for t in source.layout.tensors(params.n_layers, params.n_experts)}
+    expected = _stored_shapes(source)
     for name, record in source.records.items():
-        stored = expected.get(name)
-        if stored is None:
+        shape = expected.get(name)
+        if shape is None:
             problems.append(
                 ConvertError(
                     f"unexpected tensor: not part of the {source.layout.name} layout for "
@@ -117,10 +116,10 @@ def check_source(source: Source) -> list[ConvertError]:
                     tensor=name,
                 )
             )
-        elif record.shape != stored.shape(env):
+        elif record.shape != shape:
             problems.append(
                 ConvertError(
-                    f"shape {list(record.shape)} does not match {list(stored.shape(env))} "
+                    f"shape {list(record.shape)} does not match {list(shape)} "
                     f"required by {source.params_file.name}",
                     file=record.stream.label,
                     tensor=name,
@@ -130,6 +129,25 @@ def check_source(source: Source) -> list[ConvertError]:
         if name not in source.records:
             problems.append(ConvertError("tensor is missing", file=label, tensor=name))
     return problems
+
+
+def _stored_shapes(source: Source) -> dict[str, tuple[int, ...]]:
+    """Every tensor the source's files should hold, by name, with its shape: the table's tensors, or the parts a
+    container stores one as (Format.parts: a quantized matrix with its scales and biases), as the files say they
+    were written (Source.outtype). Only names and shapes are compared, so parts is asked with the stored dtype."""
+    params = source.params
+    env = params.shape_env()
+    reads = format_of(source.layout)
+    expected: dict[str, tuple[int, ...]] = {}
+    for stored in source.layout.tensors(params.n_layers, params.n_experts):
+        shape = stored.shape(env)
+        record = source.records.get(stored.name)
+        parts = reads.parts(stored.name, shape, record.dtype if record else "", source.outtype)
+        if parts is None:
+            expected[stored.name] = shape
+        else:
+            expected.update((part.name_for(stored.name), part.shape) for part in parts)
+    return expected
 
 
 def kept_as_stored(record: TensorRecord, target: Format) -> bool:
@@ -237,7 +255,7 @@ def target_tensors(source: Source, target: LayoutTable, *, main: str, outtype: s
             result.append(TargetTensor(stored.name, stored.layer, pieces[0].out_dtype, shape, pieces))
             continue
         for part in parts:
-            name = stored.name + part.suffix
+            name = part.name_for(stored.name)
             pieces = _pieces(stored, name, sources, env, lambda _record, cast=part.cast: cast, reads)
             result.append(TargetTensor(name, stored.layer, part.dtype, part.shape, pieces))
     return result
@@ -344,7 +362,8 @@ def build_plan(source: Source, target_name: str, options: PlanOptions = DEFAULT_
     target = layout(target_name)
     if target.read_only:
         raise ConvertError(f"--to {target.name}: {target.description}; it is a source only")
-    if options.outtype is not None and options.outtype not in format_of(target).outtypes:
+    if options.outtype is not None and options.outtype not in (*format_of(target).outtypes,
+                                                               *format_of(target).outtype_variants):
         if format_of(target).outtypes:
             takes = ", ".join(format_of(target).outtypes)
             raise ConvertError(f"--outtype {options.outtype}: --to {target.name} takes {takes}")
