@@ -40,6 +40,7 @@ import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from helpers import REPO, assert_one_line_error, flip_byte
+from mlx_client import read_mlx, sample_named
 from test_gguf_convert import gguf_named
 
 from convert.containers import container_names, format_of
@@ -71,6 +72,11 @@ LOSSY: dict[str, str] = {
     "f16": "rounded to the f16 subnormal grid",
     # 8-bit blocks of 32 with one f16 scale (amax / 127): each value within about half a scale step of the original.
     "q8_0": "quantized to 8 bits per element",
+    # MLX's affine groups (64 elements; a step is (max - min) / (2^bits - 1) <= 2 amax / (2^bits - 1)): the edge of
+    # larger magnitude is made exact, which can push the other edge a step past the range (clipped), and the
+    # scale and bias are stored rounded to bf16 while the elements were quantized with their float32 values.
+    "q8": "quantized to 8 bits per element in groups",
+    "q4": "quantized to 4 bits per element in groups",
 }
 # llama-quantize's mixes (q4_k_m ...): blocks of 2^(b-1) steps a side at b bits, the largest of a block exact, so
 # a value is within one step of it (a clamped edge), amax / 2^(b-1). The sample's rows (64, 96) are not whole
@@ -79,10 +85,10 @@ MIX_BITS = {"q3_k_s": 3, "q3_k_m": 3, "q3_k_l": 3, "q4_0": 4, "q4_1": 4, "q4_k_s
             "q5_1": 5, "q5_k_s": 5, "q5_k_m": 5, "q6_k": 6}  # fmt: skip
 LOSSY.update({mix: f"llama-quantize's {mix.upper()} mix" for mix in MIX_BITS})
 # How far a quantized value may be from the original, as a fraction of the tensor's largest magnitude.
-QUANT_BOUND = {"q8_0": 1 / 127}
+QUANT_BOUND = {"q8_0": 1 / 127, "q8": 4 / 255, "q4": 4 / 15}  # MLX: two steps
 QUANT_BOUND.update({mix: 1 / 2 ** (bits - 1) for mix, bits in MIX_BITS.items()})
 # quantized: the converter refuses to restore it ("one-way"), so no torch.load read-back exists
-ONE_WAY = {"q8_0", *MIX_BITS}
+ONE_WAY = {"q8_0", "q8", "q4", *MIX_BITS}
 
 
 def read_gguf(folder: Path) -> dict[str, torch.Tensor]:
@@ -98,6 +104,7 @@ Tensors = dict[str, torch.Tensor]
 # container -> (its real client's reading of an output folder, the sample's tensors under that container's names)
 ONE_WAY_READERS: dict[str, tuple[Callable[[Path], Tensors], Callable[[Tensors], Tensors]]] = {
     "gguf": (read_gguf, gguf_named),
+    "mlx": (read_mlx, sample_named),
 }
 
 
