@@ -12,7 +12,7 @@ REAL = {"n_layers": 32, "n_experts": 8}
 
 
 def test_all_layouts_load() -> None:
-    assert set(layout_names()) == {"gguf", "gguf_legacy", "hf", "megablocks", "mistral", "torrent"}
+    assert set(layout_names()) == {"gguf", "gguf_legacy", "hf", "megablocks", "mistral", "mlx", "torrent"}
     assert [name for name in layout_names() if layout(name).read_only] == ["gguf_legacy"]
 
 
