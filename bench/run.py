@@ -48,6 +48,7 @@ MIB = 2**20
 GIB = 2**30
 FULL_DEPTH = 32
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+MIXTRAL_TOKENIZER = Path(sys.prefix) / "share" / "mistral-common" / "tokenizer.model.v1"
 
 
 @dataclass(frozen=True)
@@ -187,8 +188,35 @@ CONTENDERS = (
     Contender("cp-gguf", "cp + sync (torrent -> gguf)", _cp, True, direction="torrent-gguf", limit="disk-gguf"),
     Contender("to-gguf", "mixtral-convert torrent -> gguf (bf16)", _convert("gguf"), in_converter_root=True,
               direction="torrent-gguf", limit="disk-gguf", cp="cp-gguf"),
+    # torrent -> GGUF Q4_K_M against llama.cpp's own two steps (bench/llama_two_steps.py): its converter from the
+    # hf folder to bf16, then llama-quantize with 2 threads; and llama-quantize's step alone, from the bf16 GGUF.
+    # 'vs limit' is over the two steps; 'vs cp' over llama-quantize's step alone.
+    Contender("llama-two-steps", "llama.cpp: convert_hf_to_gguf.py bf16 + llama-quantize Q4_K_M",
+              lambda src, out, depth: [sys.executable, str(BENCH / "llama_two_steps.py"), str(src), str(out)],
+              direction="torrent-q4km", limit="llama-two-steps", reads="hf"),
+    Contender("llama-quantize", "llama-quantize Q4_K_M alone (2 threads, from bf16 GGUF)",
+              lambda src, out, depth: [sys.executable, str(BENCH / "llama_two_steps.py"), "--quantize-only",
+                                       str(src / "model.gguf"), str(out)],
+              direction="torrent-q4km", limit="llama-two-steps", reads="gguf"),
+    Contender("to-q4km", "mixtral-convert torrent -> gguf q4_k_m",
+              lambda src, out, depth: [sys.executable, "-m", "convert", "convert", str(src), str(out), "--to", "gguf",
+                                       "--outtype", "q4_k_m", "--no-progress", "--force"],
+              in_converter_root=True, direction="torrent-q4km", limit="llama-two-steps", cp="llama-quantize"),
+    # torrent -> MLX (mlx-lm's layout): bf16 against its disk limit; q4 against mlx_lm.convert -q from the hf folder
+    # (4 bits, groups of 64, as ours).
+    Contender("disk-mlx", "disk limit (torrent -> mlx)", _disk, True, direction="torrent-mlx", limit="disk-mlx"),
+    Contender("to-mlx", "mixtral-convert torrent -> mlx (bf16)", _convert("mlx"), in_converter_root=True,
+              direction="torrent-mlx", limit="disk-mlx"),
+    Contender("mlx-lm-q4", "mlx_lm.convert -q (from the hf folder)",
+              lambda src, out, depth: [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src),
+                                       "--mlx-path", str(out / "mlx"), "-q"],
+              direction="torrent-mlx", limit="mlx-lm-q4", reads="hf", needs_out_folder=True),
+    Contender("to-mlx-q4", "mixtral-convert torrent -> mlx q4",
+              lambda src, out, depth: [sys.executable, "-m", "convert", "convert", str(src), str(out), "--to", "mlx",
+                                       "--outtype", "q4", "--no-progress", "--force"],
+              in_converter_root=True, direction="torrent-mlx", limit="mlx-lm-q4"),
 )  # fmt: skip
-DIRECTIONS = ("torrent-hf", "hf-torrent", "verify", "torrent-gguf")
+DIRECTIONS = ("torrent-hf", "hf-torrent", "verify", "torrent-gguf", "torrent-q4km", "torrent-mlx")
 BY_KEY = {c.key: c for c in CONTENDERS}
 
 
@@ -223,6 +251,8 @@ class Depth:
     input_bytes: int
     hf_source: Path | None = None  # the torrent checkpoint converted to hf, for the hf -> torrent direction
     hf_bytes: int = 0  # its .safetensors shards
+    gguf_source: Path | None = None  # the torrent checkpoint converted to a bf16 GGUF, for llama-quantize alone
+    gguf_bytes: int = 0
     runs: list[Run] = field(default_factory=list)
     output_bytes: dict[str, int] = field(default_factory=dict)
     digests: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
@@ -329,9 +359,37 @@ class Bench:
         depth.hf_source = folder
         depth.hf_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
+    def ensure_tokenizer(self, depth: Depth) -> None:
+        """Mixtral's tokenizer.model beside the checkpoint (llama.cpp's converter refuses a folder without a
+        tokenizer, and a GGUF llama.cpp runs holds the vocabulary): the copy `make setup` extracts from
+        mistral-common's wheel (tests/llama_client.py). Conversions cached without it are made again."""
+        if (depth.source / "tokenizer.model").is_file():
+            return
+        if not MIXTRAL_TOKENIZER.is_file():
+            raise SystemExit(f"Mixtral's tokenizer.model is not at {MIXTRAL_TOKENIZER}: run `make setup`")
+        shutil.copyfile(MIXTRAL_TOKENIZER, depth.source / "tokenizer.model")
+        for stale in (f"hf-{self.prefix}{depth.layers}L", f"gguf-bf16-{self.prefix}{depth.layers}L"):
+            shutil.rmtree(self.work / stale, ignore_errors=True)
+
+    def ensure_gguf(self, depth: Depth) -> None:
+        """llama-quantize's source: this depth's torrent checkpoint converted to a bf16 GGUF by the measured
+        converter (untimed, cached; the file llama.cpp's converter writes, naming keys aside)."""
+        folder = self.work / f"gguf-bf16-{self.prefix}{depth.layers}L"
+        if not (folder / "SHA256SUMS").is_file():  # written last
+            say(f"converting {depth.source} to {folder} (llama-quantize's source)")
+            shutil.rmtree(folder, ignore_errors=True)
+            self.partial = folder
+            command = [sys.executable, "-m", "convert", "convert", str(depth.source), str(folder), "--to", "gguf"]
+            code = subprocess.run([*command, "--no-progress"], cwd=self.converter.root, check=False).returncode
+            if code != 0:
+                raise SystemExit(f"converting {depth.source} to {folder} failed (exit {code})")
+            self.partial = None
+        depth.gguf_source = folder
+        depth.gguf_bytes = (folder / "model.gguf").stat().st_size
+
     def run(self, depth: Depth, contender: Contender, repeat: int, verify: bool) -> Run:
-        source = depth.hf_source if contender.reads == "hf" else depth.source
-        assert source is not None, "ensure_hf first"
+        source = {"hf": depth.hf_source, "gguf": depth.gguf_source}.get(contender.reads, depth.source)
+        assert source is not None, "ensure_hf / ensure_gguf first"
         out = self.out_folder()
         shutil.rmtree(out, ignore_errors=True)
         if contender.needs_out_folder:
@@ -535,7 +593,7 @@ def summarize(depth: Depth) -> list[Summary]:
 
 
 def source_bytes(depth: Depth, contender: Contender) -> int:
-    return depth.hf_bytes if contender.reads == "hf" else depth.input_bytes
+    return {"hf": depth.hf_bytes, "gguf": depth.gguf_bytes}.get(contender.reads, depth.input_bytes)
 
 
 def rss_text(rss: float, floor: float) -> str:
@@ -607,6 +665,9 @@ TARGETS = (
     ("to-torrent-warm", 1.0, "hf -> torrent, warm, ≤ 1.0x warm cp + sync"),
     ("verify", 1.05, "verify, ≤ 1.05x an O_DIRECT read of the folder"),
     ("verify-against", 1.25, "verify --against, ≤ 1.25x the conversion of the same source"),
+    ("to-q4km", 1.0, "torrent -> gguf q4_k_m, cold, ≤ 1.0x llama.cpp's two steps (issue 24)"),
+    ("to-mlx", 1.05, "torrent -> mlx (bf16), cold, ≤ 1.05x the disk limit (issue 25)"),
+    ("to-mlx-q4", 1.0, "torrent -> mlx q4, cold, faster than mlx_lm.convert -q (issue 25)"),
 )
 RSS_BUDGET = 512 * MIB
 
@@ -618,7 +679,7 @@ def target_lines(depths: list[Depth]) -> list[str]:
     summaries = {d.layers: {s.contender: s for s in summarize(d)} for d in depths}
     layers = sorted(summaries)
     lines = [
-        "## Targets (issue 14), checked on this run's medians",
+        "## Targets (issues 14, 23, 24), checked on this run's medians",
         "",
         "| target | " + " | ".join(plural(n, "layer") for n in layers) + " |",
         "|---|" + "--:|" * len(layers),
@@ -923,7 +984,18 @@ def report(
         "model.gguf in bf16, the release's own type: llama.cpp's F32 norms and router, every other byte straight "
         "through) beside its own disk limit and cp + sync of the torrent.",
         "",
-        "All four directions run by default (`make bench`); `--quick` runs one small-width layer once "
+        "`--directions torrent-q4km`: `mixtral-convert convert SRC OUT --to gguf --outtype q4_k_m` (llama-quantize's "
+        "Q4_K_M file in one pass) beside **llama.cpp's two steps** (`bench/llama_two_steps.py`: llama.cpp's "
+        "`convert_hf_to_gguf.py` from the hf conversion to a bf16 GGUF, then `llama_model_quantize` Q4_K_M with 2 "
+        "threads, no importance matrix) and **llama-quantize alone** (step 2 from the bf16 GGUF this converter "
+        "made of the same checkpoint, cached). 'vs limit' is over the two steps, 'vs cp' over llama-quantize alone; "
+        "CPU s/GB is per GB of each one's own input.",
+        "",
+        "`--directions torrent-mlx`: `--to mlx` (bf16, the checkpoint's own dtype) beside its disk limit, and "
+        "`--to mlx --outtype q4` beside `mlx_lm.convert -q` (4 bits, groups of 64) run on the hf conversion of the "
+        "same checkpoint (mlx-lm's own input). 'vs limit' is over the disk limit and over mlx_lm.convert.",
+        "",
+        "All six directions run by default (`make bench`); `--quick` runs one small-width layer once "
         "(bench/checkpoint.py --small, about 0.3 GB) to check the script end to end, writing its report under "
         "the cache folder, never here.",
         "",
@@ -969,7 +1041,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torrent-hf: the disk limit, cp, mixtral-convert and the peer on the torrent checkpoint; hf-torrent: "
         "the disk limit, cp and mixtral-convert on its hf conversion (made once and cached); verify: verify and "
         "verify --against on that hf conversion, beside an O_DIRECT read of it; torrent-gguf: the disk limit, cp and "
-        "mixtral-convert --to gguf (bf16, as released) on the torrent checkpoint",
+        "mixtral-convert --to gguf (bf16, as released) on the torrent checkpoint; torrent-q4km: --outtype q4_k_m "
+        "against llama.cpp's converter + llama-quantize, and llama-quantize alone; torrent-mlx: --to mlx against "
+        "its disk limit, and q4 against mlx_lm.convert -q",
     )
     parser.add_argument("--no-warm-runs", action="store_true", help="skip the runs with the source in the page cache")
     parser.add_argument(
@@ -1023,8 +1097,12 @@ def main(argv: list[str] | None = None) -> int:
         for layers in args.layers:
             source = bench.ensure_checkpoint(layers)
             depths.append(Depth(layers, source, (source / checkpoint.WEIGHTS).stat().st_size))
-            if {"hf-torrent", "verify"} & set(args.directions):
+            if {"torrent-q4km", "torrent-mlx"} & set(args.directions):  # their peers need a tokenizer
+                bench.ensure_tokenizer(depths[-1])
+            if {"hf-torrent", "verify", "torrent-q4km", "torrent-mlx"} & set(args.directions):
                 bench.ensure_hf(depths[-1])
+            if "torrent-q4km" in args.directions:
+                bench.ensure_gguf(depths[-1])
         contenders = [
             c for c in CONTENDERS if c.direction in args.directions and not (c.warm and args.no_warm_runs)
         ]
