@@ -522,3 +522,20 @@ def test_instruct_writes_the_chat_template_hf_writes(bf16: dict[str, Path], tmp_
         field(bf16["bf16"] / "model.gguf", "tokenizer.chat_template")  # only on request
     tensors = reader_tensors([out / "model.gguf"])
     assert tensors == reader_tensors([bf16["bf16"] / "model.gguf"])
+
+
+@pytest.mark.parametrize("outtype", ["q4_k_m", "q5_0"])
+def test_a_nan_weight_is_refused_by_the_quantizing_outtypes(tmp_path: Path, outtype: str) -> None:
+    """A NaN in one expert of a model quantized to a llama-quantize mix: exit 2, one line naming the source file,
+    the tensor and the element, and no output that looks complete."""
+    from dataclasses import replace
+
+    cfg = replace(DEFAULT, dim=256, hidden_dim=512, n_heads=4, n_kv_heads=2, head_dim=64)  # whole Q4_K blocks
+    weights = make_weights(cfg, 5)
+    weights["layers.1.feed_forward.experts.2.w3.weight"][7, 100] = float("nan")
+    write_torrent(tmp_path / "src", cfg, weights)
+    result = run_cli("convert", tmp_path / "src", tmp_path / "out", "--to", "gguf", "--outtype", outtype, check=False)
+    assert_one_line_error(result, "tensor layers.1.feed_forward.experts.2.w3.weight: value nan at element 1892")
+    assert result.returncode == 2
+    assert "consolidated.00.pth" in result.stderr and "NaN or infinite weights" in result.stderr
+    assert not (tmp_path / "out" / "model.gguf").exists()
