@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from convert.common.dtypes import ITEM_SIZE
 from convert.integrity.digests import Producer
 from convert.model.transforms import Step
 
@@ -30,6 +32,36 @@ class Cast(Protocol):
         """data (which starts at element first of the piece) converted; a value the conversion cannot carry is a
         ConvertError naming tensor."""
         ...
+
+
+@dataclass(frozen=True)
+class ChainedCast:
+    """first, then then: a source element type restored (first, the source container's restore) before the
+    target's cast of it (then, written for the restored type). Both are element-wise, so the chain runs on slices
+    of then's granule counted in first's source elements."""
+
+    first: Cast
+    then: Cast
+
+    @property
+    def src_dtype(self) -> str:
+        return self.first.src_dtype
+
+    @property
+    def dst_dtype(self) -> str:
+        return self.then.dst_dtype
+
+    @property
+    def granule(self) -> int:
+        # then's granule, counted in elements, as source bytes; and whole granules of first
+        elements = self.then.granule // ITEM_SIZE[self.then.src_dtype]
+        return math.lcm(self.first.granule, elements * ITEM_SIZE[self.first.src_dtype])
+
+    def out_nbytes(self, nbytes: int) -> int:
+        return self.then.out_nbytes(self.first.out_nbytes(nbytes))
+
+    def __call__(self, data: memoryview, tensor: str, first: int) -> memoryview:
+        return self.then(self.first(data, tensor, first), tensor, first)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from convert.common.errors import ConvertError
 from convert.containers import format_of
 from convert.containers.contract import Format, OutputRequest
 from convert.integrity import manifest as integrity
-from convert.model.outputs import Cast, OutputFile, Piece, TargetTensor
+from convert.model.outputs import Cast, ChainedCast, OutputFile, Piece, TargetTensor
 from convert.model.params import ModelParams
 from convert.model.records import TensorRecord
 from convert.model.tables import ATTRIBUTES, KindLayout, LayoutTable, StoredTensor, canonical, layout, target_names
@@ -244,7 +244,10 @@ def target_tensors(source: Source, target: LayoutTable, *, main: str, outtype: s
     for stored in target.tensors(params.n_layers, params.n_experts):
         shape = stored.shape(env)
         keys = stored.canonical_keys()
-        dtype = sources[keys[0]][0].dtype
+        first = sources[keys[0]][0]
+        # Parts are computed from the checkpoint's elements, as any other tensor is written: a source that
+        # stores this one widened (GGUF's F32 router of a bf16 model) is restored first (ChainedCast).
+        dtype = first.dtype if relayout else reads.checkpoint_dtype(first, main)
         parts = writes.parts(stored.name, shape, dtype, outtype)
         if parts is None:
             cast_of = partial(
@@ -256,9 +259,21 @@ def target_tensors(source: Source, target: LayoutTable, *, main: str, outtype: s
             continue
         for part in parts:
             name = part.name_for(stored.name)
-            pieces = _pieces(stored, name, sources, env, lambda _record, cast=part.cast: cast, reads)
+            cast_of = partial(_part_cast, reads, part.cast, dtype)
+            pieces = _pieces(stored, name, sources, env, cast_of, reads)
             result.append(TargetTensor(name, stored.layer, part.dtype, part.shape, pieces))
     return result
+
+
+def _part_cast(reads: Format, cast: Cast, dtype: str, record: TensorRecord) -> Cast:
+    """A part's cast, after the source container's restore where record stores its elements in another type than
+    the checkpoint's dtype the part was planned for."""
+    if record.dtype == dtype:
+        return cast
+    restore = reads.restore(record.dtype, dtype)
+    if restore is None:
+        raise ConvertError(f"cannot read {record.dtype} as {dtype}", file=record.stream.label, tensor=record.name)
+    return ChainedCast(restore, cast)
 
 
 def _element_cast(
