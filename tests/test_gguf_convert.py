@@ -539,3 +539,27 @@ def test_a_nan_weight_is_refused_by_the_quantizing_outtypes(tmp_path: Path, outt
     assert result.returncode == 2
     assert "consolidated.00.pth" in result.stderr and "NaN or infinite weights" in result.stderr
     assert not (tmp_path / "out" / "model.gguf").exists()
+
+
+def test_a_q4_k_m_conversion_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    """A llama-quantize mix, split in two files, stopped while writing the second: resuming keeps the first and
+    writes the bytes an uninterrupted run writes; another mix cannot resume it."""
+    from dataclasses import replace
+
+    cfg = replace(DEFAULT, dim=256, hidden_dim=512, n_heads=4, n_kv_heads=2, head_dim=64)  # whole Q4_K blocks
+    src = tmp_path / "src"
+    write_torrent(src, cfg, make_weights(cfg, 9))
+    options = ["--outtype", "q4_k_m", "--max-shard-size", "1MB"]
+    whole = tmp_path / "whole"
+    run_cli("convert", src, whole, "--to", "gguf", *options, "--no-progress")
+    names = sorted(p.name for p in whole.glob("model-*.gguf"))
+    assert len(names) >= 2, names
+    dst = tmp_path / "out"
+    terminated_at(src, dst, names[1], *options)
+    finished = (dst / names[0]).stat().st_mtime_ns
+    other = run_cli("convert", src, dst, "--to", "gguf", "--outtype", "q5_k_m", "--max-shard-size", "1MB", "--resume",
+                    check=False)  # fmt: skip
+    assert_one_line_error(other, "cannot resume", "other settings")
+    run_cli("convert", src, dst, "--to", "gguf", *options, "--resume", "--no-progress")
+    assert (dst / names[0]).stat().st_mtime_ns == finished  # kept, not written again
+    assert differing_files(dst, whole) == []
