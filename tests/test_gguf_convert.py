@@ -563,3 +563,20 @@ def test_a_q4_k_m_conversion_resumes_to_the_same_bytes(tmp_path: Path) -> None:
     run_cli("convert", src, dst, "--to", "gguf", *options, "--resume", "--no-progress")
     assert (dst / names[0]).stat().st_mtime_ns == finished  # kept, not written again
     assert differing_files(dst, whole) == []
+
+
+def test_every_layout_gives_the_same_q4_k_m_file(tmp_path: Path) -> None:
+    """A llama-quantize mix from torrent, mistral, megablocks, hf and a bf16 GGUF (whose F32 norms and router are
+    restored to bf16 before the mix leaves them F32 again): one and the same model.gguf."""
+    from dataclasses import replace
+
+    cfg = replace(DEFAULT, dim=256, hidden_dim=512, n_heads=4, n_kv_heads=2, head_dim=64)  # whole Q4_K blocks
+    write_torrent(tmp_path / "torrent", cfg, make_weights(cfg, 13))
+    for layout in ("mistral", "megablocks", "hf", "gguf"):
+        convert_checkpoint(tmp_path / "torrent", tmp_path / layout, layout)
+    files = {}
+    for layout in ("torrent", "mistral", "megablocks", "hf", "gguf"):
+        run_cli("convert", tmp_path / layout, tmp_path / f"q-{layout}", "--to", "gguf", "--outtype", "q4_k_m",
+                "--no-progress")  # fmt: skip
+        files[layout] = (tmp_path / f"q-{layout}" / "model.gguf").read_bytes()
+    assert [layout for layout, data in files.items() if data != files["torrent"]] == []
