@@ -343,19 +343,25 @@ class Bench:
         say(f"generated {folder} in {time.perf_counter() - start:.0f} s")
         return folder
 
-    def ensure_hf(self, depth: Depth) -> None:
-        """The hf -> torrent source: this depth's torrent checkpoint converted by the measured converter (untimed,
-        kept in the cache; the index is written last, so its presence means complete)."""
-        folder = self.work / f"hf-{self.prefix}{depth.layers}L"
-        if not (folder / "model.safetensors.index.json").is_file():
-            say(f"converting {depth.source} to {folder} (the source of the hf -> torrent runs)")
+    def _converted(self, depth: Depth, target: str, name: str, last: str, why: str) -> Path:
+        """This depth's torrent checkpoint converted to target by the measured converter, untimed and kept in the
+        cache under name; last is the file the conversion writes last, so its presence means complete."""
+        folder = self.work / f"{name}-{self.prefix}{depth.layers}L"
+        if not (folder / last).is_file():
+            say(f"converting {depth.source} to {folder} ({why})")
             shutil.rmtree(folder, ignore_errors=True)
             self.partial = folder
-            command = [sys.executable, "-m", "convert", "convert", str(depth.source), str(folder), "--to", "hf"]
+            command = [sys.executable, "-m", "convert", "convert", str(depth.source), str(folder), "--to", target]
             code = subprocess.run([*command, "--no-progress"], cwd=self.converter.root, check=False).returncode
             if code != 0:
                 raise SystemExit(f"converting {depth.source} to {folder} failed (exit {code})")
             self.partial = None
+        return folder
+
+    def ensure_hf(self, depth: Depth) -> None:
+        """The hf -> torrent source (and verify's folder, and the peers' input where they need the hf layout)."""
+        index = "model.safetensors.index.json"
+        folder = self._converted(depth, "hf", "hf", index, "the source of the hf -> torrent runs")
         depth.hf_source = folder
         depth.hf_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
@@ -372,18 +378,9 @@ class Bench:
             shutil.rmtree(self.work / stale, ignore_errors=True)
 
     def ensure_gguf(self, depth: Depth) -> None:
-        """llama-quantize's source: this depth's torrent checkpoint converted to a bf16 GGUF by the measured
-        converter (untimed, cached; the file llama.cpp's converter writes, naming keys aside)."""
-        folder = self.work / f"gguf-bf16-{self.prefix}{depth.layers}L"
-        if not (folder / "SHA256SUMS").is_file():  # written last
-            say(f"converting {depth.source} to {folder} (llama-quantize's source)")
-            shutil.rmtree(folder, ignore_errors=True)
-            self.partial = folder
-            command = [sys.executable, "-m", "convert", "convert", str(depth.source), str(folder), "--to", "gguf"]
-            code = subprocess.run([*command, "--no-progress"], cwd=self.converter.root, check=False).returncode
-            if code != 0:
-                raise SystemExit(f"converting {depth.source} to {folder} failed (exit {code})")
-            self.partial = None
+        """llama-quantize's source: a bf16 GGUF of this depth's checkpoint (the file llama.cpp's converter writes,
+        naming keys aside; SHA256SUMS is written last)."""
+        folder = self._converted(depth, "gguf", "gguf-bf16", "SHA256SUMS", "llama-quantize's source")
         depth.gguf_source = folder
         depth.gguf_bytes = (folder / "model.gguf").stat().st_size
 

@@ -45,7 +45,6 @@ from convert.containers.hf_safetensors import (
     GENERATION_CONFIG,
     INDEX,
     SINGLE,
-    TOKENIZER_CONFIG,
     HfSafetensors,
     hf_config_json,
     release_metadata,
@@ -164,19 +163,7 @@ def mlx_config_json(params: ModelParams, dtype: str, outtype: str | None) -> str
 class Mlx(HfSafetensors):
     """hf's files and config, read the same way; written as mlx_lm.convert writes them."""
 
-    container = "mlx"
-    markers = (INDEX, SINGLE)
-    split_files = (INDEX,)
-    replaces = (
-        INDEX,
-        "model-*-of-*.safetensors",
-        SINGLE,
-        CONFIG,
-        GENERATION_CONFIG,
-        "tokenizer.json",
-        TOKENIZER_CONFIG,
-        "special_tokens_map.json",
-    )
+    container = "mlx"  # hf's markers, split files and replaced files, inherited: the same file names
     outtypes = (*FLOAT_OUTTYPES, *QUANTIZED)
     outtype_variants = tuple(f"q{bits}-g{group}" for bits in BITS for group in GROUP_SIZES)
 
