@@ -127,6 +127,20 @@ def _trunc_int(f: np.float32) -> int:
     return np.int64(f)
 
 
+@njit(**_INLINE)
+def _signed_amax(x: np.ndarray, off: int, n: int) -> tuple[np.float32, np.float32]:
+    """C's `if (ax > amax) { amax = ax; max = x[i]; }` from 0 over x[off:off+n]: the largest magnitude, and the
+    first value that has it (signed)."""
+    amax = ZERO
+    vmax = ZERO
+    for i in range(n):
+        ax = abs(x[off + i])
+        if ax > amax:
+            amax = ax
+            vmax = x[off + i]
+    return amax, vmax
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Level searches (ggml-quants.c), over x[off:off+n]
 
@@ -134,13 +148,7 @@ def _trunc_int(f: np.float32) -> int:
 @njit(**_JIT)
 def _make_qx_quants_rmse1(x: np.ndarray, off: int, n: int, nmax: int, big_l: np.ndarray) -> np.float32:
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): levels into big_l[off:off+n], returns the scale."""
-    vmax = ZERO
-    amax = ZERO
-    for i in range(n):
-        ax = abs(x[off + i])
-        if ax > amax:
-            amax = ax
-            vmax = x[off + i]
+    amax, vmax = _signed_amax(x, off, n)
     if amax < GROUP_MAX_EPS:
         for i in range(n):
             big_l[off + i] = 0
@@ -181,13 +189,7 @@ def _make_qx_quants_rmse1(x: np.ndarray, off: int, n: int, nmax: int, big_l: np.
 @njit(**_JIT)
 def _make_q3_quants_rmse(x: np.ndarray, off: int, n: int, nmax: int, big_l: np.ndarray) -> np.float32:
     """make_q3_quants(n, nmax, x, L, do_rmse=true): levels into big_l[off:off+n], returns the scale."""
-    vmax = ZERO
-    amax = ZERO
-    for i in range(n):
-        ax = abs(x[off + i])
-        if ax > amax:
-            amax = ax
-            vmax = x[off + i]
+    amax, vmax = _signed_amax(x, off, n)
     if amax < GROUP_MAX_EPS:
         for i in range(n):
             big_l[off + i] = 0

@@ -19,6 +19,7 @@ from convert.containers.gguf.kquants_jit import (
     ZERO,
     _fp16,
     _put16,
+    _signed_amax,
     _to_int8,
     _trunc_int,
 )
@@ -33,13 +34,7 @@ F16_5 = F32(16.5)
 @njit(**_INLINE)
 def _argmax_abs(x: np.ndarray) -> np.float32:
     """C's `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }` from 0: the value of largest magnitude, first."""
-    amax = ZERO
-    vmax = ZERO
-    for j in range(x.shape[0]):
-        if amax < abs(x[j]):
-            amax = abs(x[j])
-            vmax = x[j]
-    return vmax
+    return _signed_amax(x, 0, x.shape[0])[1]
 
 
 @njit(**_INLINE)
