@@ -23,6 +23,7 @@ registered container.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -43,7 +44,7 @@ from helpers import REPO, assert_one_line_error, flip_byte
 from mlx_client import read_mlx, sample_named
 from test_gguf_convert import gguf_named
 
-from convert.containers import container_names, format_of
+from convert.containers import container, container_names, format_of
 from convert.fileio.faults import STALL_AT_ENV
 from convert.model.tables import layout, layout_names, target_names
 from convert.planning.source import detect_layout, open_source
@@ -204,6 +205,14 @@ def test_every_container_has_a_layout() -> None:
     unnamed = [f"{name}: {layout(name).container}" for name in layout_names() if name not in LAYOUTS]
     unnamed = [entry for entry in unnamed if not layout(entry.split(":")[0]).read_only]
     assert unnamed == [], "tables naming no registered container"
+
+
+@pytest.mark.parametrize("name", container_names())
+def test_a_containers_markers_are_its_formats(name: str) -> None:
+    """The registry detects a folder's layout from each container's MARKERS, loading its FORMAT (numpy, gguf-py)
+    only where one is present; FORMAT's claims() starts from its markers: they must be the same files."""
+    module = importlib.import_module(f"convert.containers.{name}")
+    assert module.MARKERS and container(name).markers == module.MARKERS
 
 
 @pytest.mark.parametrize("name", LAYOUTS)

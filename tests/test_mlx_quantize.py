@@ -9,16 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convert.containers.mlx.quantize import (
-    BIASES,
-    SCALES,
-    WEIGHT,
-    AffineCast,
-    FloatCast,
-    as_float32,
-    from_float32,
-    quantize,
-)
+from convert.containers.mlx.quantize import AffineCast, FloatCast, as_float32, from_float32, quantize
+from convert.containers.mlx.settings import BIASES, SCALES, WEIGHT
 
 mx = pytest.importorskip("mlx.core")
 

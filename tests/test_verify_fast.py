@@ -323,3 +323,31 @@ def test_verify_starts_hashing_before_importing_the_containers(outputs: Path) ->
     assert done.returncode == 0, done.stderr
     assert "verified:" in done.stdout
     assert "seen [[]" in done.stdout, done.stdout  # the first pass (the weights); later ones hash small files
+
+
+# What a safetensors folder's verify has no use for: numpy and the GGUF and MLX containers' code (gguf-py, its
+# yaml and sentencepiece), blake3 (the manifest's per-tensor digests, not recomputed for a file whose SHA-256
+# matches). Each is a read from disk on a cold cache, and a thread loading one holds the GIL the SHA-256 lanes
+# need, so verify's time over a bare SHA-256 of the folder grows with them (bench/verify-startup.md).
+UNNEEDED = ("numpy", "gguf", "yaml", "sentencepiece", "blake3", "convert.containers.gguf.container",
+            "convert.containers.mlx.quantize")  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["hf", "torrent"])
+def test_verify_of_a_folder_without_gguf_loads_none_of_their_code(outputs: Path, layout: str) -> None:
+    """In a fresh interpreter, as the console script runs: verify of an hf or torrent folder passes and loads
+    none of UNNEEDED; the GGUF and MLX containers' packages are read for their MARKERS only."""
+    probe = (
+        "import sys\n"
+        "from convert.cli import main\n"
+        "code = main(['verify', sys.argv[1]])\n"
+        f"print('loaded', sorted(m for m in {UNNEEDED!r} if m in sys.modules))\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(outputs / layout)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"verified: {outputs / layout} ({layout})" in done.stdout
+    assert "loaded []" in done.stdout, done.stdout
+

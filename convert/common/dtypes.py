@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-import numpy as np
-
 ITEM_SIZE = MappingProxyType(
     {
         "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
@@ -61,8 +59,3 @@ def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
     for dim in shape:
         count *= dim
     return count * ITEM_SIZE[dtype]
-
-
-def word_dtype(dtype: str) -> np.dtype:
-    """Unsigned integers as wide as the element: the transforms move elements as such words, whatever the format."""
-    return np.dtype(f"u{ITEM_SIZE[dtype]}")

@@ -82,7 +82,7 @@ class Format(ABC):
     """One container. Subclasses are stateless; each module defines one instance named FORMAT."""
 
     container: ClassVar[str]
-    markers: ClassVar[tuple[str, ...]]  # any of these files identifies the container in a folder
+    markers: ClassVar[tuple[str, ...]]  # any of these files identifies the container in a folder: its MARKERS
     # Globs of every file an output holds, the completion marker first: --force into a folder holding an earlier
     # output (of any layout) removes those the new output does not write.
     replaces: ClassVar[tuple[str, ...]]
@@ -104,7 +104,7 @@ class Format(ABC):
         name, or a glob where the names are the user's, such as *.gguf); a container whose file names another
         layout shares looks inside too (a metadata key, a tensor's name), so that two layouts with the same file
         names are told apart (gguf and gguf_legacy)."""
-        return any(_matches(folder, marker) for marker in self.markers)
+        return any(marker_present(folder, marker) for marker in self.markers)
 
     def nbytes(self, dtype: str, shape: tuple[int, ...]) -> int:
         """The bytes a tensor of this dtype and shape takes in this container's files: elements times their size,
@@ -190,7 +190,7 @@ class Part:
         return name.removesuffix(self.replaces) + self.suffix
 
 
-def _matches(folder: Path, marker: str) -> bool:
+def marker_present(folder: Path, marker: str) -> bool:
     """A marker is a file name or a glob (a container whose file names are the user's, such as *.gguf)."""
     return any(folder.glob(marker)) if any(c in marker for c in "*?[") else (folder / marker).exists()
 

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+MARKERS = (INDEX, SINGLE)  # the registry's: a folder holding either may be hf (or mlx, which shares them)
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # decimal, as transformers sharded the published checkpoint
@@ -209,7 +210,7 @@ def weights_format(folder: Path) -> str | None:
 
 class HfSafetensors(Format):
     container = "hf_safetensors"
-    markers = (INDEX, SINGLE)
+    markers = MARKERS
     split_files = (INDEX,)
     # Completion marker first. Stale shards would contradict the new index, a stale config.json or index would be
     # loaded by transformers.

@@ -100,9 +100,12 @@ def file_name(number: int) -> str:
     return f"consolidated.{number:02d}.pt"
 
 
+MARKERS = (file_name(0),)  # the registry's: the first of the numbered files
+
+
 class MegablocksPt(Format):
     container = "megablocks_pt"
-    markers = (file_name(0),)
+    markers = MARKERS
     replaces = (PARAMS, "consolidated.[0-9]*.pt")
 
     def check_records(self, records: Iterable[TensorRecord]) -> list[ConvertError]:

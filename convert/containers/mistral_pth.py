@@ -30,12 +30,13 @@ if TYPE_CHECKING:
     from convert.model.tables import LayoutTable
 
 WEIGHTS = "consolidated.00.pth"
+MARKERS = (WEIGHTS, f"{WEIGHTS}-split0")  # the registry's: the weights, or the first of their split parts
 PARAMS = "params.json"
 
 
 class MistralPth(Format):
     container = "mistral_pth"
-    markers = (WEIGHTS, f"{WEIGHTS}-split0")
+    markers = MARKERS
     replaces = (PARAMS, WEIGHTS, f"{WEIGHTS}-split*")
 
     def check_records(self, records: Iterable[TensorRecord]) -> list[ConvertError]:

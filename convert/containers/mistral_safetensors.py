@@ -27,12 +27,13 @@ if TYPE_CHECKING:
     from convert.model.tables import LayoutTable
 
 WEIGHTS = "consolidated.safetensors"
+MARKERS = (WEIGHTS,)  # the registry's
 PARAMS = "params.json"
 
 
 class MistralSafetensors(Format):
     container = "mistral_safetensors"
-    markers = (WEIGHTS,)
+    markers = MARKERS
     replaces = (PARAMS, WEIGHTS)
 
     def open(

@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import blake3
-
-from convert.integrity.crc32 import SourceCrc
+# blake3 and ISA-L (crc32) are loaded when first used: verify starts hashing files with SHA-256 before it
+# needs either (convert/verify/folder.py), and every module loaded before that delays its start.
+if TYPE_CHECKING:
+    from convert.integrity.crc32 import SourceCrc
 
 TENSOR_DIGEST = "blake3"  # what manifest.json names in its "tensor_digest" field and as each tensor's key
 # What verify can check: manifests written before BLAKE3 have no such field and a "sha256" key per tensor.
@@ -32,8 +33,16 @@ class Hasher(Protocol):
 def new_hasher(algorithm: str) -> Hasher:
     """A fresh hash state; BLAKE3 on one thread (the run's threads already keep both cores busy)."""
     if algorithm == "blake3":
+        import blake3
+
         return blake3.blake3(max_threads=1)
     return hashlib.new(algorithm)
+
+
+def _source_crc() -> SourceCrc:
+    from convert.integrity.crc32 import SourceCrc
+
+    return SourceCrc()
 
 
 @dataclass
@@ -44,7 +53,7 @@ class Digests:
     # The source files' SHA-256 (--hash-input), hashed beside the conversion; waits for them when asked.
     input_sha256: Callable[[], dict[str, str]] = dict
     # The source's zip records checked against their CRC-32s as the pieces read them (torch zip sources).
-    source_crc: SourceCrc = field(default_factory=SourceCrc)
+    source_crc: SourceCrc = field(default_factory=_source_crc)
 
 
 Producer = Callable[[Digests], bytes]

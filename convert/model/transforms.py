@@ -13,10 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from convert.common.errors import ConvertError
+
+# Planning names transforms without running them: numpy is loaded where one runs (verify of a folder never does).
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _rows_by_head(tensor: np.ndarray, heads: int) -> tuple[int, int, int]:
@@ -41,6 +44,8 @@ def _to_interleaved(tensor: np.ndarray, heads: int) -> np.ndarray:
 def _transpose(tensor: np.ndarray, _heads: int) -> np.ndarray:
     if tensor.ndim != 2:
         raise ValueError(f"expects a matrix, got shape {list(tensor.shape)}")
+    import numpy as np
+
     return np.ascontiguousarray(tensor.T)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from convert.common.errors import ConvertError, shown
-from convert.containers import format_of
+from convert.containers import format_of, markers, may_hold
 from convert.containers.contract import TOKENIZER
 from convert.fileio.regular import is_present
 from convert.fileio.streams import ByteStream
@@ -64,7 +64,12 @@ def source_identity(source: Source) -> list[dict]:
 def detect_layout(folder: Path) -> str:
     if not folder.is_dir():
         raise ConvertError("not a folder" if folder.exists() else "no such folder", file=folder)
-    found = [name for name in layout_names() if format_of(layout(name)).claims(folder, layout(name))]
+    # A container's code is loaded only where the folder holds one of its marker files (the registry's MARKERS).
+    found = [
+        name
+        for name in layout_names()
+        if may_hold(layout(name), folder) and format_of(layout(name)).claims(folder, layout(name))
+    ]
     if len(found) == 1:
         return found[0]
     if found:
@@ -83,7 +88,7 @@ def detect_layout(folder: Path) -> str:
             file=folder,
         )
     present = sorted(shown(p.name) for p in folder.iterdir())[:8]
-    needs = "; ".join(f"{name} needs {' or '.join(format_of(layout(name)).markers)}" for name in layout_names())
+    needs = "; ".join(f"{name} needs {' or '.join(markers(layout(name).container))}" for name in layout_names())
     raise ConvertError(f"no known checkpoint layout (found: {', '.join(present) or 'nothing'}); {needs}", file=folder)
 
 

@@ -17,7 +17,7 @@ from functools import partial
 
 import numpy as np
 
-from convert.common.dtypes import ITEM_SIZE, word_dtype
+from convert.common.dtypes import ITEM_SIZE
 from convert.common.errors import ConvertError
 from convert.fileio.direct_io import ALIGN, READ_AHEAD, READ_SIZE, aligned_buffer
 from convert.fileio.faults import fault_point
@@ -33,6 +33,11 @@ Chunk = tuple[int, memoryview, str | None, Lease | None]  # offset in the file, 
 # writer's and both hashers' queues, 3 * QUEUE_DEPTH chunks, span up to three reads). Fewer only slows the reader:
 # every slice handed on is released without it, so a take always ends.
 POOL_BUFFERS = READ_AHEAD + 1 + -(-3 * QUEUE_DEPTH * CHUNK // READ_SIZE)
+
+
+def word_dtype(dtype: str) -> np.dtype:
+    """Unsigned integers as wide as the element: the transforms move elements as such words, whatever the format."""
+    return np.dtype(f"u{ITEM_SIZE[dtype]}")
 
 
 def piece_chunks(

@@ -18,6 +18,18 @@ The `gguf` package (ggml-org's gguf-py) supplies the constants (key names, type 
 here only. The data path (conversion, quantization, layout, reading) is ours.
 """
 
-from convert.containers.gguf.container import FORMAT
+from typing import Any
 
-__all__ = ["FORMAT"]
+MARKERS = ("*.gguf",)  # GGUF file names are the user's: any .gguf file (gguf and gguf_legacy tell theirs apart)
+
+__all__ = ["FORMAT", "MARKERS"]
+
+
+def __getattr__(name: str) -> Any:
+    """FORMAT on first use (numpy, gguf-py): the registry reads MARKERS of every container to detect a folder's
+    layout, and loads a container's code only for a folder that holds one of them (convert/containers/__init__.py)."""
+    if name == "FORMAT":
+        from convert.containers.gguf.container import FORMAT
+
+        return FORMAT
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

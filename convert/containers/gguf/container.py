@@ -121,7 +121,7 @@ def _one_model(folder: Path) -> Path:
 
 class GgufFormat(Format):
     container = "gguf"
-    markers = ("*.gguf",)
+    markers = ("*.gguf",)  # the package's MARKERS (convert/containers/gguf/__init__.py; tests/test_contract.py)
     split_keys = ("split.",)
     replaces = ("*.gguf",)
     chat_template = True

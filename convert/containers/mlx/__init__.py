@@ -6,6 +6,18 @@ a folder back; quantize.py: mx.quantize's CPU kernel and mlx's float casts in nu
 with their sources, are in docs/formats.md ("MLX") and docs/mlx.md.
 """
 
-from convert.containers.mlx.container import FORMAT
+from typing import Any
 
-__all__ = ["FORMAT"]
+from convert.containers.hf_safetensors import MARKERS
+
+__all__ = ["FORMAT", "MARKERS"]
+
+
+def __getattr__(name: str) -> Any:
+    """FORMAT on first use: the registry reads MARKERS of every container to detect a folder's layout, and loads
+    a container's code only for a folder that holds one of them (convert/containers/__init__.py)."""
+    if name == "FORMAT":
+        from convert.containers.mlx.container import FORMAT
+
+        return FORMAT
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

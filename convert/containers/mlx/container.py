@@ -52,17 +52,7 @@ from convert.containers.hf_safetensors import (
     shard_name,
     weights_format,
 )
-from convert.containers.mlx.quantize import (
-    BIASES,
-    BITS,
-    DEFAULT_GROUP_SIZE,
-    FLOATS,
-    GROUP_SIZES,
-    SCALES,
-    WEIGHT,
-    AffineCast,
-    FloatCast,
-)
+from convert.containers.mlx.settings import BIASES, BITS, DEFAULT_GROUP_SIZE, FLOATS, GROUP_SIZES, SCALES, WEIGHT
 from convert.containers.safetensors import open_safetensors
 from convert.fileio.regular import MAX_INDEX_JSON, is_present
 from convert.model.outputs import OutputFile, TargetTensor
@@ -70,7 +60,10 @@ from convert.model.params import json_text, read_json_object
 from convert.model.records import TensorRecord
 from convert.tokenizer.hf_files import hf_tokenizer_files
 
+# quantize.py (numpy) is loaded where a cast is made: detecting a folder's layout loads this module, and verify of
+# a safetensors folder loads no numpy (convert/containers/__init__.py).
 if TYPE_CHECKING:
+    from convert.containers.mlx.quantize import FloatCast
     from convert.fileio.streams import ByteStream
     from convert.model.params import ModelParams
     from convert.model.tables import LayoutTable
@@ -163,7 +156,7 @@ def mlx_config_json(params: ModelParams, dtype: str, outtype: str | None) -> str
 class Mlx(HfSafetensors):
     """hf's files and config, read the same way; written as mlx_lm.convert writes them."""
 
-    container = "mlx"  # hf's markers, split files and replaced files, inherited: the same file names
+    container = "mlx"  # hf's markers (MARKERS), split files and replaced files, inherited: the same file names
     outtypes = (*FLOAT_OUTTYPES, *QUANTIZED)
     outtype_variants = tuple(f"q{bits}-g{group}" for bits in BITS for group in GROUP_SIZES)
 
@@ -175,12 +168,16 @@ class Mlx(HfSafetensors):
         return FLOAT_OUTTYPES.get(outtype or "", dtype)
 
     def cast(self, src: str, dst: str) -> FloatCast | None:
+        from convert.containers.mlx.quantize import FloatCast
+
         return FloatCast(src, dst) if src in FLOATS and dst in FLOATS else None
 
     def parts(self, name: str, shape: tuple[int, ...], dtype: str, outtype: str | None) -> tuple[Part, ...] | None:
         settings = quant_settings(outtype)
         if settings is None or not quantizable(name, shape, settings[1]):
             return None
+        from convert.containers.mlx.quantize import AffineCast
+
         bits, group_size = settings
         packed = (*shape[:-1], shape[-1] * bits // 32)
         grouped = (*shape[:-1], shape[-1] // group_size)

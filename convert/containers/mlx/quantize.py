@@ -29,11 +29,8 @@ from blake3 import blake3
 
 from convert.common.dtypes import ITEM_SIZE
 from convert.common.errors import ConvertError
+from convert.containers.mlx.settings import SCALES, WEIGHT
 
-GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts (its affine_quantize refuses any other)
-DEFAULT_GROUP_SIZE = 64  # mlx_lm.convert -q without --q-group-size
-BITS = (4, 8)  # --outtype q4 and q8: the two whose words hold whole elements, as mlx-lm's -q offers them
-FLOATS = ("BF16", "F16", "F32")
 _EPS = np.float32(1e-7)
 _BF16_NAN = np.uint16(0x7FC0)  # mlx's float -> bfloat16 turns every NaN into this one quiet NaN
 
@@ -145,10 +142,6 @@ class FloatCast:
                     tensor=tensor,
                 )
         return memoryview(out)
-
-
-# What each part of a quantized matrix is: the packed words, or the scales, or the biases.
-WEIGHT, SCALES, BIASES = 0, 1, 2
 
 
 class _Groups:
