@@ -7,31 +7,28 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import signal
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from convert import __version__
 from convert.common.errors import ConvertError, escape
 from convert.common.sizes import format_size, parse_size
-from convert.containers import format_of
 from convert.fileio.workers import Interrupted, in_run, run_scope, run_stop
-from convert.model.tables import layout, layout_names, target_names
 from convert.verify.folder import verify_folder
-from convert.verify.pins import check_pins, resolve_pins
 from convert.verify.report import Report
 
 # Only what verify needs to start is imported here: planning and writing import every container (numpy,
 # gguf-py), a tenth of a second or more that verify of a small folder would lose to a bare SHA-256 of it (its
 # target, bench/verify-floor.md). convert and inspect import them where they begin.
 if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
     from convert.planning.plan import Plan
 
 log = logging.getLogger("mixtral-convert")
@@ -50,7 +47,6 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    layouts = layout_names()
     parser = _Parser(prog="mixtral-convert", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -64,10 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--expect", metavar="PINS", help="a sha256sum/md5sum file (or a shipped pins name)")
     verify.add_argument("--json", action="store_true", help="print one JSON report")
 
-    inspect = commands.add_parser("inspect", help="describe a checkpoint folder and the problems found in it")
-    inspect.add_argument("path", type=Path)
-    inspect.add_argument("--from", dest="source_layout", choices=layouts, help="layout (default: detected)")
-    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    commands.add_parser(
+        "inspect", help="describe a checkpoint folder and the problems found in it", options=_inspect_options
+    )
 
     sample = commands.add_parser("sample", help="write a tiny random Mixtral in the torrent layout")
     sample.add_argument("dst", type=Path)
@@ -75,9 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _inspect_options(inspect: argparse.ArgumentParser) -> None:
+    """inspect's arguments: --from lists the layouts, which reads the mapping tables (_convert_options)."""
+    from convert.model.tables import layout_names
+
+    inspect.add_argument("path", type=Path)
+    inspect.add_argument("--from", dest="source_layout", choices=layout_names(), help="layout (default: detected)")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def _convert_options(convert: argparse.ArgumentParser) -> None:
-    """convert's arguments. --outtype names what every container converts to, which imports them all: they are
-    added when convert is the command or its help is shown (_Parser), not for verify."""
+    """convert's arguments. --outtype names what every container converts to, which imports them all, and the
+    layouts' names read the mapping tables: they are added when convert is the command or its help is shown
+    (_Parser), not for verify, whose hashing starts before any of that is imported (convert/verify/folder.py)."""
+    from convert.containers import format_of
+    from convert.model.tables import layout, layout_names, target_names
+
     layouts = layout_names()
     convert.add_argument("src", type=Path, help="source checkpoint folder")
     convert.add_argument("dst", type=Path, help="output folder (created; must be empty unless --force)")
@@ -222,6 +230,7 @@ def _summary(plan: Plan, dst: Path, started_ns: int, seconds: float, *, resumed:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from convert.containers import format_of
     from convert.planning.plan import check_source
     from convert.planning.source import open_source
 
@@ -255,6 +264,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def check_pins_or_fail(folder: Path, name: str) -> Traversable:
+    from convert.verify.pins import check_pins, resolve_pins
+
     pins = resolve_pins(name)
     report = Report(str(folder))
     check_pins(folder, pins, report)
@@ -265,7 +276,11 @@ def check_pins_or_fail(folder: Path, name: str) -> Traversable:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    pins = resolve_pins(args.expect) if args.expect else None
+    pins = None
+    if args.expect:  # package data (importlib.resources): loaded only when asked for
+        from convert.verify.pins import resolve_pins
+
+        pins = resolve_pins(args.expect)
     report = verify_folder(args.path, against=args.against, pins=pins)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
@@ -423,6 +438,8 @@ def _what_was_interrupted(args: argparse.Namespace, argv: list[str] | None) -> s
             return "nothing was written"
         words = [w for w in (sys.argv[1:] if argv is None else argv) if w != "--force"]
         words = ["mixtral-convert", *words, *([] if "--resume" in words else ["--resume"])]
+        import shlex
+
         again = shlex.join(words)
         how = f"continue with: {again}" if again.isprintable() else "run the same command again with --resume"
         return f"the output is incomplete (no index or params written); {how}"

@@ -351,3 +351,24 @@ def test_verify_of_a_folder_without_gguf_loads_none_of_their_code(outputs: Path,
     assert f"verified: {outputs / layout} ({layout})" in done.stdout
     assert "loaded []" in done.stdout, done.stdout
 
+
+def test_the_sha256_pass_runs_with_short_gil_handoffs_and_restores_the_interval(
+    outputs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the lanes hash, the main thread's checks must not hold them back by Python's default 5 ms switch
+    interval per handoff (convert/verify/folder.py, HANDOFF_INTERVAL); afterwards the caller's interval is back."""
+    from convert.verify.folder import HANDOFF_INTERVAL
+
+    during: list[float] = []
+    start = FolderHasher.start_sha256_files
+
+    def noting(self: FolderHasher, paths: list[Path]) -> Callable[[], dict[Path, str]]:
+        during.append(sys.getswitchinterval())
+        return start(self, paths)
+
+    monkeypatch.setattr(FolderHasher, "start_sha256_files", noting)
+    before = sys.getswitchinterval()
+    assert before > HANDOFF_INTERVAL
+    assert verify_folder(outputs / "hf").ok
+    assert during and during[0] == HANDOFF_INTERVAL
+    assert sys.getswitchinterval() == before

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable
 from contextlib import ExitStack
-from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from convert.common.errors import ConvertError, shown
-from convert.containers import format_of
 from convert.fileio.owned import PARTIAL_SUFFIX
 from convert.fileio.regular import MAX_MANIFEST_JSON, MAX_SUMS, is_present, read_small
 from convert.fileio.workers import run_scope, run_stop
@@ -44,18 +43,24 @@ from convert.integrity.manifest import (
     read_manifest_metadata,
 )
 from convert.verify.hashing import FileHashes, FolderHasher
-from convert.verify.pins import check_pins
 from convert.verify.report import Report, Result
 
-# Opening a folder, planning and comparing import every container (numpy, gguf-py): a tenth of a second or more,
-# which a verify of a small folder loses to a bare SHA-256 of it. They are imported where they are used, after the
-# SHA-256 pass has started (_verify); this module's own imports need none of them.
+# Opening a folder, planning and comparing load the containers, the tables and (for --against) numpy; pins load
+# package data (importlib.resources). On a cold cache every module is a read from disk, and whatever loads before
+# the SHA-256 pass starts (_verify) delays the whole verify: they are imported where they are used, after it.
 if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
     from convert.planning.plan import Plan
     from convert.planning.source import Source
     from convert.verify.onepass import FolderFeed
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+# The GIL's switch interval while the SHA-256 lanes run beside this thread's checks. A thread that wants the GIL
+# waits up to the interval for the one holding it, and each lane (and its read worker) takes it a few times per
+# read: at Python's default (5 ms) a main thread busy opening and checking the folder held the lanes back by a
+# tenth of their time. Half a millisecond keeps every handoff short, at the cost of a few more switches.
+HANDOFF_INTERVAL = 0.0005
 READ_CHUNK = 8 * 2**20
 
 
@@ -282,6 +287,8 @@ def _check_metadata(source: Source, report: Report) -> None:
         return
     if recorded is None:
         return
+    from convert.containers import format_of
+
     container = format_of(source.layout)
     for name, expected in recorded.items():
         path = source.folder / name
@@ -299,6 +306,8 @@ def _check_metadata(source: Source, report: Report) -> None:
 def _check_zip_crcs(source: Source, report: Report) -> None:
     """Without checksums, a torch zip still carries a CRC-32 per record: a corrupt download shows there. Read
     through the source's own streams, so split parts are checked as the one file they make."""
+    from convert.containers import format_of
+
     for stream in source.streams:
         records = [r for r in source.records.values() if r.stream is stream and r.checked is not None]
         if not records:
@@ -314,6 +323,7 @@ def _compare_against(folder: Source, original: Source, report: Report, feed: Fol
     """Every tensor of the folder equals the source's tensor mapped through the tables: first its name, dtype,
     shape and length (a prefix of equal bytes proves nothing about a longer tensor), then byte for byte. feed:
     hashes the folder's bytes as they are read (its follow() is told the ranges to come, in order)."""
+    from convert.containers import format_of
     from convert.planning.plan import PlanOptions, build_plan
     from convert.verify.compare import Comparer
 
@@ -375,6 +385,8 @@ def _compare_small_files(folder: Source, plan: Plan, report: Report) -> None:
     (config.json, params.json, the tokenizer files) or copies (tokenizer.model), naming the key that differs.
     SHA256SUMS and manifest.json are the folder's own record, checked above, and what depends on the split into
     files (Format.split_files, split_keys) is the structure check's."""
+    from convert.containers import format_of
+
     container = format_of(folder.layout)
 
     def model_keys(records: dict) -> dict:
@@ -490,7 +502,11 @@ def _verify(folder: Path, against: Path | None, pins: Traversable | None) -> Rep
         # Without --against, every file whose SHA-256 alone is wanted is hashed while the folder is opened and
         # checked below. A failure meanwhile stops the run first, so that close() need not wait for the hashing.
         stack.push(lambda _type, error, _trace: run_stop().fail(error) if error is not None else None)
-        started = _start_sha256_pass(hasher, _hash_targets(folder, manifest), {}) if against is None else None
+        started = None
+        if against is None:
+            stack.callback(sys.setswitchinterval, sys.getswitchinterval())
+            sys.setswitchinterval(min(HANDOFF_INTERVAL, sys.getswitchinterval()))
+            started = _start_sha256_pass(hasher, _hash_targets(folder, manifest), {})
         from convert.planning.plan import check_source
         from convert.planning.source import open_source
 
@@ -509,6 +525,8 @@ def _verify(folder: Path, against: Path | None, pins: Traversable | None) -> Rep
             hashed = started()
         _check_sums_with(hasher, folder, report, manifest, hashed)
         if pins is not None:
+            from convert.verify.pins import check_pins
+
             check_pins(folder, pins, report)
         if opened is None:
             report.add_error("structure", unopened)
