@@ -81,18 +81,14 @@ llama.cpp bytes to match; here they get the bit trick's result, as a build witho
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Mapping
 from functools import cache, partial
-from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from convert.common.jit import compile_in_child, in_cache
 from convert.containers.gguf.legacy_quants import _q4_0_blocks, _q4_1_blocks, _q5_0_blocks, _q5_1_blocks, _q8_0_blocks
 from convert.containers.gguf.quant_rules import (
     CHUNK_VALUES,
@@ -534,15 +530,15 @@ _PREPARED: set[GGMLQuantizationType] = set()
 def prepare(qtype: GGMLQuantizationType) -> None:
     """Load qtype's compiled kernel into this process now, compiling it first where numba's cache has none. The
     plan calls this before the run's threads start: a worker busy compiling would not see a failure or a signal
-    until it ends, where a run must stop within a second. The first compile of a K-quant kernel takes seconds in
-    LLVM calls that hold the GIL, so no signal handler of this process could run meanwhile: it runs in a child
-    process, which writes numba's cache and is killed if this one stops waiting for it (a signal, an error).
-    Loading from the cache then takes a few tens of milliseconds. Nothing to do without numba."""
+    until it ends, where a run must stop within a second. A first compile runs in a child process
+    (convert/common/jit.py); loading from the cache then takes a few tens of milliseconds. Nothing to do without
+    numba."""
     kernels = jit_kernels()
     if kernels is None or qtype in _PREPARED:
         return
-    if not _in_cache(kernels[qtype], qtype):
-        _compile_in_child(qtype)
+    block, size = GGML_QUANT_SIZES[qtype]
+    if not in_cache(kernels[qtype], (np.zeros((1, block), np.float32), np.zeros((1, size), np.uint8))):
+        compile_in_child(__name__, "_compile_here", qtype.name)
     _compile_here(qtype.name)  # from the cache; compiles here only if the child could not (then slowly, as before)
     _PREPARED.add(qtype)
 
@@ -551,39 +547,3 @@ def _compile_here(name: str) -> None:
     """Call qtype's kernel once, which loads (or compiles and caches) it. Also the child process's entry point."""
     qtype = GGMLQuantizationType[name]
     _quantize_rows_jit(np.zeros((1, GGML_QUANT_SIZES[qtype][0]), dtype=np.float32), qtype)
-
-
-def _in_cache(kernel: Any, qtype: GGMLQuantizationType) -> bool:
-    """Whether numba's cache holds kernel compiled for the arrays quantize passes it. Through numba's dispatcher
-    internals (_cache.load_overload, what a call does first): where they differ in another numba version, False,
-    and the child compiles or loads it."""
-    try:
-        import numba
-
-        block, size = GGML_QUANT_SIZES[qtype]
-        args = (numba.typeof(np.zeros((1, block), np.float32)), numba.typeof(np.zeros((1, size), np.uint8)))
-        return kernel.signatures != [] or kernel._cache.load_overload(args, kernel.targetctx) is not None
-    except Exception:  # numba's internals moved: let the child find out
-        return False
-
-
-def _compile_in_child(qtype: GGMLQuantizationType) -> None:
-    """Compile qtype's kernel into numba's cache in a child process, waiting in short steps (a signal handler of
-    this process runs between them). The child is killed if the wait ends otherwise; its failure is not an error
-    here (the caller then compiles in process)."""
-    package_root = str(Path(__file__).resolve().parents[3])  # where `convert` is imported from
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-c", f"from {__name__} import _compile_here; _compile_here({qtype.name!r})"]
-    child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        while True:
-            try:
-                child.wait(0.05)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
