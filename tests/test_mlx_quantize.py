@@ -52,6 +52,12 @@ def adversarial(group: int, rng: np.random.Generator) -> np.ndarray:
         np.where(np.arange(group) == 5, -1000.0, 1e-3),
         rng.standard_normal(group) * 1e-30,  # float32 subnormals and zeros in f16/bf16
         np.clip(rng.standard_normal(group) * 30000.0, -65000, 65000),  # near f16's largest (finite)
+        np.where(np.arange(group) % 2 == 0, -0.0, 0.0),  # zeros of both signs: the edges' sign of zero
+        np.full(group, -0.0),
+        np.where(np.arange(group) == 2, -0.0, -np.abs(rng.standard_normal(group))),  # -0.0 is the largest
+        np.where(np.arange(group) == 4, -0.0, np.abs(rng.standard_normal(group))),  # -0.0 is the smallest
+        np.where(np.arange(group) == 6, 0.0, -np.abs(rng.standard_normal(group))),  # +0.0 is the largest
+        np.where(np.arange(group) == 1, 0.0, np.abs(rng.standard_normal(group))),  # +0.0 is the smallest
     ]
     return np.stack(rows).astype(np.float32)
 
@@ -61,17 +67,18 @@ def raw_values(values: np.ndarray, dtype: str) -> np.ndarray:
     return from_float32(values.reshape(-1), dtype)
 
 
+@pytest.mark.parametrize("backend", ["jit", "numpy"])
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_quantize_equals_mx_quantize(dtype: str, bits: int, group: int) -> None:
+def test_quantize_equals_mx_quantize(dtype: str, bits: int, group: int, backend: str) -> None:
     rng = np.random.default_rng(bits * 1000 + group)
     cols = group * 3
     random = (rng.standard_normal((40, cols)) * 0.05).astype(np.float32)
-    edges = adversarial(group, rng).reshape(-1, cols)  # 15 groups: 5 rows of 3
+    edges = adversarial(group, rng).reshape(-1, cols)  # 21 groups: 7 rows of 3
     values = np.concatenate([random, edges])
     raw = raw_values(values, dtype)
-    packed, scales, biases = quantize(raw, dtype, bits, group)
+    packed, scales, biases = quantize(raw, dtype, bits, group, backend)
     want = mx.quantize(to_mx(raw, dtype, cols), group_size=group, bits=bits)
     assert packed == mx_bytes(want[0])
     assert scales == mx_bytes(want[1])
@@ -87,6 +94,24 @@ def test_quantize_equals_mx_quantize(dtype: str, bits: int, group: int) -> None:
     # Scales and biases of a slice the weight's cast did not see are computed, not taken from what it kept.
     assert bytes(AffineCast(dtype, SCALES, bits, group)(memoryview(raw), "t", 0)) == scales
     assert bytes(AffineCast(dtype, BIASES, bits, group)(memoryview(raw), "t", 0)) == biases
+
+
+@pytest.mark.parametrize("backend", ["jit", "numpy"])
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+def test_overflowing_groups_equal_mx_quantize(dtype: str, backend: str) -> None:
+    """Near float32's largest value, max - min and w - bias overflow to infinity (and inf / inf is NaN, which the
+    kernel's clamp makes 0): only bfloat16 and float32 weights reach there."""
+    big = np.float32(3.3e38)
+    rows = [
+        np.where(np.arange(64) % 2 == 0, big, -big),
+        np.where(np.arange(64) == 7, -big, np.float32(1.0)),
+        np.where(np.arange(64) == 9, big, np.float32(-2.0)),
+        np.linspace(-1, 1, 64, dtype=np.float32) * big,
+    ]
+    raw = raw_values(np.stack(rows).astype(np.float32), dtype)
+    packed, scales, biases = quantize(raw, dtype, 4, 64, backend)
+    want = mx.quantize(to_mx(raw, dtype, 64), group_size=64, bits=4)
+    assert (packed, scales, biases) == (mx_bytes(want[0]), mx_bytes(want[1]), mx_bytes(want[2]))
 
 
 def test_about_half_the_scales_are_negative() -> None:

@@ -20,16 +20,17 @@ and bias. docs/formats.md (MLX) has the source; tests/test_mlx_quantize.py compa
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
+from typing import NamedTuple
 
 import numpy as np
-from blake3 import blake3
 
 from convert.common.dtypes import ITEM_SIZE
 from convert.common.errors import ConvertError
-from convert.containers.mlx.settings import SCALES, WEIGHT
+from convert.common.jit import compile_in_child, in_cache
+from convert.containers.mlx.settings import FLOATS, SCALES, WEIGHT
 
 _EPS = np.float32(1e-7)
 _BF16_NAN = np.uint16(0x7FC0)  # mlx's float -> bfloat16 turns every NaN into this one quiet NaN
@@ -102,15 +103,87 @@ def pack(groups: np.ndarray, scale: np.ndarray, bias: np.ndarray, bits: int) -> 
     raise ValueError(f"no packing for {bits} bits")
 
 
-def quantize(data: memoryview | bytes | np.ndarray, dtype: str, bits: int, group_size: int) -> tuple[bytes, ...]:
+class _Kernels(NamedTuple):
+    bf16: Callable[..., int]
+    f32: Callable[..., int]
+
+
+@cache
+def jit_kernels() -> _Kernels | None:
+    """quantize_jit's kernels, or None when numba is not installed (or NUMBA_DISABLE_JIT is set, which would run
+    them as plain Python). Imported on first use: numba takes a quarter of a second or more to import."""
+    try:
+        from numba.core import config
+
+        from convert.containers.mlx.quantize_jit import quantize_bf16, quantize_f32
+    except ImportError:
+        return None
+    return None if config.DISABLE_JIT else _Kernels(quantize_bf16, quantize_f32)
+
+
+_PREPARED: set[str] = set()
+
+
+def prepare(dtype: str) -> None:
+    """Load the compiled kernel for dtype's elements into this process now, compiling it first (in a child
+    process: convert/common/jit.py) where numba's cache has none. Called as a quantized part is planned, before
+    the run's threads start, so that no worker compiles for a second holding the GIL. Nothing to do without
+    numba."""
+    kernels = jit_kernels()
+    if kernels is None or dtype in _PREPARED or dtype not in FLOATS:  # another dtype is refused where it is read
+        return
+    # The kernel and the arrays quantize_groups passes it (F16 is widened to float32 first).
+    kernel, elements = (kernels.bf16, np.zeros(64, "<u2")) if dtype == "BF16" else (kernels.f32, np.zeros(64, "<f4"))
+    one_group = (np.zeros(32, np.uint8), np.zeros(1, np.float32), np.zeros(1, np.float32))
+    if not in_cache(kernel, (elements, 64, 4, *one_group)):
+        compile_in_child(__name__, "_compile_here", dtype)
+    _compile_here(dtype)  # from the cache; compiles here only if the child could not
+    _PREPARED.add(dtype)
+
+
+def _compile_here(dtype: str) -> None:
+    """Quantize one group of dtype, which loads (or compiles and caches) its kernel. The child's entry point."""
+    quantize_groups(bytes(64 * ITEM_SIZE[dtype]), dtype, 4, 64, backend="jit")
+
+
+def quantize_groups(
+    data: memoryview | bytes, dtype: str, bits: int, group_size: int, backend: str = "auto", *, packs: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """mx.quantize's float32 scale and bias of every group of data (a whole number of groups of dtype elements)
+    and, where packs, its elements packed, as bytes (else empty); and the index of the first NaN or infinite
+    element, or -1 (where there is one, nothing else is meaningful). backend: "jit" (quantize_jit's kernels),
+    "numpy" (affine_groups and pack, the fallback and the kernels' witness in the tests) or "auto" (jit where
+    numba imports)."""
+    kernels = jit_kernels() if backend != "numpy" else None
+    if backend == "jit" and kernels is None:
+        raise ValueError("the jit backend needs numba")
+    if kernels is None:
+        values = as_float32(data, dtype)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            return np.empty(0, np.uint8), np.empty(0, np.float32), np.empty(0, np.float32), int(bad[0])
+        groups, scale, bias = affine_groups(values, bits, group_size)
+        return pack(groups, scale, bias, bits) if packs else np.empty(0, np.uint8), scale, bias, -1
+    elements = len(data) // ITEM_SIZE[dtype]
+    packed = np.empty(elements * bits // 8 if packs else 0, np.uint8)
+    scale = np.empty(elements // group_size, np.float32)
+    bias = np.empty(elements // group_size, np.float32)
+    if dtype == "BF16":
+        bad = kernels.bf16(np.frombuffer(data, "<u2"), group_size, bits, packed, scale, bias)
+    else:
+        bad = kernels.f32(np.ascontiguousarray(as_float32(data, dtype)), group_size, bits, packed, scale, bias)
+    return packed, scale, bias, bad
+
+
+def quantize(
+    data: memoryview | bytes | np.ndarray, dtype: str, bits: int, group_size: int, backend: str = "auto"
+) -> tuple[bytes, ...]:
     """mx.quantize(w, group_size, bits) of a whole number of groups of dtype elements: the packed words, scales
     and biases as bytes (scales and biases in dtype)."""
-    groups, scale, bias = affine_groups(as_float32(data, dtype), bits, group_size)
-    return (
-        pack(groups, scale, bias, bits).tobytes(),
-        from_float32(scale, dtype).tobytes(),
-        from_float32(bias, dtype).tobytes(),
-    )
+    packed, scale, bias, bad = quantize_groups(memoryview(data).cast("B"), dtype, bits, group_size, backend)
+    if bad >= 0:
+        raise ValueError(f"element {bad} is NaN or infinite")
+    return packed.tobytes(), from_float32(scale, dtype).tobytes(), from_float32(bias, dtype).tobytes()
 
 
 @dataclass(frozen=True)
@@ -144,55 +217,21 @@ class FloatCast:
         return memoryview(out)
 
 
-class _Groups:
-    """The scales and biases the WEIGHT cast computed for a slice, kept for the SCALES and BIASES casts of the same
-    slice (the parts of a matrix are written one after another, each from the same source elements), so that each
-    group is measured once. Keyed by the slice's content (BLAKE3), so that a hit is the same computation; bounded,
-    a miss computes again."""
-
-    LIMIT = 64 * 2**20  # bytes kept: a stacked expert matrix of Mixtral needs 29 MB (4 bytes per 64 elements)
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple, list[bytes | None]] = OrderedDict()
-        self._size = 0
-
-    def put(self, key: tuple, scales: bytes, biases: bytes) -> None:
-        with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key] = [scales, biases]
-            self._size += len(scales) + len(biases)
-            while self._size > self.LIMIT and self._entries:
-                _, dropped = self._entries.popitem(last=False)
-                self._size -= sum(len(b) for b in dropped if b is not None)
-
-    def take(self, key: tuple, part: int) -> bytes | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or entry[part - SCALES] is None:
-                return None
-            found = entry[part - SCALES]
-            entry[part - SCALES] = None
-            self._size -= len(found)
-            if entry[0] is None and entry[1] is None:
-                del self._entries[key]
-            return found
-
-
-_GROUPS = _Groups()
-
-
 @dataclass(frozen=True)
 class AffineCast:
     """One part (WEIGHT, SCALES or BIASES) of mx.quantize's output, a slice of whole groups at a time: each part
-    of a quantized matrix is computed from the same source elements (Format.parts), so each slice is quantized
-    wherever its part is written."""
+    of a quantized matrix is computed from the same source elements (Format.parts), so each slice is measured
+    wherever its part is written (mlx's file order puts .biases and .scales before .weight), and packed for the
+    weight. Measuring a group again costs less than keeping its result for the next part would (a digest of the
+    slice to find it), and keeps nothing between parts."""
 
     src_dtype: str
     part: int
     bits: int
     group_size: int
+
+    def __post_init__(self) -> None:
+        prepare(self.src_dtype)  # made as the plan is, before the run's threads start
 
     @property
     def dst_dtype(self) -> str:
@@ -210,22 +249,18 @@ class AffineCast:
         return elements // self.group_size * ITEM_SIZE[self.src_dtype]
 
     def __call__(self, data: memoryview, tensor: str, first: int) -> memoryview:
-        key = (self.src_dtype, self.bits, self.group_size, blake3(data).digest())
-        if self.part != WEIGHT:
-            kept = _GROUPS.take(key, self.part)
-            if kept is not None:  # the same elements, measured (and checked finite) by the WEIGHT cast
-                return memoryview(kept)
-        values = as_float32(data, self.src_dtype)
-        if not np.isfinite(values).all():
-            at = int(np.flatnonzero(~np.isfinite(values))[0])
+        # The scales and biases parts measure the groups only; the weight's measures them again as it packs.
+        packs = self.part == WEIGHT
+        packed, scale, bias, bad = quantize_groups(data, self.src_dtype, self.bits, self.group_size, packs=packs)
+        if bad >= 0:
+            size = ITEM_SIZE[self.src_dtype]
+            value = as_float32(data[bad * size : (bad + 1) * size], self.src_dtype)[0]
             raise ConvertError(
-                f"value {values[at]} at element {first + at} cannot be quantized: the checkpoint holds NaN or "
+                f"value {value} at element {first + bad} cannot be quantized: the checkpoint holds NaN or "
                 "infinite weights",
                 tensor=tensor,
             )
-        groups, scale, bias = affine_groups(values, self.bits, self.group_size)
-        scales, biases = from_float32(scale, self.src_dtype), from_float32(bias, self.src_dtype)
-        if self.part == WEIGHT:
-            _GROUPS.put(key, scales.tobytes(), biases.tobytes())
-            return memoryview(pack(groups, scale, bias, self.bits))
-        return memoryview(scales if self.part == SCALES else biases)
+        if packs:
+            return memoryview(packed)
+        kept = scale if self.part == SCALES else bias
+        return memoryview(from_float32(kept, self.src_dtype))
