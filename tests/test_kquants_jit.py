@@ -10,12 +10,12 @@ tests/test_kquants.py holds both backends to ggml's bytes; here what is particul
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import jit_asm
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
@@ -31,36 +31,21 @@ from convert.containers.gguf.kquants_jit import _fp16, _fp16_value, _nearest_int
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Compiles every kernel (numba's cache pointed at an empty folder, so nothing is loaded from it), times the first
-# call of each and reports the instructions of the generated x86 assembly that the kernels must not have.
+# Compiles every kernel (tests/jit_asm.py), times the first call of each and reports the instructions of the
+# generated x86 assembly that the kernels must not have.
 ASM_PROBE = r"""
-import json, re, sys, time
 import numpy as np
 from convert.containers.gguf import kquants
-fma = re.compile(r"\bv?f(?:n)?m(?:add|sub)\w*")
-f64 = re.compile(r"\bv?(?:add|sub|mul|div|sqrt|min|max)sd\b|\bv?cvt\w*sd\b|\bv?cvtsd2\w*")
-report = {}
 for qtype, kernel in kquants.jit_kernels().items():
     start = time.perf_counter()
     kquants.quantize(np.ones((3, 256), dtype=np.float32), qtype, backend="jit")
-    seconds = time.perf_counter() - start
-    asm = kernel.inspect_asm(kernel.signatures[0])
-    report[qtype.name] = {
-        "fma": sorted(set(fma.findall(asm))), "f64": sorted(set(f64.findall(asm))),
-        "lines": len(asm.splitlines()), "packed_float": len(re.findall(r"\bv(?:mul|add|sub)ps\b", asm)),
-        "seconds": seconds,
-    }
-json.dump(report, sys.stdout)
+    report[qtype.name] = {**inspect(kernel), "seconds": time.perf_counter() - start}
 """
 
 
 @pytest.fixture(scope="module")
 def fresh_compilation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    cache = tmp_path_factory.mktemp("numba-cache")
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "PYTHONPATH": REPO}
-    env.pop("NUMBA_DISABLE_JIT", None)
-    done = subprocess.run([sys.executable, "-c", ASM_PROBE], env=env, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
+    return jit_asm.fresh_compilation(ASM_PROBE, tmp_path_factory.mktemp("numba-cache"))
 
 
 def test_no_fused_multiply_add(fresh_compilation: dict[str, dict]) -> None:

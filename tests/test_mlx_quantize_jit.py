@@ -2,19 +2,19 @@
 
 tests/test_mlx_quantize.py holds both backends to mx.quantize's bytes; here what is particular to the kernels:
 - no fused multiply-add and no float64 arithmetic in the machine code numba generates for this CPU, read from a
-  fresh compilation in a subprocess (numba cannot show the assembly of code loaded from its cache);
+  fresh compilation in a subprocess (tests/jit_asm.py);
 - the kernels against the numpy code on a large random slice, every bit width and group size, from threads;
 - the numpy fallback when numba would run them as plain Python, and the NaN/Inf refusal of both.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import jit_asm
 import numpy as np
 import pytest
 
@@ -30,29 +30,16 @@ numba = pytest.importorskip("numba", reason="numba is not installed")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ASM_PROBE = r"""
-import json, re, sys
-import numpy as np
 from convert.containers.mlx.quantize import jit_kernels, quantize_groups
-fma = re.compile(r"\bv?f(?:n)?m(?:add|sub)\w*")
-f64 = re.compile(r"\bv?(?:add|sub|mul|div|sqrt|min|max)sd\b|\bv?cvt\w*sd\b|\bv?cvtsd2\w*")
 quantize_groups(bytes(128), "BF16", 4, 64, backend="jit")
 quantize_groups(bytes(256), "F32", 4, 64, backend="jit")
-report = {}
-for name, kernel in jit_kernels()._asdict().items():
-    asm = kernel.inspect_asm(kernel.signatures[0])
-    report[name] = {"fma": sorted(set(fma.findall(asm))), "f64": sorted(set(f64.findall(asm))),
-                    "lines": len(asm.splitlines())}
-json.dump(report, sys.stdout)
+report.update({name: inspect(kernel) for name, kernel in jit_kernels()._asdict().items()})
 """
 
 
 @pytest.fixture(scope="module")
 def fresh_compilation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    cache = tmp_path_factory.mktemp("numba-cache")
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "PYTHONPATH": REPO}
-    env.pop("NUMBA_DISABLE_JIT", None)
-    done = subprocess.run([sys.executable, "-c", ASM_PROBE], env=env, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
+    return jit_asm.fresh_compilation(ASM_PROBE, tmp_path_factory.mktemp("numba-cache"))
 
 
 def test_no_fused_multiply_add_and_float32_only(fresh_compilation: dict[str, dict]) -> None:
