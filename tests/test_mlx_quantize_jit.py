@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import jit_asm
 import numpy as np
@@ -109,3 +110,22 @@ def test_prepare_loads_the_kernel_before_the_run() -> None:
     AffineCast("F32", WEIGHT, 8, 32)
     assert "F32" in mlx_quantize._PREPARED
     assert mlx_quantize.jit_kernels().f32.signatures
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_prepare_compiles_what_a_run_calls(dtype: str, tmp_path: Path) -> None:
+    """numba compiles a kernel apart for read-only and writable arrays, and a run's slices can be either: in a
+    fresh process with an empty cache, prepare() must leave both compiled, so that quantizing either kind of
+    slice afterwards compiles nothing (in a worker, that would hold the GIL for a second)."""
+    probe = (
+        "import numpy as np; from convert.containers.mlx import quantize as q\n"
+        f"q.prepare({dtype!r}); kernel = q.jit_kernels().{'bf16' if dtype == 'BF16' else 'f32'}\n"
+        "before = len(kernel.signatures)\n"
+        f"for data in (bytes(4096), bytearray(4096)): q.quantize_groups(memoryview(data), {dtype!r}, 8, 32)\n"
+        "print(before, len(kernel.signatures))\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": REPO}
+    env.pop("NUMBA_DISABLE_JIT", None)
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    before, after = map(int, done.stdout.split())
+    assert before == after >= 1, done.stdout

@@ -132,18 +132,36 @@ def prepare(dtype: str) -> None:
     kernels = jit_kernels()
     if kernels is None or dtype in _PREPARED or dtype not in FLOATS:  # another dtype is refused where it is read
         return
-    # The kernel and the arrays quantize_groups passes it (F16 is widened to float32 first).
-    kernel, elements = (kernels.bf16, np.zeros(64, "<u2")) if dtype == "BF16" else (kernels.f32, np.zeros(64, "<f4"))
+    kernel = kernels.bf16 if dtype == "BF16" else kernels.f32
     one_group = (np.zeros(32, np.uint8), np.zeros(1, np.float32), np.zeros(1, np.float32))
-    if not in_cache(kernel, (elements, 64, 4, *one_group)):
+    if not all(in_cache(kernel, (elements, 64, 4, *one_group)) for elements in _example_elements(dtype)):
         compile_in_child(__name__, "_compile_here", dtype)
     _compile_here(dtype)  # from the cache; compiles here only if the child could not
     _PREPARED.add(dtype)
 
 
+def _example_elements(dtype: str) -> list[np.ndarray]:
+    """The element arrays quantize_groups passes the kernel for one group of dtype, from a read-only and from a
+    writable buffer: numba compiles the two apart, and a run's slices can be either."""
+    return [_kernel_elements(memoryview(data), dtype) for data in _one_group(dtype)]
+
+
+def _one_group(dtype: str) -> tuple[bytes, bytearray]:
+    return bytes(64 * ITEM_SIZE[dtype]), bytearray(64 * ITEM_SIZE[dtype])
+
+
 def _compile_here(dtype: str) -> None:
-    """Quantize one group of dtype, which loads (or compiles and caches) its kernel. The child's entry point."""
-    quantize_groups(bytes(64 * ITEM_SIZE[dtype]), dtype, 4, 64, backend="jit")
+    """Quantize one group of dtype from each kind of buffer, which loads (or compiles and caches) its kernel. The
+    child's entry point."""
+    for data in _one_group(dtype):
+        quantize_groups(memoryview(data), dtype, 4, 64, backend="jit")
+
+
+def _kernel_elements(data: memoryview, dtype: str) -> np.ndarray:
+    """data as the kernel for dtype takes it: BF16 words as they are, other dtypes widened to float32."""
+    if dtype == "BF16":
+        return np.frombuffer(data, "<u2")
+    return np.ascontiguousarray(as_float32(data, dtype))
 
 
 def quantize_groups(
@@ -168,10 +186,8 @@ def quantize_groups(
     packed = np.empty(elements * bits // 8 if packs else 0, np.uint8)
     scale = np.empty(elements // group_size, np.float32)
     bias = np.empty(elements // group_size, np.float32)
-    if dtype == "BF16":
-        bad = kernels.bf16(np.frombuffer(data, "<u2"), group_size, bits, packed, scale, bias)
-    else:
-        bad = kernels.f32(np.ascontiguousarray(as_float32(data, dtype)), group_size, bits, packed, scale, bias)
+    kernel = kernels.bf16 if dtype == "BF16" else kernels.f32
+    bad = kernel(_kernel_elements(memoryview(data), dtype), group_size, bits, packed, scale, bias)
     return packed, scale, bias, bad
 
 
