@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import jit_asm
 import numpy as np
@@ -191,3 +192,20 @@ def test_numpy_fallback_when_the_jit_is_disabled() -> None:
     env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "PYTHONPATH": REPO}
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "(1, 144)"
+
+
+def test_a_read_only_slice_compiles_nothing_after_prepare(tmp_path: Path) -> None:
+    """numba compiles a kernel apart for read-only arrays; prepare() compiles the writable kind, so a read-only
+    slice (a bytes buffer) must not reach the kernel as it is: in a worker, a compile holds the GIL for seconds."""
+    probe = (
+        "import numpy as np; from convert.containers.gguf import kquants\n"
+        "from gguf import GGMLQuantizationType as T\n"
+        "kquants.prepare(T.Q4_0); kernel = kquants.jit_kernels()[T.Q4_0]; before = len(kernel.signatures)\n"
+        "kquants.quantize(np.frombuffer(bytes(4 * 64), np.float32).reshape(2, 32), T.Q4_0)\n"
+        "print(before, len(kernel.signatures))\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": REPO}
+    env.pop("NUMBA_DISABLE_JIT", None)
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    before, after = map(int, done.stdout.split())
+    assert before == after >= 1, done.stdout

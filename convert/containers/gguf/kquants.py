@@ -488,6 +488,8 @@ def _quantize_rows_jit(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndar
     if kernels is None:
         raise RuntimeError("the jit backend needs numba (pip install numba)")
     blocks = _check_rows(rows, qtype)
+    if not blocks.flags.writeable:  # numba compiles a kernel apart for read-only arrays; prepare() made one kind
+        blocks = blocks.copy()
     out = np.empty((blocks.shape[0], GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
     if blocks.shape[0]:
         kernels[qtype](blocks, out)
