@@ -2,8 +2,9 @@
 affine-quantized, and an unquantized one read back as a source.
 
 container.py: the files (names, headers, index, config.json, tokenizer files), which tensors are quantized, reading
-a folder back; quantize.py: mx.quantize's CPU kernel and mlx's float casts in numpy, a slice at a time. The facts,
-with their sources, are in docs/formats.md ("MLX") and docs/mlx.md.
+a folder back; quantize.py: mx.quantize's CPU kernel and mlx's float casts in numpy, a slice at a time, and
+quantize_jit.py: the same kernel compiled with numba (used where numba imports); settings.py: bits, group sizes
+and parts as plain data. The facts, with their sources, are in docs/formats.md ("MLX") and docs/mlx.md.
 """
 
 from typing import Any
