@@ -1,15 +1,16 @@
 """mx.quantize's CPU kernel compiled with numba: the same bytes as quantize.py's numpy code, several times faster.
 
-One pass over each group: its elements as float32 (bf16 words widened in place), whether all are finite, the
-group's min and max, the kernel's scale and bias (quantize.py's docstring gives the formula and its source), and
-the elements quantized and packed low bits first. The numpy code makes a float32 copy of the slice, reduces it
-twice and runs five more whole-array passes; here each group stays in registers.
+Each group at a time: whether its elements are all finite and its min and max (for bf16, on the words ordered as
+integers, which vectorizes), the kernel's scale and bias (quantize.py's docstring gives the formula and its
+source), and, for the packed weight, its elements widened to float32, quantized and packed low bits first. The
+numpy code makes a float32 copy of the slice, reduces it twice and runs five more whole-array passes; here a group
+stays in the first-level cache.
 
 What keeps the bytes mx.quantize's (tests/test_mlx_quantize.py compares both with mx.quantize itself):
 - float32 everywhere: every constant is an np.float32 global or made from an int (numba would widen float32 * a
   Python float to float64), and each operation is the numpy code's, in its order.
-- No fused multiply-add: fastmath is off, so LLVM has no licence to contract (tests/test_mlx_quantize.py reads
-  the kernel's assembly and finds no vfmadd/vfmsub instruction).
+- No fused multiply-add: fastmath is off, so LLVM has no licence to contract (tests/test_mlx_quantize_jit.py
+  reads the kernels' assembly and finds no vfmadd/vfmsub instruction, and no float64 arithmetic).
 - Division by zero and overflow are IEEE's (error_model="numpy"), as numpy's are; a NaN quotient is clamped to 0
   as the kernel's std::max does (only an overflowing `w - bias` makes one: non-finite inputs are refused).
 
