@@ -29,10 +29,19 @@ def inspect(kernel):
 """
 
 
-def fresh_compilation(probe: str, cache: Path) -> dict[str, dict]:
-    """Run ASM_CHECKS + probe with an empty numba cache; its report."""
+def run_fresh(code: str, cache: Path) -> str:
+    """Run code in a subprocess with numba's cache in cache (empty: nothing is loaded from it); its stdout."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "PYTHONPATH": REPO}
     env.pop("NUMBA_DISABLE_JIT", None)
-    code = ASM_CHECKS + probe + "\njson.dump(report, sys.stdout)\n"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+
+
+def fresh_compilation(probe: str, cache: Path) -> dict[str, dict]:
+    """Run ASM_CHECKS + probe with an empty numba cache; its report."""
+    return json.loads(run_fresh(ASM_CHECKS + probe + "\njson.dump(report, sys.stdout)\n", cache))
+
+
+def signatures_added(probe: str, cache: Path) -> tuple[int, int]:
+    """probe prints how many signatures a kernel has after prepare() and after quantizing what a run passes it."""
+    before, after = map(int, run_fresh(probe, cache).split())
+    return before, after
