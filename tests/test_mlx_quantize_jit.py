@@ -115,8 +115,8 @@ def test_prepare_loads_the_kernel_before_the_run() -> None:
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
 def test_prepare_compiles_what_a_run_calls(dtype: str, tmp_path: Path) -> None:
     """numba compiles a kernel apart for read-only and writable arrays, and a run's slices can be either: in a
-    fresh process with an empty cache, prepare() must leave both compiled, so that quantizing either kind of
-    slice afterwards compiles nothing (in a worker, that would hold the GIL for a second)."""
+    fresh process with an empty cache, quantizing either kind of slice after prepare() must compile nothing (in a
+    worker, that would hold the GIL for a second)."""
     probe = (
         "import numpy as np; from convert.containers.mlx import quantize as q\n"
         f"q.prepare({dtype!r}); kernel = q.jit_kernels().{'bf16' if dtype == 'BF16' else 'f32'}\n"

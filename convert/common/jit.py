@@ -12,9 +12,19 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where `convert` is imported from
+
+
+def writable(array: np.ndarray) -> np.ndarray:
+    """array, or a copy of it where it is read-only (a view of a bytes buffer). numba compiles a kernel apart for
+    read-only arrays, and prepare() compiles the writable kind: a read-only array reaching a kernel would compile
+    it again, in a worker, holding the GIL for a second or more."""
+    return array if array.flags.writeable else array.copy()
 
 
 def in_cache(kernel: Any, args: tuple[Any, ...]) -> bool:

@@ -88,7 +88,7 @@ from types import MappingProxyType
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from convert.common.jit import compile_in_child, in_cache
+from convert.common.jit import compile_in_child, in_cache, writable
 from convert.containers.gguf.legacy_quants import _q4_0_blocks, _q4_1_blocks, _q5_0_blocks, _q5_1_blocks, _q8_0_blocks
 from convert.containers.gguf.quant_rules import (
     CHUNK_VALUES,
@@ -487,9 +487,7 @@ def _quantize_rows_jit(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndar
     kernels = jit_kernels()
     if kernels is None:
         raise RuntimeError("the jit backend needs numba (pip install numba)")
-    blocks = _check_rows(rows, qtype)
-    if not blocks.flags.writeable:  # numba compiles a kernel apart for read-only arrays; prepare() made one kind
-        blocks = blocks.copy()
+    blocks = writable(_check_rows(rows, qtype))
     out = np.empty((blocks.shape[0], GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
     if blocks.shape[0]:
         kernels[qtype](blocks, out)

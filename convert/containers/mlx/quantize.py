@@ -29,7 +29,7 @@ import numpy as np
 
 from convert.common.dtypes import ITEM_SIZE
 from convert.common.errors import ConvertError
-from convert.common.jit import compile_in_child, in_cache
+from convert.common.jit import compile_in_child, in_cache, writable
 from convert.containers.mlx.settings import FLOATS, SCALES, WEIGHT
 
 _EPS = np.float32(1e-7)
@@ -132,36 +132,26 @@ def prepare(dtype: str) -> None:
     kernels = jit_kernels()
     if kernels is None or dtype in _PREPARED or dtype not in FLOATS:  # another dtype is refused where it is read
         return
-    kernel = kernels.bf16 if dtype == "BF16" else kernels.f32
+    # The kernel and the (writable) arrays quantize_groups passes it for one group; F16 is widened to float32.
+    kernel, elements = (kernels.bf16, np.zeros(64, "<u2")) if dtype == "BF16" else (kernels.f32, np.zeros(64, "<f4"))
     one_group = (np.zeros(32, np.uint8), np.zeros(1, np.float32), np.zeros(1, np.float32))
-    if not all(in_cache(kernel, (elements, 64, 4, *one_group)) for elements in _example_elements(dtype)):
+    if not in_cache(kernel, (elements, 64, 4, *one_group)):
         compile_in_child(__name__, "_compile_here", dtype)
     _compile_here(dtype)  # from the cache; compiles here only if the child could not
     _PREPARED.add(dtype)
 
 
-def _example_elements(dtype: str) -> list[np.ndarray]:
-    """The element arrays quantize_groups passes the kernel for one group of dtype, from a read-only and from a
-    writable buffer: numba compiles the two apart, and a run's slices can be either."""
-    return [_kernel_elements(memoryview(data), dtype) for data in _one_group(dtype)]
-
-
-def _one_group(dtype: str) -> tuple[bytes, bytearray]:
-    return bytes(64 * ITEM_SIZE[dtype]), bytearray(64 * ITEM_SIZE[dtype])
-
-
 def _compile_here(dtype: str) -> None:
-    """Quantize one group of dtype from each kind of buffer, which loads (or compiles and caches) its kernel. The
-    child's entry point."""
-    for data in _one_group(dtype):
-        quantize_groups(memoryview(data), dtype, 4, 64, backend="jit")
+    """Quantize one group of dtype, which loads (or compiles and caches) its kernel. The child's entry point."""
+    quantize_groups(bytes(64 * ITEM_SIZE[dtype]), dtype, 4, 64, backend="jit")
 
 
 def _kernel_elements(data: memoryview, dtype: str) -> np.ndarray:
-    """data as the kernel for dtype takes it: BF16 words as they are, other dtypes widened to float32."""
+    """data as the kernel for dtype takes it: BF16 words as they are, other dtypes widened to float32; writable
+    (the kind prepare() compiles)."""
     if dtype == "BF16":
-        return np.frombuffer(data, "<u2")
-    return np.ascontiguousarray(as_float32(data, dtype))
+        return writable(np.frombuffer(data, "<u2"))
+    return writable(np.ascontiguousarray(as_float32(data, dtype)))
 
 
 def quantize_groups(
