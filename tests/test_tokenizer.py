@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,12 +26,22 @@ import sentencepiece as spm
 from helpers import REPO, assert_one_line_error, run_cli
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from llama_client import mixtral_tokenizer
 from synthetic import TinyConfig, make_weights, write_torrent
 from tokenizers import Tokenizer
 
 from convert.common.errors import ConvertError
-from convert.tokenizer.hf_files import hf_tokenizer_files
-from convert.tokenizer.sentencepiece import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, parse_model
+from convert.tokenizer import hf_files, sentencepiece
+from convert.tokenizer.hf_files import hf_tokenizer_files, tokenizer_json
+from convert.tokenizer.sentencepiece import (
+    BYTE,
+    CONTROL,
+    NORMAL,
+    UNKNOWN,
+    UNUSED,
+    checked_model,
+    parse_model,
+)
 
 pytestmark = pytest.mark.clients
 
@@ -566,3 +577,84 @@ def test_without_dummy_prefix() -> None:
         assert ids == [1, *sp.encode(text)]
         assert tokenizer.decode(ids) == sp.decode(ids[1:])
     assert "dummy prefix" in refused(data, instruct=True).rule
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fast paths (read before a conversion's first byte moves) give what the general ones give
+
+
+def _pieces_raw(data: bytes) -> list[bytes]:
+    return [value for field, _, value in sentencepiece._fields(data, 0, len(data)) if field == 1]
+
+
+def test_mixtrals_tokenizer_reads_as_sentencepiece_reads_it_all_on_the_fast_path() -> None:
+    """Mixtral's own tokenizer.model (32,000 pieces): every piece as sentencepiece reads it, and every one read by
+    the usual-encoding path, giving what the general parser gives (else that path saves nothing)."""
+    data = mixtral_tokenizer().read_bytes()
+    reference = spm.SentencePieceProcessor(model_proto=data)
+    model = parse_model(data)
+    assert len(model.pieces) == reference.get_piece_size() == 32000
+    for index, piece in enumerate(model.pieces):
+        assert (piece.text, piece.score) == (reference.id_to_piece(index), reference.get_score(index)), index
+    raw = _pieces_raw(data)
+    usual = [sentencepiece._usual_piece(r) for r in raw]
+    assert all(u is not None for u in usual)
+    assert usual == [sentencepiece._any_piece(r) for r in raw]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+piece_fields = st.one_of(
+    st.binary(max_size=200).map(lambda text: b"\x0a" + _varint(len(text)) + text),
+    st.text(max_size=150).map(lambda text: b"\x0a" + _varint(len(text.encode())) + text.encode()),
+    st.binary(min_size=4, max_size=4).map(lambda bits: b"\x15" + bits),
+    st.floats(width=32, allow_nan=True).map(lambda score: b"\x15" + struct.pack("<f", score)),
+    st.integers(0, 300).map(lambda kind: b"\x18" + _varint(kind)),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(fields=st.lists(piece_fields, max_size=4), tail=st.binary(max_size=3))
+def test_the_usual_piece_path_agrees_with_the_general_parser(fields: list[bytes], tail: bytes) -> None:
+    """Any message, usual or not (long or non-UTF-8 text, NaN scores, unknown types, fields out of order or
+    repeated, stray bytes): the fast path either declines or returns what the general parser returns."""
+    raw = b"".join(fields) + tail
+    usual = sentencepiece._usual_piece(raw)
+    if usual is not None:
+        assert usual == sentencepiece._any_piece(raw)
+
+
+def _dumped_by_json(data: dict) -> str:
+    """tokenizer.json as json.dumps(indent=2) writes it, each merge on one line: what _tokenizer_json_text wrote
+    before it assembled the vocabulary and merges itself."""
+    model = data["model"]
+    text = json.dumps({**data, "model": {**model, "merges": []}}, indent=2, ensure_ascii=False)
+    lines = ",\n".join("      " + json.dumps(pair, ensure_ascii=False) for pair in model["merges"])
+    head, _, tail = text.rpartition('"merges": []')
+    return head + (f'"merges": [\n{lines}\n    ]' if lines else '"merges": []') + tail + "\n"
+
+
+def test_tokenizer_json_is_what_json_dumps_writes(model_bytes: bytes) -> None:
+    for data in (model_bytes, mixtral_tokenizer().read_bytes()):
+        model = checked_model(data, vocab_size=None, instruct=False, source=SOURCE)
+        assert hf_tokenizer_files(data, vocab_size=None, instruct=False, source=SOURCE)["tokenizer.json"] == (
+            _dumped_by_json(tokenizer_json(model))
+        )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    vocab=st.dictionaries(st.text(), st.integers(0, 10**6), min_size=1),
+    merges=st.lists(st.tuples(st.text(), st.text())),
+)
+def test_tokenizer_json_escapes_as_json_dumps(vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """Quotes, backslashes, control characters, non-ASCII and lone surrogates in pieces and merges."""
+    data = {"version": "1.0", "model": {"type": "BPE", "vocab": vocab, "merges": merges}, "decoder": None}
+    assert hf_files._tokenizer_json_text(data) == _dumped_by_json(data)

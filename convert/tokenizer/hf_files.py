@@ -6,6 +6,7 @@ must load in a transformers that has neither installed, and the converter depend
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring as _string  # json.dumps' own, with ensure_ascii=False
 
 from convert.tokenizer.chat_template import CHAT_TEMPLATE
 from convert.tokenizer.sentencepiece import (
@@ -25,18 +26,18 @@ def bpe_merges(model: SentencePieceModel) -> list[tuple[str, str]]:
     on a tie; tokenizers' BPE merges the pair of lowest rank. Ranking every split of a piece into two pieces by the
     merged piece's score (then its id) makes the two agree. Only normal pieces take part: control and byte pieces
     are never produced by merging."""
-    normal = {p.text: i for i, p in enumerate(model.pieces) if p.kind == NORMAL}
-    ranked = []
-    for index, piece in enumerate(model.pieces):
-        if piece.kind != NORMAL:
-            continue
-        text = piece.text
+    pieces = model.pieces
+    normal = {p.text for p in pieces if p.kind == NORMAL}
+    # By score, then id; each piece's splits in order: the rank (-score, id, cut) without sorting the splits.
+    ranked = sorted((i for i, p in enumerate(pieces) if p.kind == NORMAL), key=lambda i: (-pieces[i].score, i))
+    merges = []
+    for index in ranked:
+        text = pieces[index].text
         for cut in range(1, len(text)):
             left, right = text[:cut], text[cut:]
             if left in normal and right in normal:
-                ranked.append((-piece.score, index, cut, left, right))
-    ranked.sort()
-    return [(left, right) for _, _, _, left, right in ranked]
+                merges.append((left, right))
+    return merges
 
 
 def _added_token(index: int, text: str) -> dict:
@@ -156,14 +157,22 @@ def _json(data: dict) -> str:
 
 def _tokenizer_json_text(data: dict) -> str:
     """Not key-sorted: the vocabulary reads in id order and the merges in rank order, as tokenizers writes them.
-    One merge a line (tokenizers' own indent puts each pair on four lines) halves the file."""
+    One merge a line (tokenizers' own indent puts each pair on four lines) halves the file.
+
+    The vocabulary and merges (all but a few hundred bytes of the file) are written line by line with json's own
+    string encoder rather than by json.dumps: with an indent, json encodes in pure Python, and a conversion spent
+    a third of a second here before its first byte moved. The lines are what json.dumps(indent=2) writes for them
+    (tests/test_tokenizer.py compares the two)."""
     model = data["model"]
-    text = json.dumps({**data, "model": {**model, "merges": []}}, indent=2, ensure_ascii=False)
-    lines = ",\n".join("      " + json.dumps(pair, ensure_ascii=False) for pair in model["merges"])
-    merges = f'"merges": [\n{lines}\n    ]' if lines else '"merges": []'
+    text = json.dumps({**data, "model": {**model, "vocab": {}, "merges": []}}, indent=2, ensure_ascii=False)
+    vocab = ",\n".join(f"      {_string(piece)}: {index}" for piece, index in model["vocab"].items())
+    merges = ",\n".join(f"      [{_string(left)}, {_string(right)}]" for left, right in model["merges"])
     head, placeholder, tail = text.rpartition('"merges": []')
     assert placeholder, "the merges placeholder is written last in the model"
-    return head + merges + tail + "\n"
+    text = head + (f'"merges": [\n{merges}\n    ]' if merges else placeholder) + tail
+    head, placeholder, tail = text.rpartition('"vocab": {}')
+    assert placeholder, "the vocabulary placeholder is in the model"
+    return head + (f'"vocab": {{\n{vocab}\n    }}' if vocab else placeholder) + tail + "\n"
 
 
 def hf_tokenizer_files(model: bytes, *, vocab_size: int | None, instruct: bool, source: str) -> dict[str, str]:
