@@ -20,7 +20,6 @@ from convert import __version__
 from convert.common.errors import ConvertError, escape
 from convert.common.sizes import format_size, parse_size
 from convert.fileio.workers import Interrupted, in_run, run_scope, run_stop
-from convert.verify.folder import verify_folder
 from convert.verify.report import Report
 
 # Only what verify needs to start is imported here: planning and writing import every container (numpy,
@@ -52,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("convert", help="convert a checkpoint folder to another layout", options=_convert_options)
+    commands.add_parser(
+        "convert",
+        help="convert a checkpoint folder to another layout",
+        options=_convert_options,
+        details=_convert_details,
+    )
 
     verify = commands.add_parser("verify", help="check a folder: checksums, format rules, names and shapes")
     verify.add_argument("path", type=Path)
@@ -70,6 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _convert_details(convert: argparse.ArgumentParser) -> None:
+    """What --outtype and --group-size take, per target, for convert's help (every container is imported)."""
+    from convert.containers import format_of
+    from convert.model.tables import layout, target_names
+
+    formats = {name: format_of(layout(name)) for name in target_names()}
+    actions = {action.dest: action for action in convert._actions}
+    outtypes = {name: f.outtypes for name, f in formats.items() if f.outtypes}
+    actions["outtype"].metavar = "{" + ",".join(sorted({o for values in outtypes.values() for o in values})) + "}"
+    actions["outtype"].help = (
+        "element type of the output, for "
+        + ", ".join(f"--to {name} ({'|'.join(values)})" for name, values in outtypes.items())
+        + " (default: the source's; no other layout converts elements)"
+    )
+    # A quantized outtype with another group than its default is spelled OUTTYPE-gN (Format.outtype_variants).
+    groups = {name: f.outtype_variants for name, f in formats.items() if f.outtype_variants}
+    sizes = sorted({int(v.rpartition("-g")[2]) for values in groups.values() for v in values})
+    actions["group_size"].metavar = "{" + ",".join(map(str, sizes)) + "}"
+    actions["group_size"].help = (
+        f"with a quantized --outtype, its quantization group, for {', '.join(f'--to {name}' for name in groups)} "
+        "(default: the layout's own)"
+    )
+
+
 def _inspect_options(inspect: argparse.ArgumentParser) -> None:
     """inspect's arguments: --from lists the layouts, which reads the mapping tables (_convert_options)."""
     from convert.model.tables import layout_names
@@ -80,35 +108,21 @@ def _inspect_options(inspect: argparse.ArgumentParser) -> None:
 
 
 def _convert_options(convert: argparse.ArgumentParser) -> None:
-    """convert's arguments. --outtype names what every container converts to, which imports them all, and the
-    layouts' names read the mapping tables: they are added when convert is the command or its help is shown
-    (_Parser), not for verify, whose hashing starts before any of that is imported (convert/verify/folder.py)."""
-    from convert.containers import format_of
-    from convert.model.tables import layout, layout_names, target_names
+    """convert's arguments. The layouts' names read the mapping tables: they are added when convert is the command
+    or its help is shown (_Parser), not for verify, whose hashing starts before any of that is imported
+    (convert/verify/folder.py). What --outtype and --group-size take is each container's own, and asking every
+    container imports them all (gguf-py, with yaml, a tenth of a second on a cold cache before a conversion's first
+    byte moves): planning checks the values against the target's container, and only the help lists them all
+    (_convert_details)."""
+    from convert.model.tables import layout_names, target_names
 
     layouts = layout_names()
     convert.add_argument("src", type=Path, help="source checkpoint folder")
     convert.add_argument("dst", type=Path, help="output folder (created; must be empty unless --force)")
     convert.add_argument("--to", required=True, choices=target_names(), help="target layout")
     convert.add_argument("--from", dest="source_layout", choices=layouts, help="source layout (default: detected)")
-    outtypes = {name: format_of(layout(name)).outtypes for name in target_names()}
-    convert.add_argument(
-        "--outtype",
-        choices=sorted({o for values in outtypes.values() for o in values}),
-        help="element type of the output, for "
-        + ", ".join(f"--to {name} ({'|'.join(values)})" for name, values in outtypes.items() if values)
-        + " (default: the source's; no other layout converts elements)",
-    )
-    # A quantized outtype with another group than its default is spelled OUTTYPE-gN (Format.outtype_variants).
-    groups = {name: format_of(layout(name)).outtype_variants for name in target_names()}
-    convert.add_argument(
-        "--group-size",
-        type=int,
-        choices=sorted({int(v.rpartition("-g")[2]) for values in groups.values() for v in values}),
-        help="with a quantized --outtype, its quantization group, for "
-        + ", ".join(f"--to {name}" for name, values in groups.items() if values)
-        + " (default: the layout's own)",
-    )
+    convert.add_argument("--outtype", help="element type of the output (default: the source's)")
+    convert.add_argument("--group-size", type=int, help="with a quantized --outtype, its quantization group")
     convert.add_argument(
         "--max-shard-size",
         type=_size,
@@ -281,6 +295,8 @@ def run_verify(args: argparse.Namespace) -> int:
         from convert.verify.pins import resolve_pins
 
         pins = resolve_pins(args.expect)
+    from convert.verify.folder import verify_folder  # its hashing lanes: no other command needs them
+
     report = verify_folder(args.path, against=args.against, pins=pins)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
@@ -321,11 +337,17 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse's parser with one error path (UsageError), and arguments that can wait: `options` adds them the
     first time the parser parses or shows its usage or help (a subcommand's parser parses only when it is the
-    command)."""
+    command), and `details` completes their help texts when the help is shown."""
 
-    def __init__(self, *args: Any, options: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        options: Callable[[argparse.ArgumentParser], None] | None = None,
+        details: Callable[[argparse.ArgumentParser], None] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
-        self._options = options
+        self._options, self._details = options, details
 
     def _with_options(self) -> None:
         if self._options is not None:
@@ -342,6 +364,9 @@ class _Parser(argparse.ArgumentParser):
 
     def format_help(self) -> str:
         self._with_options()
+        if self._details is not None:
+            complete, self._details = self._details, None
+            complete(self)
         return super().format_help()
 
     def error(self, message: str) -> NoReturn:

@@ -304,3 +304,42 @@ def test_convert_and_verify_do_not_import_torch() -> None:
     nowhere (tests/test_sample.py: not even `sample`), so it must not creep back into the conversion path."""
     code = "import sys, convert.cli, convert.run.writer, convert.verify.folder; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False).returncode == 0
+
+
+# What a conversion loads before its first byte moves: the containers of its source and target only.
+NOT_FOR_HF_OR_MLX = ("gguf", "yaml", "convert.containers.gguf.container", "convert.verify.folder")
+
+
+@pytest.mark.parametrize("target", ["hf", "mlx"])
+def test_a_conversion_loads_only_its_own_containers(sample: Path, tmp_path: Path, target: str) -> None:
+    """--outtype's values belong to each container, and asking every one for them imported gguf-py (with yaml)
+    into every conversion, a tenth of a second on a cold cache; verify's lanes are verify's. In a fresh
+    interpreter, as the console script runs."""
+    probe = (
+        "import sys\n"
+        "from convert.cli import main\n"
+        "code = main(['convert', *sys.argv[1:], '--no-progress'])\n"
+        f"print('loaded', sorted(m for m in {NOT_FOR_HF_OR_MLX!r} if m in sys.modules))\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(sample), str(tmp_path / "out"), "--to", target],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "loaded []" in done.stdout, done.stdout
+
+
+def test_help_lists_what_each_target_takes_and_planning_refuses_the_rest(sample: Path, tmp_path: Path) -> None:
+    shown = "".join(run_cli("convert", "--help").stdout.split())  # argparse wraps anywhere in a long word
+    assert "--togguf(f32|f16|bf16|q8_0|" in shown and "|q4_k_m|" in shown and "--tomlx(bf16|f16|f32|q4|q8)" in shown
+    assert "[--group-size{32,64,128}]" in shown and "--outtype{bf16,f16,f32,q3_k_l," in shown
+    for words, fragment in [
+        (["--to", "mlx", "--outtype", "q5"], "--outtype q5: --to mlx takes bf16, f16, f32, q4, q8 (with --group-size:"),
+        (["--to", "mlx", "--outtype", "q4", "--group-size", "48"], "--outtype q4-g48: --to mlx takes"),
+        (["--to", "gguf", "--outtype", "q4"], "--outtype q4: --to gguf takes f32, f16, bf16, q8_0"),
+        (["--to", "hf", "--outtype", "q4"], "--outtype q4: --to hf keeps the source's element types"),
+    ]:
+        result = run_cli("convert", sample, tmp_path / "out", *words, "--dry-run", check=False)
+        assert result.returncode == 2
+        assert_one_line_error(result, fragment)

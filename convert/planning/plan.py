@@ -381,6 +381,8 @@ def build_plan(source: Source, target_name: str, options: PlanOptions = DEFAULT_
                                                                *format_of(target).outtype_variants):
         if format_of(target).outtypes:
             takes = ", ".join(format_of(target).outtypes)
+            if format_of(target).outtype_variants:  # OUTTYPE-gN is --outtype OUTTYPE --group-size N
+                takes += f" (with --group-size: {', '.join(format_of(target).outtype_variants)})"
             raise ConvertError(f"--outtype {options.outtype}: --to {target.name} takes {takes}")
         converting = [name for name in target_names() if format_of(layout(name)).outtypes]
         raise ConvertError(
