@@ -379,6 +379,12 @@ NEWLINE_GLOBAL = [uni("os\nmixtral-convert: ok, converted"), uni("system"), b"\x
 @example(BUILD_ON_ALLOWED, True)
 @example(NEWLINE_GLOBAL, False)
 @example([b"(", b"0"], True)  # MARK, POP: Python's unpickler pops the mark; torch.load refuses POP altogether
+# An empty APPENDS or SETITEMS on the integer 0: Python's unpickler has nothing to add and never looks at its target,
+# torch.load refuses to extend anything but a list (or set items of anything but a dict).
+@example([b"K\x00", b"(", b"e"], True)
+@example([b"K\x00", b"(", b"u"], True)
+@example([b"]", b"K\x00", b"a", b"(", b"K\x00", b"K\x02", b"u"], False)  # SETITEMS into a list: Python sets [0]
+@example([b"}", b"K\x00", b"a"], False)  # APPEND to a dict
 def test_pickle_programs(tokens: list[bytes], then_real: bool) -> None:
     """Sequences of opcodes that reach the allow-listed callables with arbitrary arguments; optionally followed by
     the real pickle (so that effects of the prefix on the allow-list show)."""

@@ -147,6 +147,7 @@ def prescan(data: bytes) -> None:
     any opcode torch.load's own unpickler does not execute."""
     if len(data) > MAX_PICKLE:
         raise pickle.UnpicklingError(f"data.pkl is {len(data)} bytes, over the {MAX_PICKLE} a checkpoint index needs")
+    kinds = _Kinds()
     for count, (opcode, argument, _) in enumerate(pickletools.genops(data)):
         if count >= MAX_OPCODES:
             raise pickle.UnpicklingError(
@@ -163,6 +164,72 @@ def prescan(data: bytes) -> None:
                 raise pickle.UnpicklingError(f"memo index {index} is out of range")
         elif opcode.name in _INT_OPCODES and isinstance(argument, int) and not -(2**63) <= argument < 2**64:
             raise pickle.UnpicklingError("an integer beyond 64 bits (no size, offset or count is that large)")
+        kinds.step(opcode, argument)
+
+
+class _Kinds:
+    """The kind of each object on the unpickler's stack, as far as prescan needs it: torch.load fills only a list
+    (APPEND, APPENDS) and a dict or OrderedDict (SETITEM, SETITEMS), and refuses any other target, while Python's
+    unpickler calls the target's own methods: it sets an item of a list, and with nothing to add it never looks at
+    the target at all (found by fuzzing: `K\\x00 ( e`, APPENDS to the integer 0). Nothing torch.save or this
+    tool's writer emits is refused: their lists and dicts come from EMPTY_LIST, EMPTY_DICT or OrderedDict()."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+        self.marks: list[int] = []
+        self.memo: dict[object, str] = {}
+
+    def step(self, opcode: pickletools.OpcodeInfo, argument: object) -> None:
+        name, before, after = opcode.name, opcode.stack_before, opcode.stack_after
+        if pickletools.markobject in after:
+            self.marks.append(len(self.stack))
+            return
+        if name in _MEMO_OPCODES:
+            if name.endswith("PUT"):
+                self.memo[argument] = self._below(1)[-1]
+            else:
+                self.stack.append(self.memo.get(argument, "other"))
+            return
+        if pickletools.markobject in before:
+            if not self.marks:
+                raise pickle.UnpicklingError(f"{name} without a MARK")
+            mark = self.marks.pop()
+            below = len(before) - 2  # what the opcode takes from under its mark (the list or dict it fills)
+            self._below(len(self.stack) - mark + below)
+            if name in ("APPENDS", "SETITEMS"):
+                self._check_target(name, self.stack[mark - 1])
+                del self.stack[mark:]
+                return
+            del self.stack[mark - below :]
+        else:
+            taken = self._below(len(before))
+            if name in ("APPEND", "SETITEM", "BUILD"):  # the object filled or built stays where it was
+                if name != "BUILD":
+                    self._check_target(name, taken[0])
+                del self.stack[len(self.stack) - len(before) + 1 :]
+                return
+            del self.stack[len(self.stack) - len(before) :]
+            if name == "REDUCE" and taken[0] == "OrderedDict":
+                self.stack.append("dict")
+                return
+            if name == "GLOBAL" and argument == "collections OrderedDict":
+                self.stack.append("OrderedDict")
+                return
+        kind = {"EMPTY_LIST": "list", "EMPTY_DICT": "dict"}.get(name, "other")
+        self.stack.extend(kind for _ in after)
+
+    def _below(self, count: int) -> list[str]:
+        if count > len(self.stack) or (self.marks and len(self.stack) - count < self.marks[-1]):
+            raise pickle.UnpicklingError("the pickle takes more from its stack than it put there")
+        return self.stack[len(self.stack) - count :] if count else []
+
+    @staticmethod
+    def _check_target(name: str, kind: str) -> None:
+        wanted = "list" if name.startswith("APPEND") else "dict"
+        if kind != wanted:
+            raise pickle.UnpicklingError(
+                f"{name} into something that is not a {wanted} (torch.load refuses it; torch.save never writes it)"
+            )
 
 
 # The storage tags torch.save writes on the devices torch.load restores to (cpu; cuda, mps and xpu with a map_location
