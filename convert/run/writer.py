@@ -76,7 +76,9 @@ class WriterBuffers:
     def __init__(self) -> None:
         self.pool = BufferPool(0, aligned_buffer)  # filled by the maker, buffer by buffer
         self._unwanted = threading.Event()  # closed early (nothing to write): stop making them
-        self._maker = Worker("buffers", depth=1)
+        # Apart: the main thread, building the plan meanwhile, touches none of its queues, and a signal must still
+        # stop it at once there (before anything is written, as if no thread ran).
+        self._maker = Worker("buffers", depth=1, apart=True)
         self._stages = self._maker.submit(self._make_stages)
         self._maker.submit(self._fill_pool)
 
