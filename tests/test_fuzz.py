@@ -170,7 +170,8 @@ def header_and_data(draw: st.DrawFn) -> bytes:
         data = data[: draw(st.integers(min_value=0, max_value=len(data)))]
     length = None
     if draw(st.integers(0, 9)) == 0:
-        length = draw(st.integers(min_value=0, max_value=2**64 - 1) | st.integers(len(raw) - 3, len(raw) + 3))
+        # near the true length, never below 0: the 8-byte length field is unsigned ('{}' is only 2 bytes long)
+        length = draw(st.integers(min_value=0, max_value=2**64 - 1) | st.integers(max(0, len(raw) - 3), len(raw) + 3))
     return _safetensors(raw, data, length)
 
 
