@@ -490,8 +490,7 @@ def _on_signal(signum: int, _frame: object) -> None:
     """SIGINT and SIGTERM stop the run like any failure: partial files stay named .partial and the run can be
     resumed. While the run has threads, the handler only records the signal and every thread (the main one
     included) sees it at its next wait, within POLL: raising here could leave a lock held that another thread
-    then waits for. With no such thread running (threads spawned apart do not count), the main thread is stopped
-    at once."""
+    then waits for. With no thread running, the main thread is stopped at once."""
     if not in_run():  # between the run's end and the handlers' reset: the outcome stands
         return
     stop = run_stop()

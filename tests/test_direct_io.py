@@ -9,8 +9,6 @@ import json
 import os
 import random
 import re
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,23 +16,11 @@ from helpers import assert_one_line_error, evict, run_cli, tmpfs
 from synthetic import DEFAULT, make_weights, write_torrent
 
 from convert.common.errors import ConvertError
-from convert.fileio.direct_io import (
-    ALIGN,
-    BATCH,
-    O_DIRECT,
-    READ_SIZE,
-    STAGE,
-    STAGES,
-    StagedWriter,
-    aligned_buffer,
-    fault_in,
-    open_direct,
-)
+from convert.fileio.direct_io import ALIGN, BATCH, O_DIRECT, STAGE, StagedWriter, aligned_buffer, open_direct
 from convert.fileio.residency import cached_fraction
 from convert.fileio.streams import ByteStream
 from convert.fileio.workers import CHUNK, run_scope
 from convert.run import writer as stream
-from convert.run.pipeline import convert_checkpoint
 
 pytestmark = pytest.mark.containers
 
@@ -267,53 +253,3 @@ def test_a_cached_source_is_read_through_the_cache_and_an_evicted_one_directly(t
         assert stream.reads_directly()  # evicted: around the cache
     finally:
         stream.close()
-
-
-def _resident_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from Linux's /proc")
-def test_fault_in_gives_a_buffer_its_pages_and_zeros() -> None:
-    """The writer's buffers are faulted in on a thread of their own while the plan is built (run/writer.py,
-    WriterBuffers): the pages must really be there afterwards, and the buffer all zeros."""
-    size = 64 * 2**20
-    buffer = aligned_buffer(size)
-    before = _resident_bytes()
-    fault_in(buffer)
-    assert _resident_bytes() - before >= size * 0.9
-    assert buffer[:] == bytes(size)
-
-
-def test_writer_buffers_come_whole_and_close_at_once() -> None:
-    with run_scope():
-        buffers = stream.WriterBuffers()
-        try:
-            stages = buffers.stages()
-            assert len(stages) == STAGES and all(len(s) == STAGE for s in stages)
-            pool = [buffers.pool.take() for _ in range(stream.POOL_BUFFERS)]
-            assert all(len(b) >= READ_SIZE + 2 * ALIGN for b in pool)
-        finally:
-            buffers.close()
-    # A run with nothing to write (resume of a finished output, a failure while planning) does not wait for
-    # the pool to be made.
-    with run_scope():
-        started = time.monotonic()
-        stream.WriterBuffers().close()
-        assert time.monotonic() - started < 0.3
-
-
-def test_a_failure_while_planning_ends_the_buffers_maker_too(tmp_path: Path) -> None:
-    """A source refused while planning: the error at once (not after the pool is made), and no thread of the
-    run left behind."""
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "params.json").write_text("{}")
-    before = threading.active_count()
-    started = time.monotonic()
-    with pytest.raises(ConvertError):
-        convert_checkpoint(tmp_path / "src", tmp_path / "out", "hf")
-    assert time.monotonic() - started < 0.3
-    deadline = time.monotonic() + 1
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert threading.active_count() == before

@@ -19,7 +19,6 @@ import fcntl
 import mmap
 import os
 import queue
-from collections.abc import Sequence
 from pathlib import Path
 
 from convert.common.errors import ConvertError
@@ -58,23 +57,6 @@ def aligned_buffer(size: int) -> mmap.mmap:
         with contextlib.suppress(OSError):
             buffer.madvise(mmap.MADV_HUGEPAGE)
     return buffer
-
-
-def fault_in(buffer: mmap.mmap) -> None:
-    """Give buffer its pages now, with the GIL released (a read from /dev/zero writes every page; a Python loop
-    touching them would hold the GIL): a thread can do it while the main thread works. Where there is no /dev/zero
-    the pages come at first use, as they otherwise do."""
-    try:
-        fd = os.open("/dev/zero", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        view = memoryview(buffer)
-        for start in range(0, len(view), 2**25):  # 32 MiB a call: a stop is seen between calls
-            run_stop().check()
-            os.readv(fd, [view[start : start + 2**25]])
-    finally:
-        os.close(fd)
 
 
 def _round_up(size: int) -> int:
@@ -121,14 +103,12 @@ class StagedWriter:
     run's failure: write() and finish() then raise Stopped, and finish() never cuts a file to size whose blocks
     were not all written."""
 
-    def __init__(self, fd: int, path: Path, stages: Sequence[mmap.mmap] = ()) -> None:
-        """stages: STAGES blocks of STAGE bytes to fill (reused from file to file by the conversion); by default
-        fresh ones."""
+    def __init__(self, fd: int, path: Path) -> None:
         self._fd, self._path = fd, path
         self._stop = run_stop()
         self._free: queue.Queue[mmap.mmap] = queue.Queue()
-        for stage in stages or [aligned_buffer(STAGE) for _ in range(STAGES)]:
-            self._free.put(stage)
+        for _ in range(STAGES):
+            self._free.put(aligned_buffer(STAGE))
         self._pending: queue.Queue[tuple[mmap.mmap, int, int] | None] = queue.Queue()
         self._written = 0  # bytes the thread has written, in order; read by finish() once it has ended
         self._stage, self._fill, self._base = self._stop.get(self._free), 0, 0

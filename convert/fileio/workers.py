@@ -61,9 +61,7 @@ class RunStop:
         self.failure: Failure | None = None
         self.committed = False  # the output is complete but for syncing and tidying: signals no longer stop it
         self._lock = threading.Lock()
-        # Threads of this run alive now that may wait for a lock the main thread holds (spawn counts them): while
-        # there are any, a signal only records itself (cli._on_signal).
-        self.threads = 0
+        self.threads = 0  # threads of this run alive now (spawn counts them)
         self._threads_lock = threading.Lock()
         self._alive: list[threading.Thread] = []
 
@@ -123,11 +121,8 @@ class RunStop:
         while not event.wait(POLL):
             self.check()
 
-    def spawn(self, target: Callable[[], None], name: str, *, apart: bool = False) -> threading.Thread:
-        """Start a daemon thread of this run: an exception in it becomes the run's failure. apart: the thread
-        shares no lock with the main thread (it only fills queues of its own), so a signal may still stop the main
-        thread at once while it runs."""
-        counted = 0 if apart else 1
+    def spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
+        """Start a daemon thread of this run: an exception in it becomes the run's failure."""
 
         def run() -> None:
             try:
@@ -136,11 +131,11 @@ class RunStop:
                 self.fail(exc)
             finally:
                 with self._threads_lock:
-                    self.threads -= counted
+                    self.threads -= 1
 
         thread = threading.Thread(target=run, name=name, daemon=True)
         with self._threads_lock:
-            self.threads += counted
+            self.threads += 1
             self._alive = [t for t in self._alive if t.is_alive()]
             self._alive.append(thread)
         thread.start()
@@ -227,11 +222,11 @@ class Worker:
     raises makes that the run's failure; after a failure, queued calls are skipped but their `release`
     callbacks still run, so pooled buffers go back."""
 
-    def __init__(self, name: str, depth: int = QUEUE_DEPTH, *, apart: bool = False) -> None:
+    def __init__(self, name: str, depth: int = QUEUE_DEPTH) -> None:
         self._stop = run_stop()
         self._queue: queue.Queue[tuple[Callable[[], object], Callable[[], None] | None, Pending] | None]
         self._queue = queue.Queue(depth)
-        self._thread = self._stop.spawn(self._run, name, apart=apart)
+        self._thread = self._stop.spawn(self._run, name)
 
     def _run(self) -> None:
         while (item := self._next()) is not None:

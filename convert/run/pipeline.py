@@ -12,7 +12,7 @@ from convert.planning.plan import DEFAULT_OPTIONS, Plan, PlanOptions, build_plan
 from convert.planning.source import open_source
 from convert.run.destination import check_destination, prepare_destination
 from convert.run.resume import JOURNAL, Journal, unlike_plan
-from convert.run.writer import WriterBuffers, execute, partial_name
+from convert.run.writer import execute, partial_name
 
 
 def convert_checkpoint(
@@ -46,28 +46,6 @@ def _convert(
     progress: bool,
 ) -> Plan:
     check_destination(destination, source)
-    buffers = WriterBuffers()  # made on a thread of their own while the plan is built
-    try:
-        return _planned_and_written(
-            source, destination, target, options, source_layout, buffers, force=force, resume=resume,
-            progress=progress,
-        )  # fmt: skip
-    finally:
-        buffers.close()  # at once if nothing was written (a failure while planning, a finished output)
-
-
-def _planned_and_written(
-    source: Path,
-    destination: Path,
-    target: str,
-    options: PlanOptions,
-    source_layout: str | None,
-    buffers: WriterBuffers,
-    *,
-    force: bool,
-    resume: bool,
-    progress: bool,
-) -> Plan:
     with open_source(source, source_layout) as opened:
         plan = build_plan(opened, target, options)
         # One run at a time in DST, taken before anything there is removed or written.
@@ -88,6 +66,6 @@ def _planned_and_written(
             else:
                 prepare_destination(destination, plan, force=force)
                 journal = Journal.start(destination, plan)
-            execute(plan, destination, journal, buffers, progress=progress)
+            execute(plan, destination, journal, progress=progress)
             journal.close()
     return plan

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import mmap
 import os
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -29,17 +27,7 @@ from typing import Protocol
 
 from convert.common.errors import ConvertError
 from convert.fileio import faults
-from convert.fileio.direct_io import (
-    ALIGN,
-    READ_AHEAD,
-    READ_SIZE,
-    STAGE,
-    STAGES,
-    StagedWriter,
-    aligned_buffer,
-    fault_in,
-    open_direct,
-)
+from convert.fileio.direct_io import ALIGN, READ_AHEAD, READ_SIZE, StagedWriter, aligned_buffer, open_direct
 from convert.fileio.faults import fault_point
 from convert.fileio.owned import PARTIAL_SUFFIX, no_links
 from convert.fileio.workers import BufferPool, Pending, Worker, run_stop
@@ -62,56 +50,10 @@ def partial_name(name: str) -> str:
     return f"{name}{PARTIAL_SUFFIX}"
 
 
-class WriterBuffers:
-    """The writer's memory: the staging blocks it writes through (STAGES of STAGE) and the read pool (POOL_BUFFERS
-    of READ_SIZE), about 240 MiB, made and faulted in on a thread of their own from the moment a run starts.
-
-    Why: a fresh page costs more than zeroing it where the host hands memory to a VM lazily. Here the first touch
-    of these buffers took 0.4-0.65 s of one core (bench/profiles.md), inside the first second of streaming. Made on
-    their own thread, they come while the main thread builds the plan (imports, headers, the tokenizer files) on
-    the other core: the staging blocks first, then each pool buffer goes into the pool as soon as its pages are in,
-    so streaming starts with the first one. No buffer is handed out before its pages are in (the fault-in writes
-    zeros). The staging blocks serve every file of the run in turn."""
-
-    def __init__(self) -> None:
-        self.pool = BufferPool(0, aligned_buffer)  # filled by the maker, buffer by buffer
-        self._unwanted = threading.Event()  # closed early (nothing to write): stop making them
-        # Apart: the main thread, building the plan meanwhile, touches none of its queues, and a signal must still
-        # stop it at once there (before anything is written, as if no thread ran).
-        self._maker = Worker("buffers", depth=1, apart=True)
-        self._stages = self._maker.submit(self._make_stages)
-        self._maker.submit(self._fill_pool)
-
-    def _made(self, size: int) -> mmap.mmap | None:
-        if self._unwanted.is_set():
-            return None
-        buffer = aligned_buffer(size)
-        fault_in(buffer)
-        return buffer
-
-    def _make_stages(self) -> list[mmap.mmap]:
-        return [stage for _ in range(STAGES) if (stage := self._made(STAGE)) is not None]
-
-    def _fill_pool(self) -> None:
-        for _ in range(POOL_BUFFERS):
-            if (buffer := self._made(READ_SIZE + 2 * ALIGN)) is not None:
-                self.pool.give_back(buffer)
-
-    def stages(self) -> list[mmap.mmap]:
-        """The staging blocks, once made (Stopped if the run failed meanwhile)."""
-        return self._stages.result()
-
-    def close(self) -> None:
-        """End the maker: at once after a failure, after the buffer being made otherwise."""
-        self._unwanted.set()
-        self._maker.close()
-
-
 class _Writer:
     def __init__(
-        self, destination: Path, progress: Progress, digests: Digests, buffers: WriterBuffers, *, strict: bool,
-        checksums: bool,
-    ) -> None:  # fmt: skip
+        self, destination: Path, progress: Progress, digests: Digests, *, strict: bool, checksums: bool
+    ) -> None:
         self.destination = destination
         self.checksums = checksums
         self.progress = progress
@@ -127,7 +69,7 @@ class _Writer:
         self.committer = Worker("committer", depth=1)
         self._committing: Pending[None] | None = None
         self.finite_check = FiniteCheck()  # runs in the tensor hasher's thread
-        self.pool, self.stages = buffers.pool, buffers.stages()
+        self.pool = BufferPool(POOL_BUFFERS, partial(aligned_buffer, READ_SIZE + 2 * ALIGN))
 
     def close(self) -> None:
         for worker in [self.file_hasher, self.tensor_hasher, *self.reads, self.committer]:
@@ -163,7 +105,7 @@ class _Writer:
         reader: FileReader | None = None
         handed_over = False
         try:
-            staged = StagedWriter(fd, temporary, self.stages) if direct else None
+            staged = StagedWriter(fd, temporary) if direct else None
             reader = FileReader(output, self.digests, self.pool, self.reads)
             writeback = EarlyWriteback(fd)  # for the page-cache path
             position = 0
@@ -329,7 +271,7 @@ def progress_bar(total: int, enabled: bool) -> Iterator[Progress]:
         bar.close()
 
 
-def execute(plan: Plan, destination: Path, journal: Journal, buffers: WriterBuffers, *, progress: bool) -> Digests:
+def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool) -> Digests:
     """Write every planned file into destination, skipping those the journal holds as finished; the last one
     only once all others are durable. The source is checked for changes after every file.
 
@@ -389,7 +331,7 @@ def execute(plan: Plan, destination: Path, journal: Journal, buffers: WriterBuff
 
     remaining = sum(f.size for f in plan.files if f.name not in journal.finished)
     with progress_bar(remaining, progress) as bar:
-        writer = _Writer(destination, bar, digests, buffers, strict=options.strict, checksums=options.checksums)
+        writer = _Writer(destination, bar, digests, strict=options.strict, checksums=options.checksums)
         try:
             for number, output in enumerate([*body, marker]):
                 # Only weights stream while the file before them commits: every other file is made from digests
