@@ -23,7 +23,7 @@ def _load() -> Callable[[int, int, int], None] | None:
         return None
     try:
         # The C library the interpreter already runs on (dlopen of the program itself): ctypes.util.find_library
-        # would run `ldconfig -p` in a subprocess, about 60 ms of every conversion's start-up on a cold cache.
+        # would run `ldconfig -p` in a subprocess, 20-60 ms of every conversion's start-up on a cold cache.
         libc = ctypes.CDLL(None, use_errno=True)
         function = libc.sync_file_range
     except (OSError, AttributeError, TypeError):
