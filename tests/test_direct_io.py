@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,25 @@ from helpers import assert_one_line_error, evict, run_cli, tmpfs
 from synthetic import DEFAULT, make_weights, write_torrent
 
 from convert.common.errors import ConvertError
-from convert.fileio.direct_io import ALIGN, BATCH, O_DIRECT, STAGE, StagedWriter, aligned_buffer, open_direct
+from convert.fileio.direct_io import (
+    ALIGN,
+    BATCH,
+    O_DIRECT,
+    READ_AHEAD,
+    READ_SIZE,
+    STAGE,
+    StagedWriter,
+    aligned_buffer,
+    open_direct,
+)
 from convert.fileio.residency import cached_fraction
 from convert.fileio.streams import ByteStream
-from convert.fileio.workers import CHUNK, run_scope
+from convert.fileio.workers import CHUNK, BufferPool, Worker, run_scope
+from convert.integrity.digests import Digests
+from convert.planning.plan import build_plan
+from convert.planning.source import open_source
 from convert.run import writer as stream
+from convert.run.reader import POOL_BUFFERS, _file_chunks
 
 pytestmark = pytest.mark.containers
 
@@ -253,3 +268,45 @@ def test_a_cached_source_is_read_through_the_cache_and_an_evicted_one_directly(t
         assert stream.reads_directly()  # evicted: around the cache
     finally:
         stream.close()
+
+
+def test_reads_run_ahead_across_the_pieces_of_a_stacked_tensor(medium: Path) -> None:
+    """mlx stacks each layer's 8 experts into one tensor: 8 pieces copied back to back. The reads must not drain at
+    every piece's end (that left the disk writer idle half a second of a 2-layer run, bench/profiles.md): when the
+    first chunk of an expert is handed on, the next expert's read is already under way. The chunks still come in
+    file order, each exactly the source's bytes."""
+    with run_scope(), open_source(medium) as opened:
+        plan = build_plan(opened, "mlx")
+        (weights,) = [f for f in plan.files if f.pieces]
+        pieces = {p.dst_offset: p for p in weights.pieces}
+        stacked = [p for p in weights.pieces if "switch_mlp.gate_proj" in p.tensor and "layers.0." in p.tensor]
+        assert len(stacked) == 8 and all(p.cast is None and not p.steps for p in stacked)
+        pool = BufferPool(POOL_BUFFERS, partial(aligned_buffer, READ_SIZE + 2 * ALIGN))
+        reads = [Worker(f"read-{n}", depth=1) for n in range(READ_AHEAD)]
+        submitted: list[int] = []  # where in the file each piece whose first read was submitted goes
+        for worker in reads:
+            original = worker.submit
+
+            def noting(call, release=None, original=original):  # type: ignore[no-untyped-def]
+                starting = [p.dst_offset for p in pieces.values() if p.src_offset == call.args[1]]
+                submitted.extend(starting)  # a piece's first read (its later reads start elsewhere)
+                return original(call, release)
+
+            worker.submit = noting  # type: ignore[method-assign]
+        try:
+            seen_ahead = []
+            position = 0
+            for offset, data, tensor, lease in _file_chunks(weights, Digests(), pool, reads):
+                assert offset == position
+                position += len(data)
+                if tensor is not None and offset in pieces and pieces[offset] in stacked[:-1]:
+                    following = stacked[stacked.index(pieces[offset]) + 1]
+                    seen_ahead.append(following.dst_offset in submitted)
+                if lease is not None:
+                    for _ in range(3):
+                        lease.release()
+            assert position == weights.size
+            assert seen_ahead == [True] * 7
+        finally:
+            for worker in reads:
+                worker.close()

@@ -75,13 +75,25 @@ def piece_chunks(
                 digests.tensor_crc32[piece.tensor] = running
             yield piece.dst_offset + start, chunk, piece.tensor, None
         return
-    pending: deque[tuple[int, Lease, Pending[memoryview]]] = deque()
+    yield from _read_ahead([piece], digests, crc=crc, pool=pool, reads=reads, read_size=read_size)
+
+
+def _read_ahead(
+    pieces: Sequence[Piece], digests: Digests, *, crc: bool, pool: BufferPool, reads: Sequence[Worker], read_size: int
+) -> Iterator[Chunk]:
+    """Pieces copied unchanged, back to back in the output, as chunks: read_size bytes at a time into the pool's
+    buffers, one read in flight on each of the reads workers, handed on in CHUNK slices that share the read's lease.
+    The reads run ahead across the pieces' boundaries: draining them at the end of every piece left the disk writer
+    waiting for blocks half a second of a 2-layer run to mlx, whose stacked experts are 8 pieces a tensor
+    (bench/profiles.md). Each piece's bytes arrive in order, so its tensor's CRC-32 goes on from where the piece
+    before it in the same tensor left it."""
+    pending: deque[tuple[Piece, int, Lease, Pending[memoryview]]] = deque()
 
     def arrived() -> Iterator[Chunk]:
-        nonlocal running
-        start, lease, read = pending.popleft()
+        piece, start, lease, read = pending.popleft()
         try:
             data = read.result()
+            running = digests.tensor_crc32.get(piece.tensor, 0)  # the tensor's CRC-32 so far: arrivals are in order
             for at in range(0, len(data), CHUNK):  # one read of read_size, handed on in CHUNK slices
                 chunk = data[at : at + CHUNK]
                 checked = digests.source_crc.update(piece.record, piece.src_offset + start + at, chunk)
@@ -95,20 +107,23 @@ def piece_chunks(
             raise
 
     try:
-        for number, start in enumerate(range(0, piece.nbytes, read_size)):
-            size = min(read_size, piece.nbytes - start)
-            # Each slice is held by the writer, the file hasher and the tensor hasher.
-            lease = Lease(pool, pool.take(), 3 * -(-size // CHUNK))
-            read = reads[number % len(reads)].submit(
-                partial(piece.record.stream.read_bulk, lease.buffer, piece.src_offset + start, size)
-            )
-            pending.append((start, lease, read))
-            if len(pending) == len(reads):
-                yield from arrived()
+        number = 0
+        for piece in pieces:
+            for start in range(0, piece.nbytes, read_size):
+                size = min(read_size, piece.nbytes - start)
+                # Each slice is held by the writer, the file hasher and the tensor hasher.
+                lease = Lease(pool, pool.take(), 3 * -(-size // CHUNK))
+                read = reads[number % len(reads)].submit(
+                    partial(piece.record.stream.read_bulk, lease.buffer, piece.src_offset + start, size)
+                )
+                number += 1
+                pending.append((piece, start, lease, read))
+                if len(pending) == len(reads):
+                    yield from arrived()
         while pending:
             yield from arrived()
     finally:
-        for _, lease, _ in pending:  # reads cut short by a failure: their buffers go back to the pool
+        for _, _, lease, _ in pending:  # reads cut short by a failure: their buffers go back to the pool
             lease.release_all()
 
 
@@ -195,7 +210,14 @@ def _file_chunks(output: OutputFile, digests: Digests, pool: BufferPool, reads: 
     before them have been read (the reader computes the CRCs a zip needs as it goes)."""
     items: list[tuple[int, object]] = [*output.blobs, *output.deferred, *((p.dst_offset, p) for p in output.pieces)]
     crc = bool(output.deferred) and bool(output.pieces)
+    copied: list[Piece] = []  # pieces copied unchanged, back to back: read as one run (_read_ahead)
     for offset, item in sorted(items, key=lambda entry: entry[0]):
+        if isinstance(item, Piece) and item.cast is None and not item.steps and reads:
+            copied.append(item)
+            continue
+        if copied:
+            yield from _read_ahead(copied, digests, crc=crc, pool=pool, reads=reads, read_size=READ_SIZE)
+            copied = []
         if isinstance(item, Piece):
             yield from piece_chunks(item, digests, crc=crc, pool=pool, reads=reads, read_size=READ_SIZE)
         elif isinstance(item, bytes):
@@ -203,6 +225,8 @@ def _file_chunks(output: OutputFile, digests: Digests, pool: BufferPool, reads: 
         else:
             fault_point("deferred")
             yield offset, memoryview(item(digests)), None, None  # type: ignore[operator]
+    if copied:
+        yield from _read_ahead(copied, digests, crc=crc, pool=pool, reads=reads, read_size=READ_SIZE)
     if output.copy_of is not None:
         stream = ByteStream([output.copy_of])
         try:
