@@ -10,6 +10,7 @@ They only move elements, never compute with them, so they run on arrays of unsig
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -31,33 +32,47 @@ def _rows_by_head(tensor: np.ndarray, heads: int) -> tuple[int, int, int]:
     return rows, cols, rows // heads
 
 
+# Each transform is a view of its input whose elements, in C order, are the result's: the one copy that makes the
+# result can then land in a buffer of the caller's (run_steps' out) instead of fresh memory.
+
+
 def _to_half_split(tensor: np.ndarray, heads: int) -> np.ndarray:
-    rows, cols, head_dim = _rows_by_head(tensor, heads)
-    return tensor.reshape(heads, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    _rows, cols, head_dim = _rows_by_head(tensor, heads)
+    return tensor.reshape(heads, head_dim // 2, 2, cols).swapaxes(1, 2)
 
 
 def _to_interleaved(tensor: np.ndarray, heads: int) -> np.ndarray:
-    rows, cols, head_dim = _rows_by_head(tensor, heads)
-    return tensor.reshape(heads, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    _rows, cols, head_dim = _rows_by_head(tensor, heads)
+    return tensor.reshape(heads, 2, head_dim // 2, cols).swapaxes(1, 2)
 
 
 def _transpose(tensor: np.ndarray, _heads: int) -> np.ndarray:
     if tensor.ndim != 2:
         raise ValueError(f"expects a matrix, got shape {list(tensor.shape)}")
-    import numpy as np
-
-    return np.ascontiguousarray(tensor.T)
+    return tensor.T
 
 
 @dataclass(frozen=True)
 class Transform:
     name: str
     inverse_name: str
-    function: Callable[[np.ndarray, int], np.ndarray]
+    view: Callable[[np.ndarray, int], np.ndarray]  # the result as a view of the input, in C order
 
     @property
     def inverse(self) -> Transform:
         return TRANSFORMS[self.inverse_name]
+
+    def function(self, tensor: np.ndarray, heads: int) -> np.ndarray:
+        """The result as a contiguous matrix of its own."""
+        import numpy as np
+
+        view = self.view(tensor, heads)
+        return np.ascontiguousarray(view).reshape(_matrix_shape(view))
+
+
+def _matrix_shape(view: np.ndarray) -> tuple[int, int]:
+    """Every transform makes a matrix: the view's last axis is its columns, the others its rows."""
+    return math.prod(view.shape[:-1]), view.shape[-1]
 
 
 TRANSFORMS: Mapping[str, Transform] = MappingProxyType(
@@ -80,10 +95,21 @@ class Step:
         return self.transform.name
 
 
-def run_steps(tensor: np.ndarray, steps: tuple[Step, ...], name: str) -> np.ndarray:
-    for step in steps:
+def run_steps(tensor: np.ndarray, steps: tuple[Step, ...], name: str, out: np.ndarray | None = None) -> np.ndarray:
+    """tensor moved by steps. out: a flat array of tensor's words, at least tensor.size long, that receives the
+    result (the last step copies straight into it); without it, the result is fresh memory (or tensor itself
+    when there are no steps)."""
+    for number, step in enumerate(steps):
         try:
-            tensor = step.transform.function(tensor, step.heads)
+            if out is None or number < len(steps) - 1:
+                tensor = step.transform.function(tensor, step.heads)
+                continue
+            import numpy as np
+
+            view = step.transform.view(tensor, step.heads)
+            result = out[: view.size].reshape(view.shape)
+            np.copyto(result, view)
+            return result.reshape(_matrix_shape(view))
         except ValueError as exc:
             raise ConvertError(f"transform {step} failed: {exc}", tensor=name) from None
     return tensor
