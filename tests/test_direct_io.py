@@ -32,10 +32,11 @@ from convert.fileio.residency import cached_fraction
 from convert.fileio.streams import ByteStream
 from convert.fileio.workers import CHUNK, BufferPool, Worker, run_scope
 from convert.integrity.digests import Digests
+from convert.model.outputs import OutputFile
 from convert.planning.plan import build_plan
 from convert.planning.source import open_source
 from convert.run import writer as stream
-from convert.run.reader import POOL_BUFFERS, _file_chunks
+from convert.run.reader import POOL_BUFFERS, _file_chunks, _moved
 
 pytestmark = pytest.mark.containers
 
@@ -270,6 +271,24 @@ def test_a_cached_source_is_read_through_the_cache_and_an_evicted_one_directly(t
         stream.close()
 
 
+def _noting_reads(submitted: list[int]) -> list[Worker]:
+    """The run's read workers, each call noted in submitted (the source offset it reads from) as it is submitted."""
+    reads = [Worker(f"read-{n}", depth=1) for n in range(READ_AHEAD)]
+    for worker in reads:
+        original = worker.submit
+
+        def noting(call, release=None, original=original):  # type: ignore[no-untyped-def]
+            submitted.append(call.args[1])
+            return original(call, release)
+
+        worker.submit = noting  # type: ignore[method-assign]
+    return reads
+
+
+def _pool() -> BufferPool:
+    return BufferPool(POOL_BUFFERS, partial(aligned_buffer, READ_SIZE + 2 * ALIGN))
+
+
 def test_reads_run_ahead_across_the_pieces_of_a_stacked_tensor(medium: Path) -> None:
     """mlx stacks each layer's 8 experts into one tensor: 8 pieces copied back to back. The reads must not drain at
     every piece's end (that left the disk writer idle half a second of a 2-layer run, bench/profiles.md): when the
@@ -281,27 +300,17 @@ def test_reads_run_ahead_across_the_pieces_of_a_stacked_tensor(medium: Path) -> 
         pieces = {p.dst_offset: p for p in weights.pieces}
         stacked = [p for p in weights.pieces if "switch_mlp.gate_proj" in p.tensor and "layers.0." in p.tensor]
         assert len(stacked) == 8 and all(p.cast is None and not p.steps for p in stacked)
-        pool = BufferPool(POOL_BUFFERS, partial(aligned_buffer, READ_SIZE + 2 * ALIGN))
-        reads = [Worker(f"read-{n}", depth=1) for n in range(READ_AHEAD)]
-        submitted: list[int] = []  # where in the file each piece whose first read was submitted goes
-        for worker in reads:
-            original = worker.submit
-
-            def noting(call, release=None, original=original):  # type: ignore[no-untyped-def]
-                starting = [p.dst_offset for p in pieces.values() if p.src_offset == call.args[1]]
-                submitted.extend(starting)  # a piece's first read (its later reads start elsewhere)
-                return original(call, release)
-
-            worker.submit = noting  # type: ignore[method-assign]
+        submitted: list[int] = []  # the source offset of every read, as it is submitted
+        reads = _noting_reads(submitted)
         try:
             seen_ahead = []
             position = 0
-            for offset, data, tensor, lease in _file_chunks(weights, Digests(), pool, reads):
+            for offset, data, tensor, lease in _file_chunks(weights, Digests(), _pool(), reads):
                 assert offset == position
                 position += len(data)
                 if tensor is not None and offset in pieces and pieces[offset] in stacked[:-1]:
                     following = stacked[stacked.index(pieces[offset]) + 1]
-                    seen_ahead.append(following.dst_offset in submitted)
+                    seen_ahead.append(following.src_offset in submitted)
                 if lease is not None:
                     for _ in range(3):
                         lease.release()
@@ -310,3 +319,59 @@ def test_reads_run_ahead_across_the_pieces_of_a_stacked_tensor(medium: Path) -> 
         finally:
             for worker in reads:
                 worker.close()
+
+
+def test_q_and_k_are_moved_in_the_pool_while_the_reads_stay_in_flight(medium: Path) -> None:
+    """A q/k matrix (its rows reordered to mlx's rotary order) was read whole on the reader's thread into fresh
+    memory, and every read drained around it: twice a layer (bench/profiles.md). Now it is one read among the
+    others, moved into a buffer of the pool: its chunks hold a lease, and when its first chunk is handed on, the
+    reads of the pieces after it are under way. Its bytes are those of the whole-piece transform, and every read
+    of the file, while its chunks are handed on, has READ_AHEAD reads in flight after it."""
+    with run_scope(), open_source(medium) as opened:
+        plan = build_plan(opened, "mlx")
+        (weights,) = [f for f in plan.files if f.pieces]
+        moved = {p.dst_offset: p for p in weights.pieces if p.steps}
+        assert {p.tensor.split(".")[-2] for p in moved.values()} == {"q_proj", "k_proj"}
+        assert all(p.cast is None and p.nbytes <= READ_SIZE for p in moved.values())
+        submitted: list[int] = []
+        reads = _noting_reads(submitted)
+        try:
+            position, checked, behind = 0, 0, []
+            for offset, data, _tensor, lease in _file_chunks(weights, Digests(), _pool(), reads):
+                assert offset == position
+                position += len(data)
+                piece = moved.get(offset)
+                if piece is not None:
+                    assert lease is not None  # in the pool, not fresh memory
+                    whole = _moved(piece, Digests())
+                    assert bytes(data) == bytes(whole[: len(data)])
+                    checked += 1
+                if lease is not None and len(submitted) < _reads_in(weights):
+                    # Reads submitted so far, against the reads up to this chunk's own plus READ_AHEAD more.
+                    behind.append(len(submitted) - _reads_up_to(weights, offset) - READ_AHEAD)
+                if lease is not None:
+                    for _ in range(3):
+                        lease.release()
+            assert position == weights.size and checked == len(moved)
+            assert behind and min(behind) >= 0, f"reads drained while chunks were handed on: {sorted(set(behind))}"
+        finally:
+            for worker in reads:
+                worker.close()
+
+
+def _reads_of(output: OutputFile) -> list[tuple[int, int]]:
+    """Where each read of output's pieces lands (dst offset, size), in the order they are made."""
+    return [
+        (p.dst_offset + start, min(READ_SIZE, p.nbytes - start))
+        for p in sorted(output.pieces, key=lambda p: p.dst_offset)
+        for start in range(0, p.nbytes, READ_SIZE)
+    ]
+
+
+def _reads_in(output: OutputFile) -> int:
+    return len(_reads_of(output))
+
+
+def _reads_up_to(output: OutputFile, offset: int) -> int:
+    """How many reads of output end at or before the read holding offset, that one included."""
+    return sum(1 for start, _ in _reads_of(output) if start <= offset)

@@ -29,10 +29,10 @@ from convert.model.outputs import OutputFile, Piece
 from convert.model.transforms import run_steps
 
 Chunk = tuple[int, memoryview, str | None, Lease | None]  # offset in the file, bytes, their tensor, their lease
-# Pool buffers (READ_SIZE each): the reads in flight, the one being handed on, and the slices downstream (the
-# writer's and both hashers' queues, 3 * QUEUE_DEPTH chunks, span up to three reads). Fewer only slows the reader:
-# every slice handed on is released without it, so a take always ends.
-POOL_BUFFERS = READ_AHEAD + 1 + -(-3 * QUEUE_DEPTH * CHUNK // READ_SIZE)
+# Pool buffers (READ_SIZE each): the reads in flight, the one being handed on, the one a q/k matrix is moved into,
+# and the slices downstream (the writer's and both hashers' queues, 3 * QUEUE_DEPTH chunks, span up to three
+# reads). Fewer only slows the reader: every slice handed on is released without it, so a take always ends.
+POOL_BUFFERS = READ_AHEAD + 2 + -(-3 * QUEUE_DEPTH * CHUNK // READ_SIZE)
 
 
 def word_dtype(dtype: str) -> np.dtype:
@@ -57,7 +57,8 @@ def piece_chunks(
     if piece.cast is not None:
         yield from _cast_chunks(piece, digests, crc=crc, workers=reads)
         return
-    if piece.steps:
+    pooled = pool is not None and bool(reads)
+    if piece.steps and not (pooled and piece.nbytes <= read_size):
         view = _moved(piece, digests)
         if crc:
             fault_point("crc")
@@ -65,7 +66,7 @@ def piece_chunks(
         for start in range(0, piece.nbytes, CHUNK):
             yield piece.dst_offset + start, view[start : start + CHUNK], piece.tensor, None
         return
-    if pool is None or not reads:
+    if not pooled:
         for start in range(0, piece.nbytes, CHUNK):
             chunk = memoryview(bytearray(min(CHUNK, piece.nbytes - start)))
             piece.record.stream.readinto(chunk, piece.src_offset + start)
@@ -75,24 +76,63 @@ def piece_chunks(
                 digests.tensor_crc32[piece.tensor] = running
             yield piece.dst_offset + start, chunk, piece.tensor, None
         return
+    assert pool is not None
     yield from _read_ahead([piece], digests, crc=crc, pool=pool, reads=reads, read_size=read_size)
+
+
+def read_ahead_fits(piece: Piece, read_size: int) -> bool:
+    """Whether _read_ahead takes piece: copied unchanged, or moved by steps and small enough to be one read (a
+    q/k matrix of Mixtral is 32 MiB in bf16)."""
+    return piece.cast is None and (not piece.steps or piece.nbytes <= read_size)
 
 
 def _read_ahead(
     pieces: Sequence[Piece], digests: Digests, *, crc: bool, pool: BufferPool, reads: Sequence[Worker], read_size: int
 ) -> Iterator[Chunk]:
-    """Pieces copied unchanged, back to back in the output, as chunks: read_size bytes at a time into the pool's
-    buffers, one read in flight on each of the reads workers, handed on in CHUNK slices that share the read's lease.
-    The reads run ahead across the pieces' boundaries: draining them at the end of every piece left the disk writer
-    waiting for blocks half a second of a 2-layer run to mlx, whose stacked experts are 8 pieces a tensor
+    """Pieces back to back in the output (each as read_ahead_fits takes it), as chunks: read_size bytes at a time
+    into the pool's buffers, one read in flight on each of the reads workers, handed on in CHUNK slices that share
+    the read's lease. A piece with steps is one read, moved into another pool buffer when it arrives, whose lease
+    its chunks then share.
+
+    The reads stay in flight: the next one is submitted before a read's chunks are handed on (the hand-on waits
+    whenever the writer does), and they run on across the pieces' boundaries. A 2-layer run to mlx (stacked
+    experts: 8 pieces a tensor) left the disk writer waiting for blocks half a second while reads drained at each
+    piece's end, and a q/k matrix read whole on this thread, into fresh memory, drained them twice a layer
     (bench/profiles.md). Each piece's bytes arrive in order, so its tensor's CRC-32 goes on from where the piece
     before it in the same tensor left it."""
     pending: deque[tuple[Piece, int, Lease, Pending[memoryview]]] = deque()
+    jobs = iter([(piece, start) for piece in pieces for start in range(0, piece.nbytes, read_size)])
+    submitted = 0
+
+    def submit() -> None:
+        """One more read in flight, if any is left: on the reads workers in turn, so they arrive in order."""
+        nonlocal submitted
+        job = next(jobs, None)
+        if job is None:
+            return
+        piece, start = job
+        assert read_ahead_fits(piece, read_size)
+        size = min(read_size, piece.nbytes - start)
+        # Each slice is held by the writer, the file hasher and the tensor hasher.
+        lease = Lease(pool, pool.take(), 3 * -(-size // CHUNK))
+        try:
+            read = reads[submitted % len(reads)].submit(
+                partial(piece.record.stream.read_bulk, lease.buffer, piece.src_offset + start, size)
+            )
+        except BaseException:
+            lease.release_all()
+            raise
+        submitted += 1
+        pending.append((piece, start, lease, read))
 
     def arrived() -> Iterator[Chunk]:
         piece, start, lease, read = pending.popleft()
         try:
             data = read.result()
+            submit()  # before handing on: it may wait on the consumer
+            if piece.steps:
+                yield from moved(piece, lease, data)
+                return
             running = digests.tensor_crc32.get(piece.tensor, 0)  # the tensor's CRC-32 so far: arrivals are in order
             for at in range(0, len(data), CHUNK):  # one read of read_size, handed on in CHUNK slices
                 chunk = data[at : at + CHUNK]
@@ -106,20 +146,30 @@ def _read_ahead(
             lease.release_all()
             raise
 
+    def moved(piece: Piece, lease: Lease, data: memoryview) -> Iterator[Chunk]:
+        """A piece with steps, arrived whole in lease's buffer: moved into another buffer of the pool, whose lease
+        its chunks share; the source's buffer goes back at once."""
+        digests.source_crc.update(piece.record, piece.src_offset, data)
+        words = word_dtype(piece.record.dtype)
+        tensor = np.frombuffer(data, dtype=words).reshape(piece.shape)
+        fault_point("transform")
+        target = Lease(pool, pool.take(), 3 * -(-piece.nbytes // CHUNK))
+        try:
+            out = np.frombuffer(target.buffer, dtype=words, count=tensor.size)
+            view = memoryview(run_steps(tensor, piece.steps, piece.tensor, out).reshape(-1).view(np.uint8))
+            lease.release_all()
+            if crc:
+                fault_point("crc")
+                digests.tensor_crc32[piece.tensor] = crc32(view, digests.tensor_crc32.get(piece.tensor, 0))
+            for at in range(0, piece.nbytes, CHUNK):
+                yield piece.dst_offset + at, view[at : at + CHUNK], piece.tensor, target
+        except BaseException:
+            target.release_all()
+            raise
+
     try:
-        number = 0
-        for piece in pieces:
-            for start in range(0, piece.nbytes, read_size):
-                size = min(read_size, piece.nbytes - start)
-                # Each slice is held by the writer, the file hasher and the tensor hasher.
-                lease = Lease(pool, pool.take(), 3 * -(-size // CHUNK))
-                read = reads[number % len(reads)].submit(
-                    partial(piece.record.stream.read_bulk, lease.buffer, piece.src_offset + start, size)
-                )
-                number += 1
-                pending.append((piece, start, lease, read))
-                if len(pending) == len(reads):
-                    yield from arrived()
+        for _ in reads:
+            submit()
         while pending:
             yield from arrived()
     finally:
@@ -210,14 +260,14 @@ def _file_chunks(output: OutputFile, digests: Digests, pool: BufferPool, reads: 
     before them have been read (the reader computes the CRCs a zip needs as it goes)."""
     items: list[tuple[int, object]] = [*output.blobs, *output.deferred, *((p.dst_offset, p) for p in output.pieces)]
     crc = bool(output.deferred) and bool(output.pieces)
-    copied: list[Piece] = []  # pieces copied unchanged, back to back: read as one run (_read_ahead)
+    run: list[Piece] = []  # pieces back to back that _read_ahead takes: read as one run
     for offset, item in sorted(items, key=lambda entry: entry[0]):
-        if isinstance(item, Piece) and item.cast is None and not item.steps and reads:
-            copied.append(item)
+        if isinstance(item, Piece) and read_ahead_fits(item, READ_SIZE) and reads:
+            run.append(item)
             continue
-        if copied:
-            yield from _read_ahead(copied, digests, crc=crc, pool=pool, reads=reads, read_size=READ_SIZE)
-            copied = []
+        if run:
+            yield from _read_ahead(run, digests, crc=crc, pool=pool, reads=reads, read_size=READ_SIZE)
+            run = []
         if isinstance(item, Piece):
             yield from piece_chunks(item, digests, crc=crc, pool=pool, reads=reads, read_size=READ_SIZE)
         elif isinstance(item, bytes):
@@ -225,8 +275,8 @@ def _file_chunks(output: OutputFile, digests: Digests, pool: BufferPool, reads: 
         else:
             fault_point("deferred")
             yield offset, memoryview(item(digests)), None, None  # type: ignore[operator]
-    if copied:
-        yield from _read_ahead(copied, digests, crc=crc, pool=pool, reads=reads, read_size=READ_SIZE)
+    if run:
+        yield from _read_ahead(run, digests, crc=crc, pool=pool, reads=reads, read_size=READ_SIZE)
     if output.copy_of is not None:
         stream = ByteStream([output.copy_of])
         try:
