@@ -218,6 +218,12 @@ CONTENDERS = (
     # torrent -> MLX (mlx-lm's layout): bf16 against its disk limit; q4 against mlx_lm.convert -q from the hf folder
     # (4 bits, groups of 64, as ours).
     Contender("disk-mlx", "disk limit (torrent -> mlx)", _disk, True, direction="torrent-mlx", limit="disk-mlx"),
+    # Not a contender to beat: what a streaming copy in bounded memory does with no work at all (each block written
+    # after its read), to show how much of the limit a converter can reach here.
+    Contender("coupled-mlx", "no-work streaming copy (disk_limit.py --coupled)",
+              lambda src, out, depth: [sys.executable, str(BENCH / "disk_limit.py"), str(out), *weight_files(src),
+                                       "--coupled"],
+              True, direction="torrent-mlx", limit="disk-mlx"),
     Contender("to-mlx", "mixtral-convert torrent -> mlx (bf16)", _convert("mlx"), in_converter_root=True,
               direction="torrent-mlx", limit="disk-mlx"),
     Contender("mlx-lm-q4", "mlx_lm.convert -q (from the hf folder)",
@@ -1003,7 +1009,10 @@ def report(
         "",
         "`--directions torrent-mlx`: `--to mlx` (bf16, the checkpoint's own dtype) beside its disk limit, and "
         "`--to mlx --outtype q4` beside `mlx_lm.convert -q` (4 bits, groups of 64) run on the hf conversion of the "
-        "same checkpoint (mlx-lm's own input). 'vs limit' is over the disk limit and over mlx_lm.convert.",
+        "same checkpoint (mlx-lm's own input). 'vs limit' is over the disk limit and over mlx_lm.convert. The "
+        "**no-work streaming copy** (`disk_limit.py OUT SRC/consolidated.00.pth --coupled`: O_DIRECT both ways, "
+        "four 64 MiB blocks, each written only after it has been read) is not a contender but a reference: what "
+        "any converter that streams in bounded memory could at best do on this disk.",
         "",
         "All six directions run by default (`make bench`); `--quick` runs one small-width layer once "
         "(bench/checkpoint.py --small, about 0.3 GB) to check the script end to end, writing its report under "
