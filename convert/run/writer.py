@@ -9,8 +9,8 @@ Large files bypass the page cache both ways (convert/fileio/direct_io.py): the r
 into the pool's aligned buffers and a disk-writer thread writes aligned staging blocks, several at once when they
 queue up.
 Buffers come from a fixed pool and queues are short, so memory is bounded by scheduling: a few reads in flight,
-and at most one transformed piece (a q/k matrix, a transposed expert block). A committer thread syncs and renames
-each finished file, in order, while the next weights file streams.
+and at most one transformed piece (a q/k matrix, in the pool when it fits one read; a transposed expert block).
+A committer thread syncs and renames each finished file, in order, while the next weights file streams.
 """
 
 from __future__ import annotations
