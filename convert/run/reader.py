@@ -58,7 +58,7 @@ def piece_chunks(
         yield from _cast_chunks(piece, digests, crc=crc, workers=reads)
         return
     pooled = pool is not None and bool(reads)
-    if piece.steps and not (pooled and piece.nbytes <= read_size):
+    if piece.steps and not (pooled and read_ahead_fits(piece, read_size)):
         view = _moved(piece, digests)
         if crc:
             fault_point("crc")
