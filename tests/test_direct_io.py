@@ -373,5 +373,5 @@ def _reads_in(output: OutputFile) -> int:
 
 
 def _reads_up_to(output: OutputFile, offset: int) -> int:
-    """How many reads of output end at or before the read holding offset, that one included."""
+    """How many reads of output start at or before offset: the read holding it and every read before it."""
     return sum(1 for start, _ in _reads_of(output) if start <= offset)

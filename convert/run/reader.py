@@ -179,7 +179,7 @@ def _read_ahead(
 
 def _moved(piece: Piece, digests: Digests) -> memoryview:
     """A piece with steps, read whole (the steps move elements across it) and transformed: only the transformed copy
-    stays in flight."""
+    stays in flight. For what _read_ahead does not take: larger than one read, cast, or read without a pool."""
     buffer = aligned_buffer(piece.nbytes + 2 * ALIGN)
     data = piece.record.stream.read_bulk(buffer, piece.src_offset, piece.nbytes)
     digests.source_crc.update(piece.record, piece.src_offset, data)
