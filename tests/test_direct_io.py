@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+from bisect import bisect_right
 from functools import partial
 from pathlib import Path
 
@@ -32,7 +33,6 @@ from convert.fileio.residency import cached_fraction
 from convert.fileio.streams import ByteStream
 from convert.fileio.workers import CHUNK, BufferPool, Worker, run_scope
 from convert.integrity.digests import Digests
-from convert.model.outputs import OutputFile
 from convert.planning.plan import build_plan
 from convert.planning.source import open_source
 from convert.run import writer as stream
@@ -332,7 +332,10 @@ def test_q_and_k_are_moved_in_the_pool_while_the_reads_stay_in_flight(medium: Pa
         (weights,) = [f for f in plan.files if f.pieces]
         moved = {p.dst_offset: p for p in weights.pieces if p.steps}
         assert {p.tensor.split(".")[-2] for p in moved.values()} == {"q_proj", "k_proj"}
-        assert all(read_ahead_fits(p, READ_SIZE) for p in weights.pieces)  # one run of reads: _reads_of holds
+        assert all(read_ahead_fits(p, READ_SIZE) for p in weights.pieces)  # one run of reads, as starts assumes
+        # Where each read of the file lands, in the order they are made (every piece is one run, as asserted).
+        starts = [p.dst_offset + at for p in weights.pieces for at in range(0, p.nbytes, READ_SIZE)]
+        assert starts == sorted(starts)
         submitted: list[int] = []
         reads = _noting_reads(submitted)
         try:
@@ -346,9 +349,9 @@ def test_q_and_k_are_moved_in_the_pool_while_the_reads_stay_in_flight(medium: Pa
                     whole = _moved(piece, Digests())
                     assert bytes(data) == bytes(whole[: len(data)])
                     checked += 1
-                if lease is not None and len(submitted) < _reads_in(weights):
+                if lease is not None and len(submitted) < len(starts):
                     # Reads submitted so far, against the reads up to this chunk's own plus READ_AHEAD more.
-                    behind.append(len(submitted) - _reads_up_to(weights, offset) - READ_AHEAD)
+                    behind.append(len(submitted) - bisect_right(starts, offset) - READ_AHEAD)
                 if lease is not None:
                     for _ in range(3):
                         lease.release()
@@ -357,21 +360,3 @@ def test_q_and_k_are_moved_in_the_pool_while_the_reads_stay_in_flight(medium: Pa
         finally:
             for worker in reads:
                 worker.close()
-
-
-def _reads_of(output: OutputFile) -> list[tuple[int, int]]:
-    """Where each read of output's pieces lands (dst offset, size), in the order they are made."""
-    return [
-        (p.dst_offset + start, min(READ_SIZE, p.nbytes - start))
-        for p in sorted(output.pieces, key=lambda p: p.dst_offset)
-        for start in range(0, p.nbytes, READ_SIZE)
-    ]
-
-
-def _reads_in(output: OutputFile) -> int:
-    return len(_reads_of(output))
-
-
-def _reads_up_to(output: OutputFile, offset: int) -> int:
-    """How many reads of output start at or before offset: the read holding it and every read before it."""
-    return sum(1 for start, _ in _reads_of(output) if start <= offset)

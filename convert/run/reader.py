@@ -9,6 +9,7 @@ through piece_chunks to compare them (convert/verify/compare.py).
 
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
 from collections import deque
@@ -101,7 +102,7 @@ def _read_ahead(
     (bench/profiles.md). Each piece's bytes arrive in order, so its tensor's CRC-32 goes on from where the piece
     before it in the same tensor left it."""
     pending: deque[tuple[Piece, int, Lease, Pending[memoryview]]] = deque()
-    jobs = iter([(piece, start) for piece in pieces for start in range(0, piece.nbytes, read_size)])
+    jobs = ((piece, start) for piece in pieces for start in range(0, piece.nbytes, read_size))
     submitted = 0
 
     def submit() -> None:
@@ -149,14 +150,9 @@ def _read_ahead(
     def moved(piece: Piece, lease: Lease, data: memoryview) -> Iterator[Chunk]:
         """A piece with steps, arrived whole in lease's buffer: moved into another buffer of the pool, whose lease
         its chunks share; the source's buffer goes back at once."""
-        digests.source_crc.update(piece.record, piece.src_offset, data)
-        words = word_dtype(piece.record.dtype)
-        tensor = np.frombuffer(data, dtype=words).reshape(piece.shape)
-        fault_point("transform")
         target = Lease(pool, pool.take(), 3 * -(-piece.nbytes // CHUNK))
         try:
-            out = np.frombuffer(target.buffer, dtype=words, count=tensor.size)
-            view = memoryview(run_steps(tensor, piece.steps, piece.tensor, out).reshape(-1).view(np.uint8))
+            view = _transformed(piece, digests, data, target.buffer)
             lease.release_all()
             if crc:
                 fault_point("crc")
@@ -181,12 +177,18 @@ def _moved(piece: Piece, digests: Digests) -> memoryview:
     """A piece with steps, read whole (the steps move elements across it) and transformed: only the transformed copy
     stays in flight. For what _read_ahead does not take: larger than one read, cast, or read without a pool."""
     buffer = aligned_buffer(piece.nbytes + 2 * ALIGN)
-    data = piece.record.stream.read_bulk(buffer, piece.src_offset, piece.nbytes)
+    return _transformed(piece, digests, piece.record.stream.read_bulk(buffer, piece.src_offset, piece.nbytes))
+
+
+def _transformed(piece: Piece, digests: Digests, data: memoryview, out: mmap.mmap | None = None) -> memoryview:
+    """data, a piece with steps read whole, checked against the source's CRC-32 and moved by its steps: into out
+    (a buffer at least as long) when given, else into fresh memory."""
     digests.source_crc.update(piece.record, piece.src_offset, data)
-    tensor = np.frombuffer(data, dtype=word_dtype(piece.record.dtype)).reshape(piece.shape)
+    words = word_dtype(piece.record.dtype)
+    tensor = np.frombuffer(data, dtype=words).reshape(piece.shape)
     fault_point("transform")
-    result = np.ascontiguousarray(run_steps(tensor, piece.steps, piece.tensor))
-    del data, tensor, buffer
+    target = None if out is None else np.frombuffer(out, dtype=words, count=tensor.size)
+    result = np.ascontiguousarray(run_steps(tensor, piece.steps, piece.tensor, target))
     return memoryview(result.reshape(-1).view(np.uint8))
 
 
