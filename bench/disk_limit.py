@@ -1,6 +1,6 @@
 """The disk limit: what any converter must at least do, read N bytes and write N bytes, with no copy and no work.
 
-    python bench/disk_limit.py OUT_FOLDER FILE... [--read-only | --coupled] [--block MIB]
+    python bench/disk_limit.py OUT_FOLDER FILE... [--read-only | --coupled [--hash sha256|blake3]...] [--block MIB]
 
 Reads FILE... front to back with O_DIRECT into one reused aligned buffer (to nowhere) and, at the same time on a
 second thread, writes as many bytes with O_DIRECT to OUT_FOLDER/disk-limit.bin from another reused buffer, cuts
@@ -10,6 +10,9 @@ their /dev/zero copy. --read-only: only the read (the limit of `verify`, which o
 blocks in memory: what a streaming converter in bounded memory could at best do, with no work at all. The disk
 limit's reader never waits for its writer, which no converter can do; this checks that the limit asks nothing a
 converter cannot do (on this project's VM the coupled copy ran at 0.92-1.09x the limit, bench/profiles.md).
+--hash (with --coupled): the same copy also hashes every block, in file order, on a thread per algorithm (SHA-256
+for SHA256SUMS, BLAKE3 for manifest.json's per-tensor digests) and prints each digest: what a converter that
+writes those files must at least do besides the I/O.
 The bytes written are one random block repeated: the disk does not look at them, and nothing compresses here.
 
 The request size is the one this machine's disk wants, not the converter's: 64 MiB, one request in flight each
@@ -78,7 +81,18 @@ def write_all(path: Path, size: int, block: int) -> None:
         os.close(fd)
 
 
-def copy_coupled(source: Path, path: Path, block: int) -> None:
+def new_hash(name: str) -> object:
+    """hashlib's SHA-256 (what SHA256SUMS takes), or BLAKE3 on one thread (what the converter's manifest takes)."""
+    if name == "blake3":
+        import blake3
+
+        return blake3.blake3(max_threads=1)
+    import hashlib
+
+    return hashlib.new(name)
+
+
+def copy_coupled(source: Path, path: Path, block: int, hashes: tuple[str, ...] = ()) -> None:
     """source to path, O_DIRECT both ways: a reader fills COUPLED_BLOCKS buffers in turn and a writer writes each,
     in order, once it is full; a buffer is read into again only after its write."""
     import queue
@@ -90,6 +104,33 @@ def copy_coupled(source: Path, path: Path, block: int) -> None:
         free.put(index)
     full: queue.Queue[tuple[int, int] | None] = queue.Queue()
     failures: list[BaseException] = []
+    # --hash: each block is also hashed, in file order, on a thread per algorithm; a buffer is read into again
+    # only when its write and every hash of it are done.
+    users = [0] * COUPLED_BLOCKS
+    users_lock = threading.Lock()
+
+    def done_with(index: int) -> None:
+        with users_lock:
+            users[index] -= 1
+            if users[index] == 0:
+                free.put(index)
+
+    hash_queues: list[queue.Queue[tuple[int, int] | None]] = [queue.Queue() for _ in hashes]
+
+    def hash_blocks(name: str, jobs: queue.Queue[tuple[int, int] | None]) -> None:
+        state = new_hash(name)
+        while (item := jobs.get()) is not None:
+            index, got = item
+            state.update(memoryview(buffers[index])[:got])
+            done_with(index)
+        digests[name] = state.hexdigest()  # type: ignore[attr-defined]
+
+    digests: dict[str, str] = {}
+    hashers = [
+        threading.Thread(target=hash_blocks, args=(n, q), daemon=True) for n, q in zip(hashes, hash_queues, strict=True)
+    ]
+    for thread in hashers:
+        thread.start()
 
     def read() -> None:
         fd = _open(source, os.O_RDONLY)
@@ -100,6 +141,9 @@ def copy_coupled(source: Path, path: Path, block: int) -> None:
                 got = os.preadv(fd, [buffers[index]], offset)
                 if got <= 0:
                     raise OSError(f"{source} ended at {offset} of {size} bytes")
+                users[index] = 1 + len(hashes)
+                for jobs in hash_queues:
+                    jobs.put((index, got))
                 full.put((index, got))
                 offset += got
         except BaseException as exc:
@@ -120,7 +164,11 @@ def copy_coupled(source: Path, path: Path, block: int) -> None:
             while done < padded:
                 done += os.pwrite(fd, memoryview(buffers[index])[done:padded], offset + done)
             offset += got
-            free.put(index)
+            done_with(index)
+        for jobs in hash_queues:
+            jobs.put(None)
+        for thread in hashers:
+            thread.join()
         os.ftruncate(fd, size)
         os.fsync(fd)
     except BaseException as exc:
@@ -131,6 +179,8 @@ def copy_coupled(source: Path, path: Path, block: int) -> None:
         reader.join()
     if failures:
         raise failures[0]
+    for name in hashes:
+        print(f"{name} {digests[name]}")  # what was hashed can be checked: `sha256sum FILE`, `b3sum FILE`
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", type=Path, nargs="+")
     parser.add_argument("--read-only", action="store_true")
     parser.add_argument("--coupled", action="store_true", help="copy one FILE, each block written after its read")
+    parser.add_argument(
+        "--hash",
+        action="append",
+        default=[],
+        choices=("sha256", "blake3"),
+        help="with --coupled: also hash every block (in file order, a thread per algorithm; repeatable)",
+    )
     parser.add_argument("--block", type=int, default=BLOCK_MIB, metavar="MIB", help="request size (default 64)")
     args = parser.parse_args(argv)
     size = sum(p.stat().st_size for p in args.files)
@@ -155,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.files) != 1 or args.read_only:
             parser.error("--coupled copies one FILE and writes it")
         try:
-            copy_coupled(args.files[0], args.out / "disk-limit.bin", block)
+            copy_coupled(args.files[0], args.out / "disk-limit.bin", block, tuple(args.hash))
         except BaseException as exc:
             print(f"disk_limit.py: {exc!r}", file=sys.stderr)
             return 1

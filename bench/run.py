@@ -224,6 +224,12 @@ CONTENDERS = (
               lambda src, out, depth: [sys.executable, str(BENCH / "disk_limit.py"), str(out), *weight_files(src),
                                        "--coupled"],
               True, direction="torrent-mlx", limit="disk-mlx"),
+    # The same copy hashing what SHA256SUMS and manifest.json need (SHA-256 and BLAKE3 of every byte, a thread
+    # each): the least a converter that writes them does on this machine's two cores.
+    Contender("hashed-mlx", "the same copy, hashing every block (--coupled --hash sha256 --hash blake3)",
+              lambda src, out, depth: [sys.executable, str(BENCH / "disk_limit.py"), str(out), *weight_files(src),
+                                       "--coupled", "--hash", "sha256", "--hash", "blake3"],
+              True, direction="torrent-mlx", limit="disk-mlx"),
     Contender("to-mlx", "mixtral-convert torrent -> mlx (bf16)", _convert("mlx"), in_converter_root=True,
               direction="torrent-mlx", limit="disk-mlx"),
     Contender("mlx-lm-q4", "mlx_lm.convert -q (from the hf folder)",
@@ -1012,7 +1018,9 @@ def report(
         "same checkpoint (mlx-lm's own input). 'vs limit' is over the disk limit and over mlx_lm.convert. The "
         "**no-work streaming copy** (`disk_limit.py OUT SRC/consolidated.00.pth --coupled`: O_DIRECT both ways, "
         "four 64 MiB blocks, each written only after it has been read) is not a contender but a reference: what "
-        "any converter that streams in bounded memory could at best do on this disk.",
+        "any converter that streams in bounded memory could at best do on this disk. Nor is the **hashed copy** "
+        "(the same with `--hash sha256 --hash blake3`: every block also hashed on a thread per algorithm), the "
+        "least a converter that writes SHA256SUMS and manifest.json's per-tensor digests does on this machine.",
         "",
         "All six directions run by default (`make bench`); `--quick` runs one small-width layer once "
         "(bench/checkpoint.py --small, about 0.3 GB) to check the script end to end, writing its report under "
@@ -1122,9 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench.ensure_hf(depths[-1])
             if "torrent-q4km" in args.directions:
                 bench.ensure_gguf(depths[-1])
-        contenders = [
-            c for c in CONTENDERS if c.direction in args.directions and not (c.warm and args.no_warm_runs)
-        ]
+        contenders = [c for c in CONTENDERS if c.direction in args.directions and not (c.warm and args.no_warm_runs)]
         for depth in depths:
             for repeat in range(args.repeats):
                 # Shuffled each round (seeded: a rerun uses the same orders). A run changes the machine for the
