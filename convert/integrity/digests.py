@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-# blake3 and ISA-L (crc32) are loaded when first used: verify starts hashing files with SHA-256 before it
-# needs either (convert/verify/folder.py), and every module loaded before that delays its start.
+# blake3 and ISA-L (crc32) are not loaded by this module: verify starts hashing files with SHA-256 before it
+# needs either (convert/verify/folder.py), and every module loaded before that delays its start. A conversion
+# loads them before its stream begins (load_hasher, the source's CRC check).
 if TYPE_CHECKING:
     from convert.integrity.crc32 import SourceCrc
 
@@ -37,6 +38,14 @@ def new_hasher(algorithm: str) -> Hasher:
 
         return blake3.blake3(max_threads=1)
     return hashlib.new(algorithm)
+
+
+def load_hasher(algorithm: str) -> None:
+    """Import the module behind `algorithm` now, before a run's stream starts. Importing a C extension holds the
+    GIL while the kernel reads the file in, and during a stream those reads wait behind its large direct requests:
+    loaded by the tensor hasher at the first chunk, BLAKE3 stopped every thread of a cold run for that long
+    (bench/profiles.md)."""
+    new_hasher(algorithm)
 
 
 def _source_crc() -> SourceCrc:

@@ -32,7 +32,7 @@ from convert.fileio.faults import fault_point
 from convert.fileio.owned import PARTIAL_SUFFIX, no_links
 from convert.fileio.workers import BufferPool, Pending, Worker, run_stop
 from convert.fileio.writeback import EarlyWriteback
-from convert.integrity.digests import TENSOR_DIGEST, Digests, Hasher, new_hasher
+from convert.integrity.digests import TENSOR_DIGEST, Digests, Hasher, load_hasher, new_hasher
 from convert.integrity.finite import FiniteCheck
 from convert.integrity.manifest import file_digest
 from convert.model.outputs import OutputFile
@@ -280,6 +280,8 @@ def execute(plan: Plan, destination: Path, journal: Journal, *, progress: bool) 
     rather than being one read: single-pass hashing of both sides would need the whole model in memory."""
     digests = Digests()
     options = plan.options
+    if options.checksums:
+        load_hasher(TENSOR_DIGEST)  # now, while the disk is idle: not by a hasher thread once the stream has begun
     hasher = Worker("input-hasher") if options.hash_input else None
     if hasher is not None:
 
