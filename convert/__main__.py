@@ -16,9 +16,16 @@ def _before_the_run(signum: int, _frame: object) -> None:
     os._exit(130)
 
 
+def one_blas_thread() -> None:
+    """numpy's OpenBLAS starts a thread per core when it is loaded, and they spin before they sleep; the converter
+    never calls BLAS, so those threads only take a core from the start of a run. A user's own setting stands."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, _before_the_run)
     signal.signal(signal.SIGTERM, _before_the_run)
+    one_blas_thread()
     from convert.cli import entry
 
     entry()

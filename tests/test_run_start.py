@@ -3,11 +3,13 @@
 Nothing is imported while the weights stream: importing a C extension holds the GIL while the kernel reads its
 file in, and during a stream those reads queue behind large direct requests, so a module a thread of the run loads
 then stops every thread of the run (BLAKE3, once loaded by the tensor hasher at the first chunk,
-bench/profiles.md)."""
+bench/profiles.md). And numpy's OpenBLAS, which the converter never calls, starts no threads of its own under the
+command."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +67,30 @@ def test_no_module_is_loaded_while_the_weights_stream(
     assert seen["code"] == 0
     assert seen["streamed"], "the watch never saw the weights file end: it checked nothing"
     assert seen["late"] == [], f"loaded while the weights streamed: {seen['late']}"
+
+
+_THREADS_AFTER_NUMPY = r"""
+import os, sys
+if sys.argv[1] == "command":
+    import convert.__main__ as command
+    sys.argv = ["mixtral-convert", "--version"]
+    try:
+        command.main()
+    except SystemExit:
+        pass
+import numpy
+print(len(os.listdir("/proc/self/task")))
+"""
+
+
+def _threads_after_numpy(how: str) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    command = [sys.executable, "-c", _THREADS_AFTER_NUMPY, how]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=True)
+    return int(result.stdout.splitlines()[-1])
+
+
+def test_numpy_starts_no_blas_threads_under_the_command() -> None:
+    if _threads_after_numpy("plain") == 1:
+        pytest.skip("numpy starts no BLAS thread here even unasked (one core, or a limit set elsewhere): no premise")
+    assert _threads_after_numpy("command") == 1
