@@ -27,21 +27,25 @@ _WATCH = r"""
 import json, os, sys
 
 WEIGHTS = (".safetensors.partial", ".gguf.partial", ".pth.partial")
-state = {"streaming": None, "late": []}
+state = {"phase": "before", "late": []}  # before -> weights (a weights file opened) -> after (another file opened)
 
 def hook(event, args):
     if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)) and args[2] & os.O_WRONLY:
         name = os.fsdecode(args[0])
-        if name.endswith(".partial") and state["streaming"] is not False:
-            state["streaming"] = name.endswith(WEIGHTS)
-    elif event == "import" and state["streaming"]:
+        if name.endswith(".partial"):
+            weights = name.endswith(WEIGHTS)
+            if state["phase"] == "before" and weights:
+                state["phase"] = "weights"
+            elif state["phase"] == "weights" and not weights:
+                state["phase"] = "after"
+    elif event == "import" and state["phase"] == "weights":
         state["late"].append(args[0])
 
 sys.addaudithook(hook)
 from convert.cli import main
 
 code = main(["convert", sys.argv[1], sys.argv[2], "--to", sys.argv[3], "--no-progress", *sys.argv[4:]])
-print(json.dumps({"code": code, "streamed": state["streaming"] is False, "late": state["late"]}))
+print(json.dumps({"code": code, "streamed": state["phase"] == "after", "late": state["late"]}))
 """
 
 
