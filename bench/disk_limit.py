@@ -117,17 +117,22 @@ def copy_coupled(source: Path, path: Path, block: int, hashes: tuple[str, ...] =
 
     hash_queues: list[queue.Queue[tuple[int, int] | None]] = [queue.Queue() for _ in hashes]
 
-    def hash_blocks(name: str, jobs: queue.Queue[tuple[int, int] | None]) -> None:
-        state = new_hash(name)
+    def hash_blocks(state: object, jobs: queue.Queue[tuple[int, int] | None]) -> None:
+        # A failed update is the copy's failure; the blocks are still given back, so no thread waits for them.
         while (item := jobs.get()) is not None:
             index, got = item
-            state.update(memoryview(buffers[index])[:got])
-            done_with(index)
-        digests[name] = state.hexdigest()  # type: ignore[attr-defined]
+            try:
+                if not failures:
+                    state.update(memoryview(buffers[index])[:got])  # type: ignore[attr-defined]
+            except BaseException as exc:
+                failures.append(exc)
+            finally:
+                done_with(index)
 
-    digests: dict[str, str] = {}
+    states = {name: new_hash(name) for name in hashes}  # here: a hash that cannot load fails before any I/O
     hashers = [
-        threading.Thread(target=hash_blocks, args=(n, q), daemon=True) for n, q in zip(hashes, hash_queues, strict=True)
+        threading.Thread(target=hash_blocks, args=(states[n], q), daemon=True)
+        for n, q in zip(hashes, hash_queues, strict=True)
     ]
     for thread in hashers:
         thread.start()
@@ -179,8 +184,8 @@ def copy_coupled(source: Path, path: Path, block: int, hashes: tuple[str, ...] =
         reader.join()
     if failures:
         raise failures[0]
-    for name in hashes:
-        print(f"{name} {digests[name]}")  # what was hashed can be checked: `sha256sum FILE`, `b3sum FILE`
+    for name, state in states.items():
+        print(f"{name} {state.hexdigest()}")  # type: ignore[attr-defined]  # checkable: `sha256sum FILE`, `b3sum FILE`
 
 
 def main(argv: list[str] | None = None) -> int:
