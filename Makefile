@@ -50,10 +50,11 @@ demo: $(VENV)/.runtime
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 
-# --durations=15: the run ends with its 15 slowest steps, so CI's log shows where the time goes. One tier alone:
+# --durations=15: the run ends with its 15 slowest steps, so CI's log shows where the time goes; -rs: and every
+# skipped test with its reason (some skip on what the machine allows). One tier alone:
 # `$(PY) -m pytest -m unit` (or containers, e2e, clients: pyproject.toml's markers).
 test: lint
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -rs --durations=15
 
 # Real-dimension checkpoints (3.4 / 6.3 / 12 GB, cached in bench/cache), cold cache, several minutes a depth.
 # `$(PY) bench/run.py --quick` is a smoke run of the script (one 0.3 GB layer, report under bench/cache/quick).
