@@ -60,12 +60,7 @@ def piece_chunks(
         return
     pooled = pool is not None and bool(reads)
     if piece.steps and not (pooled and read_ahead_fits(piece, read_size)):
-        view = _moved(piece, digests)
-        if crc:
-            fault_point("crc")
-            digests.tensor_crc32[piece.tensor] = crc32(view, running)
-        for start in range(0, piece.nbytes, CHUNK):
-            yield piece.dst_offset + start, view[start : start + CHUNK], piece.tensor, None
+        yield from _moved_chunks(piece, _moved(piece, digests), digests, crc=crc, lease=None)
         return
     if not pooled:
         for start in range(0, piece.nbytes, CHUNK):
@@ -154,11 +149,7 @@ def _read_ahead(
         try:
             view = _transformed(piece, digests, data, target.buffer)
             lease.release_all()
-            if crc:
-                fault_point("crc")
-                digests.tensor_crc32[piece.tensor] = crc32(view, digests.tensor_crc32.get(piece.tensor, 0))
-            for at in range(0, piece.nbytes, CHUNK):
-                yield piece.dst_offset + at, view[at : at + CHUNK], piece.tensor, target
+            yield from _moved_chunks(piece, view, digests, crc=crc, lease=target)
         except BaseException:
             target.release_all()
             raise
@@ -178,6 +169,17 @@ def _moved(piece: Piece, digests: Digests) -> memoryview:
     stays in flight. For what _read_ahead does not take: larger than one read, cast, or read without a pool."""
     buffer = aligned_buffer(piece.nbytes + 2 * ALIGN)
     return _transformed(piece, digests, piece.record.stream.read_bulk(buffer, piece.src_offset, piece.nbytes))
+
+
+def _moved_chunks(
+    piece: Piece, view: memoryview, digests: Digests, *, crc: bool, lease: Lease | None
+) -> Iterator[Chunk]:
+    """A moved piece's bytes (view) as chunks sharing lease, its tensor's CRC-32 carried on over them first."""
+    if crc:
+        fault_point("crc")
+        digests.tensor_crc32[piece.tensor] = crc32(view, digests.tensor_crc32.get(piece.tensor, 0))
+    for start in range(0, piece.nbytes, CHUNK):
+        yield piece.dst_offset + start, view[start : start + CHUNK], piece.tensor, lease
 
 
 def _transformed(piece: Piece, digests: Digests, data: memoryview, out: mmap.mmap | None = None) -> memoryview:
