@@ -13,13 +13,15 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from convert import __version__
 from convert.common.errors import ConvertError, escape
 from convert.common.sizes import format_size, parse_size
-from convert.fileio.workers import Interrupted, in_run, run_scope, run_stop
+from convert.fileio.signals import SIGNALS, signals_stop_the_run
+from convert.fileio.workers import Interrupted, run_scope
 from convert.verify.report import Report
 
 # Only what verify needs to start is imported here: planning and writing import every container (numpy,
@@ -400,12 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO if args.debug else logging.WARNING)
     commands = {"convert": run_convert, "inspect": run_inspect, "verify": run_verify, "sample": run_sample}
-    handle_signals = threading.current_thread() is threading.main_thread()  # handlers can only be set there
-    before = {signum: signal.getsignal(signum) for signum in _SIGNALS} if handle_signals else {}
+    # Handlers can only be set from the main thread. When the run is over its outcome stands: as a command, a
+    # late signal is ignored rather than killing the process during the interpreter's exit (which resets handlers
+    # to the default); inside another program, that program's handlers come back.
+    signals = nullcontext()
+    if threading.current_thread() is threading.main_thread():
+        signals = signals_stop_the_run(lambda signum, before: signal.signal(signum, _after_the_run(before)))
     try:
-        with run_scope():
-            for signum in before:
-                signal.signal(signum, _on_signal)
+        with run_scope(), signals:
             return commands[args.command](args)
     except (Interrupted, KeyboardInterrupt):
         line = f"mixtral-convert: interrupted; {_what_was_interrupted(args, argv)}"
@@ -424,14 +428,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
-        for signum, previous in before.items():
-            # The run is over and its outcome stands: as a command, a late signal is ignored rather than
-            # killing the process during the interpreter's exit (which resets handlers to the default).
-            signal.signal(signum, signal.SIG_IGN if _as_command else previous)
 
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _as_command = False  # set by entry(): main() runs as the process itself, not inside another program
+
+
+def _after_the_run(before: Any) -> Any:
+    return signal.SIG_IGN if _as_command else before
 
 
 def entry() -> None:
@@ -441,7 +444,7 @@ def entry() -> None:
     try:
         code = main()
     finally:  # also when argparse exits (--help, --version, a usage error) before main() took the signals over
-        for signum in _SIGNALS:
+        for signum in SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -484,17 +487,3 @@ def _one_line(exc: Exception) -> tuple[str, int]:
         return "mixtral-convert: error: input nested too deeply to read", EXIT_ERROR
     detail = escape(f"{type(exc).__name__}: {exc}")
     return f"mixtral-convert: internal error: {detail} (rerun with --debug for the traceback)", EXIT_INTERNAL
-
-
-def _on_signal(signum: int, _frame: object) -> None:
-    """SIGINT and SIGTERM stop the run like any failure: partial files stay named .partial and the run can be
-    resumed. While the run has threads, the handler only records the signal and every thread (the main one
-    included) sees it at its next wait, within POLL: raising here could leave a lock held that another thread
-    then waits for. With no thread running, the main thread is stopped at once."""
-    if not in_run():  # between the run's end and the handlers' reset: the outcome stands
-        return
-    stop = run_stop()
-    first = stop.failure is None and not stop.committed
-    stop.interrupt(signum)
-    if first and stop.threads == 0:
-        raise Interrupted(signum)

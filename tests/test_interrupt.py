@@ -108,3 +108,78 @@ def test_a_signal_while_the_quantizer_compiles_stops_at_once(tmp_path: Path) -> 
     assert process.returncode == 130 and lines == ["mixtral-convert: interrupted; nothing was written"], stderr
     assert took < 0.5, f"exit took {took:.2f} s after the signal"
     assert _processes_using(str(cache)) == [], "a compiling child outlived the run"
+
+
+# The signal lands while the main thread runs a weakref callback, as the import system's module-lock callback was
+# running when CI caught it: Python cannot take an exception there, prints "Exception ignored in ..." with a
+# traceback, and goes on. The child marks whether its main thread went on for 20 s after the callback.
+_SIGNAL_INSIDE_A_CALLBACK = """
+import signal, sys, time, weakref
+from pathlib import Path
+import convert.cli as cli
+
+went_on = Path(sys.argv[1])
+convert_for_real = cli.run_convert
+
+class Token:
+    pass
+
+def callback(_ref):
+    signal.raise_signal(signal.SIG{name})
+    for _ in range(10_000):  # the handler runs at one of these steps, inside the callback
+        pass
+
+def run_convert(args):
+    token = Token()
+    ref = weakref.ref(token, callback)
+    del token  # runs the callback
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # Python that never looks at the run's stop, as a long plan would be
+        pass
+    went_on.write_text("the main thread went on after the signal")
+    return convert_for_real(args)
+
+cli.run_convert = run_convert
+sys.argv[1:] = sys.argv[2:]
+cli.entry()
+"""
+
+
+@pytest.mark.parametrize("name", ["INT", "TERM"])
+def test_a_signal_inside_a_callback_still_stops_the_run_with_one_line(tmp_path: Path, name: str) -> None:
+    src, dst, went_on = tmp_path / "src", tmp_path / "hf", tmp_path / "went-on"
+    run_cli("sample", src)
+    script = _SIGNAL_INSIDE_A_CALLBACK.replace("{name}", name)
+    command = [sys.executable, "-c", script, went_on, "convert", src, dst, "--to", "hf"]
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 130, finished.stderr
+    assert finished.stderr.splitlines() == ["mixtral-convert: interrupted; nothing was written"]
+    assert not went_on.exists()  # stopped soon after the callback, not at the run's first wait
+    assert not dst.exists()
+
+
+def test_the_run_passes_on_what_is_not_its_interrupt_and_puts_the_hooks_back() -> None:
+    """The unraisable hook a run installs keeps only its own Interrupted: anything else Python could not raise still
+    reaches the hook that was there before. Once the run is over, that hook and the signal handlers are back."""
+    from convert.fileio.signals import SIGNALS, signals_stop_the_run
+    from convert.fileio.workers import run_scope
+
+    seen: list[BaseException | None] = []
+    before = sys.unraisablehook
+    handlers = [signal.getsignal(signum) for signum in SIGNALS]
+
+    class Breaks:
+        def __del__(self) -> None:
+            raise ValueError("from a __del__")
+
+    sys.unraisablehook = lambda unraisable: seen.append(unraisable.exc_value)
+    mine = sys.unraisablehook
+    try:
+        with run_scope(), signals_stop_the_run(signal.signal):
+            assert [signal.getsignal(signum) for signum in SIGNALS] != handlers
+            Breaks()
+        assert sys.unraisablehook is mine
+        assert [signal.getsignal(signum) for signum in SIGNALS] == handlers
+    finally:
+        sys.unraisablehook = before
+    assert [type(error) for error in seen] == [ValueError]

@@ -1,0 +1,103 @@
+"""How SIGINT and SIGTERM stop a run: like any failure (workers.RunStop), within POLL, saying one line.
+
+While the run has threads, the handler only records the signal: every thread (the main one included) sees it at
+its next wait. Raising in the handler then could leave a lock held that another thread waits for. With no thread
+running (planning, compiling a quantizer), nothing would look at the stop for a while, so the handler raises
+Interrupted in the main thread at once.
+
+Python runs a handler at whatever step the main thread is at, and some steps cannot take an exception: a weakref
+callback (the import system's module locks have one), a __del__, a garbage collector callback. Python hands the
+exception to sys.unraisablehook, which prints "Exception ignored in ..." and a traceback, and the main thread goes
+on. The hook installed here says nothing for an Interrupted and has the signal delivered again, every POLL/10,
+until the handler raises at a step that can take it. The signal is already recorded in the run's stop, so only
+the line and the delay were ever at risk, never the outcome.
+"""
+
+from __future__ import annotations
+
+import _thread
+import functools
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from convert.fileio.workers import POLL, Interrupted, in_run, run_stop
+
+if TYPE_CHECKING:
+    from _typeshed import UnraisableHookArgs  # sys.UnraisableHookArgs, which exists only as a type
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_again = False  # an Interrupted the handler raised was lost: raise it at the next signal delivered outside the hook
+_again_lock = threading.Lock()  # between the thread that delivers it again and the end of the run
+
+
+@contextmanager
+def signals_stop_the_run(when_done: Callable[[int, object], object]) -> Iterator[None]:
+    """Inside a run, from the main thread: SIGINT and SIGTERM stop the run. At the end, when_done(signum,
+    previous handler) puts each signal's handler back (or sets the one the caller wants)."""
+    global _again
+    before = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    hook = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_on_unraisable, hook)  # no frame of its own: see _inside_the_hook
+    try:
+        for signum in SIGNALS:
+            signal.signal(signum, _on_signal)
+        yield
+    finally:
+        with _again_lock:
+            _again = False
+        # A delivery the thread made just before is handled here, by _on_signal (the run is over, so it does
+        # nothing), not later by whatever handler comes back.
+        sys.unraisablehook = hook
+        for signum, previous in before.items():
+            when_done(signum, previous)
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    global _again
+    if not in_run():  # between the run's end and the handlers' reset: the outcome stands
+        return
+    stop = run_stop()
+    first = stop.failure is None and not stop.committed
+    stop.interrupt(signum)
+    if stop.threads:
+        return
+    if first or (_again and not _inside_the_hook(frame)):
+        _again = False
+        raise Interrupted(signum)
+
+
+def _inside_the_hook(frame: FrameType | None) -> bool:
+    """Whether the main thread is in _on_unraisable or in what it calls, where an exception would be lost too."""
+    while frame is not None:
+        if frame.f_code is _on_unraisable.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_unraisable(previous: Callable[[UnraisableHookArgs], object], unraisable: UnraisableHookArgs) -> None:
+    global _again
+    if not (isinstance(unraisable.exc_value, Interrupted) and in_run()):
+        previous(unraisable)
+    elif not _again:
+        _again = True
+        # _thread, not threading: this hook may run while the main thread is inside threading's own locks
+        _thread.start_new_thread(_deliver_again, (unraisable.exc_value.signum,))
+
+
+def _deliver_again(signum: int) -> None:
+    """Signal the main thread until its handler has raised (or the run is over, or has threads that will see
+    the stop at their next wait). interrupt_main does nothing if the handler is no longer a Python function."""
+    while True:
+        with _again_lock:
+            if not (_again and in_run() and run_stop().threads == 0):
+                return
+            _thread.interrupt_main(signum)
+        time.sleep(POLL / 10)
