@@ -110,29 +110,44 @@ def test_a_signal_while_the_quantizer_compiles_stops_at_once(tmp_path: Path) -> 
     assert _processes_using(str(cache)) == [], "a compiling child outlived the run"
 
 
-# The signal lands while the main thread runs a weakref callback, as the import system's module-lock callback was
-# running when CI caught it: Python cannot take an exception there, prints "Exception ignored in ..." with a
-# traceback, and goes on. The child marks whether its main thread went on for 20 s after the callback.
-_SIGNAL_INSIDE_A_CALLBACK = """
+# The signal lands where Python cannot take an exception. "callback": in a weakref callback, as the import
+# system's module-lock callback was running when CI caught it; Python printed "Exception ignored in ..." with a
+# traceback and went on. "hook": in a Python unraisable hook the program had before the run, while it handles
+# something else a __del__ raised; an exception there is printed and lost too. The child marks whether its main
+# thread went on for 20 s afterwards.
+_SIGNAL_WHERE_NOTHING_CAN_BE_RAISED = """
 import signal, sys, time, weakref
 from pathlib import Path
 import convert.cli as cli
 
-went_on = Path(sys.argv[1])
+went_on, where, name = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 convert_for_real = cli.run_convert
 
+def signalled():
+    signal.raise_signal(signal.Signals[name])
+    for _ in range(10_000):  # the handler runs at one of these steps
+        pass
+
 class Token:
-    pass
+    def __del__(self):
+        if where == "hook":
+            raise ValueError("something else")
 
 def callback(_ref):
-    signal.raise_signal(signal.SIG{name})
-    for _ in range(10_000):  # the handler runs at one of these steps, inside the callback
-        pass
+    signalled()
+
+def hook(unraisable):
+    if isinstance(unraisable.exc_value, ValueError):
+        signalled()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+sys.unraisablehook = hook
 
 def run_convert(args):
     token = Token()
-    ref = weakref.ref(token, callback)
-    del token  # runs the callback
+    ref = weakref.ref(token, callback if where == "callback" else None)
+    del token
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:  # Python that never looks at the run's stop, as a long plan would be
         pass
@@ -140,21 +155,25 @@ def run_convert(args):
     return convert_for_real(args)
 
 cli.run_convert = run_convert
-sys.argv[1:] = sys.argv[2:]
+sys.argv[1:] = sys.argv[4:]
 cli.entry()
 """
 
 
-@pytest.mark.parametrize("name", ["INT", "TERM"])
-def test_a_signal_inside_a_callback_still_stops_the_run_with_one_line(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("where", ["callback", "hook"])
+def test_a_signal_where_nothing_can_be_raised_still_stops_the_run_with_one_line(
+    tmp_path: Path, where: str, name: str
+) -> None:
     src, dst, went_on = tmp_path / "src", tmp_path / "hf", tmp_path / "went-on"
     run_cli("sample", src)
-    script = _SIGNAL_INSIDE_A_CALLBACK.replace("{name}", name)
-    command = [sys.executable, "-c", script, went_on, "convert", src, dst, "--to", "hf"]
-    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    command = [sys.executable, "-c", _SIGNAL_WHERE_NOTHING_CAN_BE_RAISED, went_on, where, name]
+    finished = subprocess.run(
+        [*command, "convert", src, dst, "--to", "hf"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert finished.returncode == 130, finished.stderr
     assert finished.stderr.splitlines() == ["mixtral-convert: interrupted; nothing was written"]
-    assert not went_on.exists()  # stopped soon after the callback, not at the run's first wait
+    assert not went_on.exists()  # stopped soon after, not at the run's first wait
     assert not dst.exists()
 
 

@@ -52,8 +52,8 @@ def signals_stop_the_run(when_done: Callable[[int, object], object]) -> Iterator
     finally:
         with _again_lock:
             _again = False
-        # A delivery the thread made just before is handled here, by _on_signal (the run is over, so it does
-        # nothing), not later by whatever handler comes back.
+        # A delivery the thread made just before is handled here, by _on_signal, not later by whatever handler
+        # comes back; with _again cleared and the signal recorded, it raises nothing.
         sys.unraisablehook = hook
         for signum, previous in before.items():
             when_done(signum, previous)
@@ -66,15 +66,18 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     stop = run_stop()
     first = stop.failure is None and not stop.committed
     stop.interrupt(signum)
-    if stop.threads:
+    if stop.threads or not (first or _again):
         return
-    if first or (_again and not _inside_the_hook(frame)):
-        _again = False
-        raise Interrupted(signum)
+    if _inside_the_hook(frame):  # what is raised here is lost, and nothing would ask again: ask from outside
+        _ask_again(signum)
+        return
+    _again = False
+    raise Interrupted(signum)
 
 
 def _inside_the_hook(frame: FrameType | None) -> bool:
-    """Whether the main thread is in _on_unraisable or in what it calls, where an exception would be lost too."""
+    """Whether the main thread is in _on_unraisable or in what it calls (the hook that was there before, which
+    may be Python too), where an exception would be lost."""
     while frame is not None:
         if frame.f_code is _on_unraisable.__code__:
             return True
@@ -83,13 +86,18 @@ def _inside_the_hook(frame: FrameType | None) -> bool:
 
 
 def _on_unraisable(previous: Callable[[UnraisableHookArgs], object], unraisable: UnraisableHookArgs) -> None:
-    global _again
-    if not (isinstance(unraisable.exc_value, Interrupted) and in_run()):
+    if isinstance(unraisable.exc_value, Interrupted) and in_run():
+        _ask_again(unraisable.exc_value.signum)
+    else:
         previous(unraisable)
-    elif not _again:
+
+
+def _ask_again(signum: int) -> None:
+    global _again
+    if not _again:
         _again = True
-        # _thread, not threading: this hook may run while the main thread is inside threading's own locks
-        _thread.start_new_thread(_deliver_again, (unraisable.exc_value.signum,))
+        # _thread, not threading: this may run while the main thread is inside threading's own locks
+        _thread.start_new_thread(_deliver_again, (signum,))
 
 
 def _deliver_again(signum: int) -> None:
