@@ -6,12 +6,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from full_size import write_sparse_mistral
 from helpers import REPO, run_cli, start_held
+
+from convert.fileio.workers import Interrupted
 
 pytestmark = pytest.mark.e2e
 
@@ -202,3 +205,32 @@ def test_the_run_passes_on_what_is_not_its_interrupt_and_puts_the_hooks_back() -
     finally:
         sys.unraisablehook = before
     assert [type(error) for error in seen] == [ValueError]
+
+
+def test_once_the_run_has_threads_a_lost_interrupt_is_not_raised_later() -> None:
+    """An interrupt lost where nothing can be raised, with the run's threads started before it was delivered
+    again: the threads see the recorded stop, and a later signal, coming while the main thread unwinds after
+    they ended, must not raise in it (it may be inside a `finally` giving something back)."""
+    from convert.fileio import signals
+    from convert.fileio.signals import signals_stop_the_run
+    from convert.fileio.workers import Stopped, run_scope
+
+    release = threading.Event()
+    seen: dict[str, object] = {}  # asserted after the run: inside it, the run's first failure (the interrupt) wins
+    with pytest.raises(Interrupted), run_scope() as stop, signals_stop_the_run(signal.signal):
+        worker = stop.spawn(release.wait, "holds-the-run")
+        signal.raise_signal(signal.SIGTERM)  # recorded: the run has a thread, so nothing is raised here
+        signals._ask_again(signal.SIGTERM)  # as _on_unraisable does when the first raise was lost
+        deadline = time.monotonic() + 10
+        while signals._again and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["still asking"] = signals._again
+        release.set()
+        worker.join(10)
+        seen["threads"] = stop.threads
+        try:
+            signal.raise_signal(signal.SIGTERM)  # the main thread unwinding, with no thread left
+        except Interrupted:
+            seen["raised again"] = True
+        raise Stopped  # what the main thread's next wait would raise
+    assert seen == {"still asking": False, "threads": 0}, seen

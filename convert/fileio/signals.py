@@ -101,11 +101,16 @@ def _ask_again(signum: int) -> None:
 
 
 def _deliver_again(signum: int) -> None:
-    """Signal the main thread until its handler has raised (or the run is over, or has threads that will see
-    the stop at their next wait). interrupt_main does nothing if the handler is no longer a Python function."""
+    """Signal the main thread until its handler has raised. It stops asking once the run is over, or has threads:
+    they see the recorded stop at their next wait, and a later signal must not raise in the main thread while it
+    unwinds. interrupt_main does nothing if the handler is no longer a Python function."""
+    global _again
     while True:
         with _again_lock:
-            if not (_again and in_run() and run_stop().threads == 0):
+            if not _again:
+                return
+            if not in_run() or run_stop().threads:
+                _again = False
                 return
             _thread.interrupt_main(signum)
         time.sleep(POLL / 10)
