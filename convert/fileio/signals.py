@@ -9,8 +9,9 @@ Python runs a handler at whatever step the main thread is at, and some steps can
 callback (the import system's module locks have one), a __del__, a garbage collector callback. Python hands the
 exception to sys.unraisablehook, which prints "Exception ignored in ..." and a traceback, and the main thread goes
 on. The hook installed here says nothing for an Interrupted and has the signal delivered again, every POLL/10,
-until the handler raises at a step that can take it. The signal is already recorded in the run's stop, so only
-the line and the delay were ever at risk, never the outcome.
+until the handler raises at a step that can take it (never inside the hook, or a Python hook it passes something
+else to). The signal is already recorded in the run's stop, so only the line and the delay were ever at risk,
+never the outcome.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-_again = False  # an Interrupted the handler raised was lost: raise it at the next signal delivered outside the hook
+_again = False  # an Interrupted was lost, or could not be raised: raise it at the next signal outside the hook
 _again_lock = threading.Lock()  # between the thread that delivers it again and the end of the run
 
 
