@@ -8,10 +8,11 @@ Interrupted in the main thread at once.
 Python runs a handler at whatever step the main thread is at, and some steps cannot take an exception: a weakref
 callback (the import system's module locks have one), a __del__, a garbage collector callback. Python hands the
 exception to sys.unraisablehook, which prints "Exception ignored in ..." and a traceback, and the main thread goes
-on. The hook installed here says nothing for an Interrupted and has the signal delivered again, every POLL/10,
-until the handler raises at a step that can take it (never inside the hook, or a Python hook it passes something
-else to). The signal is already recorded in the run's stop, so only the line and the delay were ever at risk,
-never the outcome.
+on. A C extension may also catch it and print it with PyErr_Print, which calls sys.excepthook (numba's
+_dispatcher does, while it is being imported). The hooks installed here say nothing for an Interrupted and have
+the signal delivered again, every POLL/10, until the handler raises at a step that can take it (never inside
+either hook, or a Python hook it passes something else to). The signal is already recorded in the run's stop,
+so only the line and the delay were ever at risk, never the outcome.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import TYPE_CHECKING
 
 from convert.fileio.workers import POLL, Interrupted, in_run, run_stop
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-_again = False  # an Interrupted was lost, or could not be raised: raise it at the next signal outside the hook
+_again = False  # an Interrupted was lost, or could not be raised: raise it at the next signal outside the hooks
 _again_lock = threading.Lock()  # between the thread that delivers it again and the end of the run
 
 
@@ -44,8 +45,9 @@ def signals_stop_the_run(when_done: Callable[[int, object], object]) -> Iterator
     previous handler) puts each signal's handler back (or sets the one the caller wants)."""
     global _again
     before = {signum: signal.getsignal(signum) for signum in SIGNALS}
-    hook = sys.unraisablehook
-    sys.unraisablehook = functools.partial(_on_unraisable, hook)  # no frame of its own: see _inside_the_hook
+    hook, excepthook = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook = functools.partial(_on_unraisable, hook)  # no frame of its own: see _inside_a_hook
+    sys.excepthook = functools.partial(_on_excepthook, excepthook)
     try:
         for signum in SIGNALS:
             signal.signal(signum, _on_signal)
@@ -55,7 +57,7 @@ def signals_stop_the_run(when_done: Callable[[int, object], object]) -> Iterator
             _again = False
         # A delivery the thread made just before is handled here, by _on_signal, not later by whatever handler
         # comes back; with _again cleared and the signal recorded, it raises nothing.
-        sys.unraisablehook = hook
+        sys.unraisablehook, sys.excepthook = hook, excepthook
         for signum, previous in before.items():
             when_done(signum, previous)
 
@@ -69,18 +71,18 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     stop.interrupt(signum)
     if stop.threads or not (first or _again):
         return
-    if _inside_the_hook(frame):  # what is raised here is lost, and nothing would ask again: ask from outside
+    if _inside_a_hook(frame):  # what is raised here is lost, and nothing would ask again: ask from outside
         _ask_again(signum)
         return
     _again = False
     raise Interrupted(signum)
 
 
-def _inside_the_hook(frame: FrameType | None) -> bool:
-    """Whether the main thread is in _on_unraisable or in what it calls (the hook that was there before, which
+def _inside_a_hook(frame: FrameType | None) -> bool:
+    """Whether the main thread is in one of the hooks or in what it calls (the hook that was there before, which
     may be Python too), where an exception would be lost."""
     while frame is not None:
-        if frame.f_code is _on_unraisable.__code__:
+        if frame.f_code in _HOOKS:
             return True
         frame = frame.f_back
     return False
@@ -91,6 +93,21 @@ def _on_unraisable(previous: Callable[[UnraisableHookArgs], object], unraisable:
         _ask_again(unraisable.exc_value.signum)
     else:
         previous(unraisable)
+
+
+def _on_excepthook(
+    previous: Callable[[type[BaseException], BaseException, TracebackType | None], object],
+    kind: type[BaseException],
+    error: BaseException,
+    traceback: TracebackType | None,
+) -> None:
+    if isinstance(error, Interrupted) and in_run():
+        _ask_again(error.signum)
+    else:
+        previous(kind, error, traceback)
+
+
+_HOOKS = (_on_unraisable.__code__, _on_excepthook.__code__)
 
 
 def _ask_again(signum: int) -> None:
