@@ -57,8 +57,19 @@ def wait_until_it_handles_signals(process: subprocess.Popen[str]) -> None:
         time.sleep(0.002)
 
 
-def timed_run(src: Path, dst: Path) -> float:
-    process = start(src, dst)
+# What each loop converts to: hf in shards, so that an interrupt leaves finished and partial files; q4_k_m GGUF,
+# whose start loads numba and its kernels (--force: each run reuses a folder an interrupted run left).
+HF = ("--to", "hf", "--max-shard-size", "20MB")
+Q4_K_M = ("--to", "gguf", "--outtype", "q4_k_m", "--force")
+
+
+def start(src: Path, dst: Path, options: tuple[str, ...]) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "convert", "convert", src, dst, "--no-progress", *options]
+    return subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+
+
+def timed_run(process: subprocess.Popen[str]) -> float:
+    """Seconds from the moment process handles signals to its exit, which must be a success."""
     wait_until_it_handles_signals(process)
     began = time.monotonic()
     _, stderr = process.communicate(timeout=300)
@@ -66,10 +77,24 @@ def timed_run(src: Path, dst: Path) -> float:
     return time.monotonic() - began
 
 
-def start(src: Path, dst: Path, *extra: str) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "convert", "convert", src, dst, "--to", "hf", "--no-progress"]
-    command += ["--max-shard-size", "20MB", *extra]
-    return subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+def signal_it(process: subprocess.Popen[str], delay: float, signum: int) -> tuple[int | None, str, float]:
+    """Send signum delay seconds after process handles signals. Its exit status (None: still alive 30 s after the
+    signal, and killed), its stderr, and the seconds from the signal to its exit."""
+    wait_until_it_handles_signals(process)
+    time.sleep(delay)
+    sent = time.monotonic()
+    process.send_signal(signum)
+    try:
+        _, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, stderr = process.communicate()
+        return None, stderr, time.monotonic() - sent
+    return process.returncode, stderr, time.monotonic() - sent
+
+
+def is_the_interrupt_line(lines: list[str]) -> bool:
+    return len(lines) == 1 and lines[0].startswith("mixtral-convert: interrupted")
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads signal dispositions from /proc")
@@ -77,30 +102,21 @@ def test_signals_at_random_moments_under_load(source: tuple[Path, Path], tmp_pat
     src, reference = source
     # How long a run takes here, under this load, from the moment it handles signals to its exit: the signals
     # are spread over that. The shortest of three (the first reads a cold source), so that few runs end first.
-    duration = min(timed_run(src, tmp_path / f"timing{n}") for n in range(3))
+    duration = min(timed_run(start(src, tmp_path / f"timing{n}", HF)) for n in range(3))
     rng = random.Random(20261130)
     interrupted, slowest, problems = 0, 0.0, []
     for run in range(RUNS):
         signum = signal.SIGINT if run % 2 == 0 else signal.SIGTERM
         dst = tmp_path / f"out{run}"
-        process = start(src, dst)
-        wait_until_it_handles_signals(process)
-        time.sleep(rng.uniform(0, duration))
-        sent = time.monotonic()
-        process.send_signal(signum)
-        try:
-            _, stderr = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            _, stderr = process.communicate()
+        code, stderr, took = signal_it(start(src, dst, HF), rng.uniform(0, duration), signum)
+        if code is None:
             problems.append(f"run {run} ({signum.name}): still alive 30 s after its signal")
             continue
-        took = time.monotonic() - sent
         lines = [line for line in stderr.splitlines() if not line.endswith("the output will have no tokenizer")]
-        if process.returncode == 0:  # finished before the signal came
+        if code == 0:  # finished before the signal came
             pass
-        elif process.returncode != 130 or len(lines) != 1 or not lines[0].startswith("mixtral-convert: interrupted"):
-            problems.append(f"run {run} ({signum.name}): exit {process.returncode}, stderr {stderr!r}")
+        elif code != 130 or not is_the_interrupt_line(lines):
+            problems.append(f"run {run} ({signum.name}): exit {code}, stderr {stderr!r}")
             continue
         else:
             interrupted += 1
@@ -110,7 +126,7 @@ def test_signals_at_random_moments_under_load(source: tuple[Path, Path], tmp_pat
             if (dst / INDEX).exists():
                 problems.append(f"run {run}: an interrupted run left an output that looks complete")
             again = ["--resume"] if (dst / JOURNAL).exists() else ["--force"]
-            run_cli("convert", src, dst, "--to", "hf", "--no-progress", "--max-shard-size", "20MB", *again)
+            run_cli("convert", src, dst, "--no-progress", *HF, *again)
         differing = differing_files(dst, reference)
         if differing:
             problems.append(f"run {run}: after --resume these differ from an uninterrupted run: {differing}")
@@ -129,11 +145,6 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return src
 
 
-def start_quantized(src: Path, dst: Path) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "convert", "convert", src, dst, "--to", "gguf", "--outtype", "q4_k_m"]
-    return subprocess.Popen([*command, "--no-progress", "--force"], cwd=REPO, stderr=subprocess.PIPE, text=True)
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads signal dispositions from /proc")
 def test_signals_while_a_quantized_conversion_starts(sample: Path, tmp_path: Path) -> None:
     """SIGINT and SIGTERM at 100 random moments of a q4_k_m GGUF conversion of the sample (0.6 s here), where numba
@@ -143,37 +154,24 @@ def test_signals_while_a_quantized_conversion_starts(sample: Path, tmp_path: Pat
     Before convert/fileio/signals.py, some printed a traceback too (28 of 1,750 by hand); this loop failed 6 times
     in 10 on that code."""
     rng = random.Random(11)
-    warm = run_cli("convert", sample, tmp_path / "warm", "--to", "gguf", "--outtype", "q4_k_m", "--no-progress")
+    warm = run_cli("convert", sample, tmp_path / "warm", "--no-progress", *Q4_K_M)
     assert warm.returncode == 0  # and numba's cache now holds the kernels, as on a user's second run
-    took = []
-    for _ in range(3):
-        process = start_quantized(sample, tmp_path / "timing")
-        wait_until_it_handles_signals(process)
-        began = time.monotonic()
-        _, stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, stderr
-        took.append(time.monotonic() - began)
-    window = 0.8 * min(sorted(took)[1], 2.5)  # the signals fall inside a run, whatever this machine's speed
+    took = sorted(timed_run(start(sample, tmp_path / "timing", Q4_K_M)) for _ in range(3))
+    window = 0.8 * min(took[1], 2.5)  # the signals fall inside a run, whatever this machine's speed
     problems: list[str] = []
     interrupted = 0
     for run in range(QUANTIZED_RUNS):
         signum = signal.SIGINT if run % 2 == 0 else signal.SIGTERM
-        process = start_quantized(sample, tmp_path / f"out{run % 2}")
-        wait_until_it_handles_signals(process)
-        time.sleep(rng.uniform(0, window))
-        process.send_signal(signum)
-        try:
-            _, stderr = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
+        process = start(sample, tmp_path / f"out{run % 2}", Q4_K_M)
+        code, stderr, _ = signal_it(process, rng.uniform(0, window), signum)
+        if code is None:
             problems.append(f"run {run} ({signum.name}): still alive 30 s after its signal")
             continue
         lines = [line for line in stderr.splitlines() if not line.startswith("mixtral-convert: warning:")]
-        if process.returncode == 0:  # finished before the signal came
+        if code == 0:  # finished before the signal came
             continue
-        if process.returncode != 130 or len(lines) != 1 or not lines[0].startswith("mixtral-convert: interrupted"):
-            problems.append(f"run {run} ({signum.name}): exit {process.returncode}, stderr {stderr!r}")
+        if code != 130 or not is_the_interrupt_line(lines):
+            problems.append(f"run {run} ({signum.name}): exit {code}, stderr {stderr!r}")
         else:
             interrupted += 1
     print(f"{interrupted} of {QUANTIZED_RUNS} runs interrupted")
