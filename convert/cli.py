@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     # to the default); inside another program, that program's handlers come back.
     signals = nullcontext()
     if threading.current_thread() is threading.main_thread():
-        signals = signals_stop_the_run(lambda signum, before: signal.signal(signum, _after_the_run(before)))
+        signals = signals_stop_the_run(_after_the_run)
     try:
         with run_scope(), signals:
             return commands[args.command](args)
@@ -433,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
 _as_command = False  # set by entry(): main() runs as the process itself, not inside another program
 
 
-def _after_the_run(before: Any) -> Any:
-    return signal.SIG_IGN if _as_command else before
+def _after_the_run(signum: int, before: object) -> None:
+    signal.signal(signum, signal.SIG_IGN if _as_command else before)  # type: ignore[arg-type]
 
 
 def entry() -> None:
